@@ -1,0 +1,74 @@
+"""Validated, frozen daemon configuration, and size parsing."""
+
+import os
+import re
+from dataclasses import dataclass
+
+from .discard import MODES
+from .errors import ConfigError
+from .features import MIN_REPORTING_QUEUE
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 10 ** 6,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 10 ** 9, "GIB": 1 << 30, "T": 1 << 40,
+          "TIB": 1 << 40}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SHARED_ONLY_REASON = (
+    "the daemon maps guest memory MAP_SHARED from the frontend's fd, where {mode} frees "
+    "nothing ({why}); use --discard auto (punch-hole) or --discard remove")
+_WHY = {"dontneed": "MADV_DONTNEED only drops the daemon's own page-table entries",
+        "free": "MADV_FREE is refused with EINVAL on shared mappings"}
+
+
+def parse_size(text):
+    """'512MiB', '1G', '4096' -> bytes."""
+    mt = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    if not mt or mt.group(2).upper() not in _UNITS:
+        raise ConfigError(f"cannot read size {text!r}: use a number with an optional unit "
+                          "(K, M, G, KiB, MiB, GiB, ...)")
+    return int(mt.group(1)) * _UNITS[mt.group(2).upper()]
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket_path: str = None
+    fd: int = None
+    control_socket: str = None
+    discard: str = "auto"
+    no_discard: bool = False
+    reporting: bool = True
+    stats: bool = True
+    stats_interval: float = 0.0
+    deflate_on_oom: bool = False
+    keep_listening: bool = False
+    queue_size: int = 64
+    log_level: str = "info"
+    use_c: bool = True
+
+    def __post_init__(self):
+        if (self.socket_path is None) == (self.fd is None):
+            raise ConfigError("give exactly one of --socket-path PATH and --fd N")
+        if self.fd is not None and self.fd < 0:
+            raise ConfigError(f"--fd {self.fd}: a file descriptor is a number >= 0")
+        if self.socket_path is not None:
+            parent = os.path.dirname(os.path.abspath(self.socket_path))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"--socket-path {self.socket_path}: folder {parent} does not exist")
+        if self.discard not in MODES:
+            raise ConfigError(f"--discard {self.discard}: choose one of {', '.join(MODES)}")
+        if self.discard in _WHY:
+            raise ConfigError(SHARED_ONLY_REASON.format(mode=self.discard, why=_WHY[self.discard]))
+        if self.stats_interval < 0:
+            raise ConfigError("--stats-interval must be >= 0 seconds (0 = off)")
+        if self.queue_size & (self.queue_size - 1) or not 1 <= self.queue_size <= 32768:
+            raise ConfigError(f"--queue-size {self.queue_size}: a power of two up to 32768")
+        if self.reporting and self.queue_size < MIN_REPORTING_QUEUE:
+            raise ConfigError(f"--queue-size {self.queue_size}: Linux refuses a reporting "
+                              f"queue smaller than {MIN_REPORTING_QUEUE}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level {self.log_level}: choose one of {', '.join(LOG_LEVELS)}")
+
+    @property
+    def control_path(self):
+        if self.control_socket:
+            return self.control_socket
+        return self.socket_path + ".ctl" if self.socket_path else None

@@ -1,0 +1,160 @@
+"""Local control socket: one JSON object per line, one reply line per request.
+
+Requests:  {"cmd": "status"}
+           {"cmd": "target", "bytes": N}        (or "pages": N)
+           {"cmd": "stats", "refresh": bool}
+           {"cmd": "inhibit", "on": bool}
+Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
+"""
+
+import json
+import logging
+import socket
+
+from vhostuser.connection import Listener
+from vhostuser.errors import SetupError
+
+from .errors import BalloonError
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 16
+
+
+class ControlError(BalloonError):
+    """The control socket could not be reached or answered with an error."""
+
+
+class ControlServer:
+    def __init__(self, path, device, server):
+        self.device = device
+        self.server = server
+        try:
+            self.listener = Listener.at_path(path)
+        except SetupError as e:
+            raise ControlError(f"control socket: {e}") from e
+        self.listener.sock.setblocking(False)
+        self.clients = {}
+        server.add_reader(self.listener.fileno(), self._accept)
+
+    def _accept(self):
+        try:
+            sock, _ = self.listener.sock.accept()
+        except OSError:
+            return
+        if len(self.clients) >= MAX_CLIENTS:
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.clients[sock.fileno()] = (sock, bytearray())
+        self.server.add_reader(sock.fileno(), lambda fd=sock.fileno(): self._read(fd))
+
+    def _drop(self, fd):
+        sock, _ = self.clients.pop(fd)
+        self.server.remove_reader(fd)
+        sock.close()
+
+    def _read(self, fd):
+        sock, buf = self.clients[fd]
+        try:
+            data = sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(fd)
+            return
+        buf += data
+        while b"\n" in buf:
+            line, _, rest = bytes(buf).partition(b"\n")
+            buf[:] = rest
+            reply = self.dispatch(line)
+            try:
+                sock.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                self._drop(fd)
+                return
+        if len(buf) > MAX_REQUEST:
+            try:
+                sock.sendall(b'{"ok": false, "error": "request too long"}\n')
+            except OSError:
+                pass
+            self._drop(fd)
+
+    def dispatch(self, line):
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a request is a JSON object")
+            cmd = req.get("cmd")
+            fn = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
+            if fn is None:
+                raise ValueError(f"unknown command {cmd!r}; use status, target, stats or inhibit")
+            return {"ok": True, **fn(req)}
+        except (ValueError, TypeError, BalloonError) as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:  # never let a request take the daemon down
+            log.exception("control request failed")
+            return {"ok": False, "error": f"internal error: {e}"}
+
+    def _cmd_status(self, req):
+        b = self.server.backend
+        return {"status": {**self.device.status(), "connected": self.server.connected,
+                           "sessions": self.server.sessions,
+                           "protocol": dict(b.counters)}}
+
+    def _cmd_target(self, req):
+        if "pages" in req:
+            pages = req["pages"]
+        else:
+            size = req.get("bytes")
+            if not isinstance(size, int) or size < 0:
+                raise ValueError("target needs 'bytes' (int >= 0) or 'pages'")
+            pages = size >> 12
+        if not isinstance(pages, int) or isinstance(pages, bool):
+            raise ValueError("pages must be an integer")
+        sent = self.device.set_target(pages)
+        return {"target_pages": pages, "notified": sent}
+
+    def _cmd_stats(self, req):
+        refreshed = self.device.request_stats() if req.get("refresh") else False
+        return {"stats": self.device.latest_stats, "time": self.device.stats_time,
+                "refresh_requested": refreshed}
+
+    def _cmd_inhibit(self, req):
+        on = req.get("on")
+        if not isinstance(on, bool):
+            raise ValueError("inhibit needs 'on': true or false")
+        self.device.inhibited = on
+        log.info("discards %s", "inhibited" if on else "allowed again")
+        return {"inhibited": on}
+
+    def close(self):
+        for fd in list(self.clients):
+            self._drop(fd)
+        self.server.remove_reader(self.listener.fileno())
+        self.listener.close()
+
+
+def request(path, req, timeout=10.0):
+    """Client side: send one request, return the reply dict."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except OSError as e:
+        raise ControlError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from e
+    finally:
+        s.close()
+    try:
+        return json.loads(buf)
+    except ValueError as e:
+        raise ControlError(f"daemon at {path} sent a malformed reply") from e

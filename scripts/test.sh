@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian 12 machine (run as root):
+# installs host packages, builds the venv, provisions QEMU and the guest
+# (cached in ~/.cache/vhost-user-balloon), then runs pytest.
+# Extra arguments go to pytest (e.g. -m 'not e2e' for a quick run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup_env.sh
+bash scripts/provision_qemu.sh >/dev/null
+bash scripts/build_guest.sh >/dev/null
+set +e
+"$VENV/bin/python" -m pytest -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests: that is a failure" >&2
+    exit 1
+fi
+exit "$rc"

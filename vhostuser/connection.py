@@ -1,0 +1,172 @@
+"""Unix socket transport: listening socket, message framing, fd passing."""
+
+import array
+import errno
+import logging
+import os
+import socket
+import stat
+
+from . import messages
+from .errors import ConnectionClosed, ProtocolError, SetupError
+
+log = logging.getLogger(__name__)
+
+_FD_SPACE = socket.CMSG_SPACE(messages.MAX_FDS * array.array("i").itemsize)
+RECV_TIMEOUT = 5.0  # a frontend that stops inside a message is dropped
+
+
+def _close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _take_fds(ancdata, flags):
+    fds = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(data[:len(data) - len(data) % a.itemsize])
+            fds.extend(a)
+    if flags & socket.MSG_CTRUNC:
+        _close_all(fds)
+        raise ProtocolError(f"more than {messages.MAX_FDS} fds attached to one message")
+    return fds
+
+
+class Listener:
+    """A listening Unix socket at a path (mode 0600) or an inherited fd."""
+
+    def __init__(self, sock, path=None):
+        self.sock = sock
+        self.path = path
+
+    @classmethod
+    def at_path(cls, path):
+        path = os.fspath(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise SetupError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError as e:
+                if e.errno != errno.ECONNREFUSED:
+                    raise SetupError(f"cannot check existing socket {path}: {e.strerror}") from e
+                os.unlink(path)  # stale socket left by a crashed daemon
+                log.info("removed stale socket %s", path)
+            else:
+                raise SetupError(f"{path} is in use by another process; stop it or pick another path")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise SetupError(f"cannot create socket {path}: {e.strerror}") from e
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        return cls(sock, path)
+
+    @classmethod
+    def from_fd(cls, fd):
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as e:
+            raise SetupError(f"--fd {fd} is not a usable socket: {e.strerror}") from e
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            sock.detach()
+            raise SetupError(f"--fd {fd} is not a Unix stream socket")
+        return cls(sock, None)
+
+    @property
+    def is_listening(self):
+        """False for an already-connected socket (libvirt passes a socketpair end)."""
+        return bool(self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def accept(self):
+        conn, _ = self.sock.accept()
+        return Connection(conn)
+
+    def close(self):
+        self.sock.close()
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+class Connection:
+    """One vhost-user peer: reads whole messages with their fds."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.sock.settimeout(RECV_TIMEOUT)
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def _recv(self, n, fds):
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(n - len(buf), _FD_SPACE)
+            except InterruptedError:
+                continue
+            except socket.timeout as e:
+                raise ProtocolError("peer stopped in the middle of a message") from e
+            except ConnectionResetError as e:
+                raise ConnectionClosed("peer reset the connection") from e
+            fds.extend(_take_fds(anc, flags))
+            if not data:
+                if buf:
+                    raise ConnectionClosed("peer closed the connection inside a message")
+                raise ConnectionClosed("peer closed the connection")
+            buf += data
+        return bytes(buf)
+
+    def recv_message(self):
+        """Read one message; the caller owns the returned fds."""
+        fds = []
+        try:
+            header = messages.parse_header(self._recv(messages.HEADER.size, fds))
+            payload = self._recv(header.size, fds) if header.size else b""
+        except BaseException:
+            _close_all(fds)
+            raise
+        if len(fds) > messages.MAX_FDS:
+            _close_all(fds)
+            raise ProtocolError(f"{len(fds)} fds attached to one message")
+        return messages.Message(header, payload, fds)
+
+    def send(self, data, fds=()):
+        try:
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                sent = self.sock.sendmsg([data], anc)
+            else:
+                sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(data[sent:])
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ConnectionClosed("peer went away while we were replying") from e
+        except socket.timeout as e:
+            raise ConnectionClosed("peer does not read its socket") from e
+
+    def close(self):
+        self.sock.close()

@@ -1,0 +1,70 @@
+"""The small interface a device implements to be served by the backend.
+
+The protocol handler owns the socket, the memory table and the queues;
+the device sees only features, config bytes, queues and the memory table.
+"""
+
+import abc
+
+VHOST_USER_F_PROTOCOL_FEATURES = 1 << 30
+VIRTIO_F_VERSION_1 = 1 << 32
+VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
+VIRTIO_RING_F_EVENT_IDX = 1 << 29
+
+
+class DeviceContext:
+    """What the backend gives a device: a way to ask for a config interrupt."""
+
+    def notify_config_change(self):  # pragma: no cover - interface
+        """Send BACKEND_CONFIG_CHANGE_MSG so that the guest re-reads config."""
+
+
+class Device(abc.ABC):
+    """A virtio device served over vhost-user."""
+
+    #: virtio device id (informational)
+    device_id = 0
+
+    @abc.abstractmethod
+    def features(self):
+        """Virtio feature bits the device offers (without bit 30)."""
+
+    @abc.abstractmethod
+    def queue_sizes(self):
+        """Maximum size of each queue, in queue-index order."""
+
+    def config_size(self):
+        return 0
+
+    def read_config(self, offset, size):
+        """Bytes of config space; raise ValueError for a bad range."""
+        raise ValueError("device has no config space")
+
+    def write_config(self, offset, data):
+        raise ValueError("device has no writable config space")
+
+    def set_features(self, features):
+        """The driver's accepted features (subset of features())."""
+
+    def attach(self, ctx):
+        """Called once with the DeviceContext."""
+
+    def memory_changed(self, memory):
+        """The memory table changed. Raise to refuse it (error reply)."""
+
+    def queue_started(self, queue):
+        """queue is enabled and ready to pop."""
+
+    def queue_stopped(self, queue):
+        """queue was stopped (GET_VRING_BASE, disable, reset)."""
+
+    @abc.abstractmethod
+    def handle_queue(self, queue, memory):
+        """Process available chains of queue after a kick (or a poll)."""
+
+    def reset(self):
+        """Device reset (RESET_DEVICE, RESET_OWNER, disconnect)."""
+
+    def timers(self):
+        """List of (fd, callback) the event loop should also watch."""
+        return []

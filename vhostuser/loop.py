@@ -1,0 +1,275 @@
+"""Event loop (selectors/epoll, timers, no busy polling) and the backend server."""
+
+import heapq
+import itertools
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+
+from .connection import Listener
+from .device import DeviceContext
+from .errors import ConnectionClosed, ProtocolError
+from .handler import Backend
+
+log = logging.getLogger(__name__)
+
+
+class EventLoop:
+    """Readers on fds plus one-shot timers; sleeps in epoll when idle."""
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self._timers = []
+        self._seq = itertools.count()
+        self._stopping = False
+        self._wake_r = self._wake_w = None
+
+    def add_reader(self, fd, callback):
+        if fd in self.sel.get_map():
+            self.sel.modify(fd, selectors.EVENT_READ, callback)
+        else:
+            self.sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd):
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def call_later(self, delay, callback):
+        """Run callback after delay seconds. Returns a handle for cancel()."""
+        entry = [time.monotonic() + max(0.0, delay), next(self._seq), callback]
+        heapq.heappush(self._timers, entry)
+        return entry
+
+    @staticmethod
+    def cancel(handle):
+        if handle is not None:
+            handle[2] = None
+
+    def stop(self):
+        self._stopping = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    def handle_signals(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        """Stop cleanly on these signals (wakes epoll through a socketpair)."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.add_reader(self._wake_r.fileno(), self._drain_wakeup)
+        for s in signals:
+            signal.signal(s, lambda signum, frame: self._on_signal(signum))
+
+    def _on_signal(self, signum):
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _drain_wakeup(self):
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_timers(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, cb = heapq.heappop(self._timers)
+            if cb is not None:
+                cb()
+
+    def _timeout(self):
+        while self._timers and self._timers[0][2] is None:
+            heapq.heappop(self._timers)
+        if not self._timers:
+            return None
+        return max(0.0, self._timers[0][0] - time.monotonic())
+
+    def run_once(self, timeout=None):
+        t = self._timeout()
+        if timeout is not None:
+            t = timeout if t is None else min(t, timeout)
+        for key, _ in self.sel.select(t):
+            if key.fd in self.sel.get_map():  # an earlier callback may have removed it
+                key.data()
+        self._run_timers()
+
+    def run(self):
+        while not self._stopping:
+            self.run_once()
+
+    def close(self):
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            self._wake_w.close()
+        self.sel.close()
+
+
+class Server(DeviceContext):
+    """Serves one device to one frontend at a time on a listener."""
+
+    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True):
+        self.device = device
+        self.listener = listener
+        self.loop = loop or EventLoop()
+        self.keep_listening = keep_listening
+        self.backend = Backend(device, use_c=use_c)
+        self.conn = None
+        self.sessions = 0
+        self._watched = {}
+        self._runnable = set()
+        device.attach(self)
+        if listener.is_listening:
+            self.loop.add_reader(listener.fileno(), self._on_accept)
+        else:
+            self._open(self._wrap(listener.sock))
+
+    @staticmethod
+    def _wrap(sock):
+        from .connection import Connection
+        return Connection(sock)
+
+    # DeviceContext
+    def notify_config_change(self):
+        return self.backend.notify_config_change()
+
+    def call_later(self, delay, callback):
+        return self.loop.call_later(delay, callback)
+
+    def cancel(self, handle):
+        self.loop.cancel(handle)
+
+    def add_reader(self, fd, callback):
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd):
+        self.loop.remove_reader(fd)
+
+    @property
+    def connected(self):
+        return self.conn is not None
+
+    # connections
+    def _on_accept(self):
+        try:
+            conn = self.listener.accept()
+        except OSError as e:
+            log.warning("accept failed: %s", e)
+            return
+        if self.conn is not None:
+            log.warning("refusing a second frontend: this socket already serves one")
+            conn.close()
+            return
+        self._open(conn)
+
+    def _open(self, conn):
+        self.conn = conn
+        self.sessions += 1
+        log.info("frontend connected")
+        self.loop.add_reader(conn.fileno(), self._on_message)
+
+    def _close(self, reason):
+        if self.conn is None:
+            return
+        log.info("frontend disconnected: %s", reason)
+        self.loop.remove_reader(self.conn.fileno())
+        for fd in list(self._watched):
+            self.loop.remove_reader(fd)
+        self._watched.clear()
+        self._runnable.clear()
+        self.backend.disconnect()
+        self.conn.close()
+        self.conn = None
+        if not self.keep_listening or not self.listener.is_listening:
+            self.loop.stop()
+
+    def _on_message(self):
+        try:
+            msg = self.conn.recv_message()
+            log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
+                      msg.header.size, len(msg.fds))
+            reply = self.backend.handle(msg)
+            if reply is not None:
+                try:
+                    self.conn.send(reply.data, reply.fds)
+                finally:
+                    for fd in reply.fds:
+                        os.close(fd)
+        except ConnectionClosed as e:
+            self._close(str(e))
+            return
+        except ProtocolError as e:
+            log.error("protocol error, dropping the frontend: %s", e)
+            self._close(f"protocol error: {e}")
+            return
+        self._sync()
+
+    def _sync(self):
+        """Refresh the watch list and process queues that just became runnable."""
+        b = self.backend
+        if b.fds_changed:
+            b.fds_changed = False
+            wanted = dict(b.watched_fds())
+            for fd in list(self._watched):
+                if fd not in wanted or self._watched[fd] != wanted[fd]:
+                    self.loop.remove_reader(fd)
+                    del self._watched[fd]
+            for fd, what in wanted.items():
+                if fd not in self._watched:
+                    self._watched[fd] = what
+                    kind, q = what
+                    if kind == "kick":
+                        os.set_blocking(fd, False)
+                        self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
+                    else:
+                        self.loop.add_reader(fd, self._on_backend_channel)
+        now = {q.index for q in b.queues if b.runnable(q)}
+        for index in sorted(now - self._runnable):
+            b.process(b.queues[index])
+        self._runnable = now
+
+    def _on_kick(self, q):
+        fd = q.kick_fd
+        if fd is None:
+            return
+        try:
+            os.read(fd, 8)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            log.warning("queue %d: reading the kick fd failed: %s", q.index, e)
+        self.backend.process(q)  # a disabled ring's kick is drained and ignored
+
+    def _on_backend_channel(self):
+        self.backend.read_backend_channel()
+        if self.backend.fds_changed:
+            self._sync()
+
+    def process_queue(self, q):
+        """For devices: process a queue outside a kick (e.g. from a timer)."""
+        self.backend.process(q)
+
+    def serve_forever(self):
+        try:
+            self.loop.run()
+        finally:
+            self._close("daemon shutting down")
+
+    def close(self):
+        self._close("daemon shutting down")
+        self.listener.close()
+
+
+def open_listener(socket_path=None, fd=None):
+    if (socket_path is None) == (fd is None):
+        raise ValueError("exactly one of socket_path and fd")
+    return Listener.at_path(socket_path) if socket_path is not None else Listener.from_fd(fd)
