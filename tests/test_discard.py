@@ -1,0 +1,371 @@
+"""Discard engine: correctness over real memfds, policy, error reporting.
+
+No kernel mocks: every test maps a real memfd MAP_SHARED through
+vhostuser.memory.Region (as the daemon does), punches real holes and
+measures the result (file contents, mapping contents, st_blocks).
+"""
+
+import ctypes
+import errno
+import os
+import types
+
+import pytest
+
+from balloon_device import discard as d
+from balloon_device.discard import (
+    AnonymousRegion, DiscardEngine, DiscardResult, allocated_bytes,
+    check_policy, resolve_mode)
+from balloon_device.errors import (
+    BalloonError, ConfigError, DiscardError, DiscardPolicyError)
+from vhostuser.memory import MemoryTable, Region
+
+PAGE = 4096
+ENGINES = [pytest.param(True, id="c"), pytest.param(False, id="py")]
+
+
+def canary(size, seed=0):
+    """Non-zero bytes, different on every page."""
+    out = bytearray(size)
+    for p in range(0, size, PAGE):
+        v = ((p // PAGE) * 37 + seed) % 251 + 1
+        out[p:p + PAGE] = bytes([v]) * min(PAGE, size - p)
+    # vary inside the page too, still never zero
+    for i in range(0, size, 97):
+        out[i] = (out[i] % 250) + 2
+    return bytes(out)
+
+
+class MemfdTable:
+    """A memfd of `file_size` bytes and regions mapped from it.
+
+    layout: list of (gpa, size, mmap_offset).  The regions get dup'ed fds,
+    the table owns them; self.fd stays open for measurements.
+    """
+
+    def __init__(self, file_size, layout, name="vub-test"):
+        self.fd = os.memfd_create(name)
+        os.ftruncate(self.fd, file_size)
+        self.size = file_size
+        self.data = canary(file_size)
+        os.pwrite(self.fd, self.data, 0)
+        self.table = MemoryTable()
+        uaddr = 0x7000_0000_0000
+        for gpa, size, off in layout:
+            self.table.add(Region(gpa, size, uaddr, off, os.dup(self.fd)))
+            uaddr += size + (1 << 30)
+
+    def contents(self):
+        return os.pread(self.fd, self.size, 0)
+
+    def allocated(self):
+        return allocated_bytes(self.fd)
+
+    def close(self):
+        self.table.clear()
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def expected_after(data, zero_ranges):
+    out = bytearray(data)
+    for off, n in zero_ranges:
+        out[off:off + n] = bytes(n)
+    return bytes(out)
+
+
+def inward(off, n, page=PAGE):
+    lo = -(-off // page) * page
+    hi = (off + n) // page * page
+    return (lo, hi - lo) if hi > lo else (lo, 0)
+
+
+def diff_summary(a, b):
+    bad = [i for i in range(len(a)) if a[i] != b[i]]
+    return f"{len(bad)} bytes differ, first at {bad[0]:#x}" if bad else "equal"
+
+
+# ---------------------------------------------------------------- trimming
+
+@pytest.mark.parametrize("use_c", ENGINES)
+@pytest.mark.parametrize("start,length,page,expect", [
+    (0, 0x1000, 0x1000, (0, 0, 0x1000)),
+    (0x1234, 0x5000, 0x1000, (0, 0x2000, 0x4000)),
+    (0x1001, 0xffe, 0x1000, (1, 0x1001, 0)),
+    (0x1000, 0xfff, 0x1000, (1, 0x1000, 0)),
+    (0x1fffff, 0x400002, 0x200000, (0, 0x200000, 0x400000)),
+    (0x1fffff, 0x400000, 0x200000, (0, 0x200000, 0x200000)),
+    (0x200000, 0x3fffff, 0x200000, (0, 0x200000, 0x200000)),
+    (0x10, 0x200000, 0x200000, (1, 0x10, 0)),
+    (0, 0, 0x1000, (1, 0, 0)),
+    (0, 0x1000, 0x3000, (-errno.EINVAL, 0, 0)),
+    (0, 0x1000, 0, (-errno.EINVAL, 0, 0)),
+    # the end (start + len) must fit in 64 bits
+    ((1 << 64) - 0x2000, 0x1fff, 0x1000, (0, (1 << 64) - 0x2000, 0x1000)),
+    ((1 << 64) - 0x1000, 0x1000, 0x1000, (-errno.EINVAL, (1 << 64) - 0x1000, 0)),
+    ((1 << 64) - 0x800, 0x10, 0x1000, (1, (1 << 64) - 0x800, 0)),
+    ((1 << 64) - 0x1000, 0x1001, 0x1000, (-errno.EINVAL, (1 << 64) - 0x1000, 0)),
+])
+def test_trim(use_c, start, length, page, expect):
+    backend = d._CBackend() if use_c else d._PyBackend()
+    assert backend.trim(start, length, page) == expect
+
+
+# ------------------------------------------------------------- correctness
+
+def run_and_check(mt, pieces, mode, use_c, zero_file_ranges):
+    """Discard pieces; assert contents, blocks and the result's accounting."""
+    before = mt.allocated()
+    assert before == mt.size
+    res = DiscardEngine(mode, use_c=use_c).discard(pieces)
+    want = sum(n for _, n in zero_file_ranges)
+    assert res.errors == []
+    assert res.discarded == want
+    assert res.skipped_unaligned == sum(n for _, _, n in pieces) - want
+    got = mt.contents()
+    exp = expected_after(mt.data, zero_file_ranges)
+    assert got == exp, diff_summary(got, exp)
+    assert before - mt.allocated() == want
+    # through the shared mappings too (what the guest sees)
+    for r in mt.table.regions:
+        seen = ctypes.string_at(r.hva, r.size)
+        assert seen == exp[r.mmap_offset:r.mmap_offset + r.size]
+    return res
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+@pytest.mark.parametrize("mode", ["auto", "punch-hole", "remove"])
+def test_aligned_pieces_are_freed_exactly(use_c, mode):
+    with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
+        pieces = [(mt.table.regions[0], 4 * PAGE, 8 * PAGE),
+                  (mt.table.regions[0], 20 * PAGE, PAGE),
+                  (mt.table.regions[0], 63 * PAGE, PAGE)]
+        res = run_and_check(mt, pieces, mode, use_c,
+                            [(4 * PAGE, 8 * PAGE), (20 * PAGE, PAGE),
+                             (63 * PAGE, PAGE)])
+        assert res.skipped_unaligned == 0 and res.ranges == 3
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+@pytest.mark.parametrize("mode", ["punch-hole", "remove"])
+def test_misaligned_ends_are_trimmed_inward(use_c, mode):
+    with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
+        r = mt.table.regions[0]
+        raw = [(0x1234, 0x5000),          # both ends partial
+               (0x10000, 0x2fff),         # end partial
+               (0x20001, 0x1fff),         # start partial
+               (0x30100, 0xe00),          # inside one page: nothing
+               (0x32000, 0),              # empty
+               (0x34800, 0x1000)]         # straddles two pages: nothing
+        pieces = [(r, g, n) for g, n in raw]
+        zeroes = [inward(g, n) for g, n in raw]
+        assert zeroes[:3] == [(0x2000, 0x4000), (0x10000, 0x2000),
+                              (0x21000, 0x1000)]
+        res = run_and_check(mt, pieces, mode, use_c,
+                            [z for z in zeroes if z[1]])
+        assert res.skipped_unaligned == 0x1000 + 0xfff + 0xfff + 0xe00 + 0x1000
+        assert res.ranges == 3
+        # partial pages kept every byte: the byte just outside each hole
+        data = mt.contents()
+        assert data[0x1fff] != 0 and data[0x6000] != 0 and data[0x12000] != 0
+        assert data[0x20fff] != 0
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+@pytest.mark.parametrize("mode", ["auto", "remove"])
+def test_pieces_crossing_region_boundaries(use_c, mode):
+    # Two regions over one memfd, contiguous in guest-physical space but
+    # with a 16-page gap between them in the file that must stay untouched.
+    a_size, gap = 32 * PAGE, 16 * PAGE
+    layout = [(0, a_size, 0), (a_size, 32 * PAGE, a_size + gap)]
+    with MemfdTable(80 * PAGE, layout) as mt:
+        pieces = (mt.table.split(a_size - 3 * PAGE - 0x10, 6 * PAGE)
+                  + mt.table.split(PAGE, 2 * PAGE))
+        assert [(p[0].gpa, p[1], p[2]) for p in pieces] == [
+            (0, a_size - 3 * PAGE - 0x10, 3 * PAGE + 0x10),
+            (a_size, a_size, 3 * PAGE - 0x10),
+            (0, PAGE, 2 * PAGE)]
+        zero = [(a_size - 3 * PAGE, 3 * PAGE),        # region A's tail
+                (a_size + gap, 2 * PAGE),              # region B's head
+                (PAGE, 2 * PAGE)]
+        res = run_and_check(mt, pieces, mode, use_c, zero)
+        assert res.skipped_unaligned == 0x10 + PAGE - 0x10
+        data = mt.contents()
+        assert data[a_size:a_size + gap] == mt.data[a_size:a_size + gap]
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+def test_alignment_follows_file_offset_not_gpa(use_c):
+    # A region whose gpa is not page-aligned relative to its file offset:
+    # the hole must be aligned on the file (and the mapping), not on gpa.
+    layout = [(0x100800, 16 * PAGE, 4 * PAGE)]
+    with MemfdTable(32 * PAGE, layout) as mt:
+        r = mt.table.regions[0]
+        pieces = [(r, 0x100800, 2 * PAGE), (r, 0x100800 + 4 * PAGE + 0x800, 2 * PAGE)]
+        zero = [(4 * PAGE, 2 * PAGE), (9 * PAGE, PAGE)]
+        res = run_and_check(mt, pieces, "punch-hole", use_c, zero)
+        assert res.skipped_unaligned == PAGE
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+def test_nothing_to_do(use_c):
+    assert DiscardEngine(use_c=use_c).discard([]) == DiscardResult()
+    with MemfdTable(8 * PAGE, [(0, 8 * PAGE, 0)]) as mt:
+        r = mt.table.regions[0]
+        res = DiscardEngine(use_c=use_c).discard([(r, 0, 0), (r, 0x10, 0x100)])
+        assert res == DiscardResult(skipped_unaligned=0x100)
+        assert mt.contents() == mt.data
+
+
+# ------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("use_c", ENGINES)
+def test_failing_range_is_reported_and_the_rest_still_done(use_c):
+    with MemfdTable(16 * PAGE, [(0, 16 * PAGE, 0)]) as mt:
+        good = mt.table.regions[0]
+        rd, wr = os.pipe()
+        try:
+            bad = types.SimpleNamespace(
+                gpa=0x100000, size=4 * PAGE, hva=good.hva, fd=wr, page_size=PAGE,
+                backing="memfd", mmap_offset=0, file_offset=lambda g: g - 0x100000)
+            pieces = [(good, 0, PAGE), (bad, 0x100000, 2 * PAGE),
+                      (good, 4 * PAGE, PAGE), (bad, 0x101000, PAGE),
+                      (good, 8 * PAGE, PAGE)]
+            res = DiscardEngine(use_c=use_c).discard(pieces)
+        finally:
+            os.close(rd)
+            os.close(wr)
+        assert res.discarded == 3 * PAGE
+        assert res.failed == 3 * PAGE
+        assert res.ranges == 5
+        assert len(res.errors) == 2
+        assert all("ESPIPE" in e and "gpa=0x10" in e for e in res.errors)
+        with pytest.raises(DiscardError, match="ESPIPE"):
+            res.raise_for_errors()
+        assert mt.contents() == expected_after(
+            mt.data, [(0, PAGE), (4 * PAGE, PAGE), (8 * PAGE, PAGE)])
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+def test_piece_outside_its_region_is_refused(use_c):
+    with MemfdTable(8 * PAGE, [(0, 8 * PAGE, 0)]) as mt:
+        r = mt.table.regions[0]
+        res = DiscardEngine(use_c=use_c).discard([(r, 6 * PAGE, 4 * PAGE)])
+        assert res.discarded == 0 and res.failed == 4 * PAGE
+        assert "not inside" in res.errors[0]
+        assert mt.contents() == mt.data
+
+
+def test_c_engine_unknown_mode_is_einval():
+    lib, ffi = d._discard_c.lib, d._discard_c.ffi
+    done = ffi.new("uint32_t *", 7)
+    arr = ffi.new("struct vub_range[1]")
+    assert lib.vub_discard(arr, 1, 4, done) == -errno.EINVAL and done[0] == 0
+    assert lib.vub_discard(arr, 1, -1, done) == -errno.EINVAL
+    assert lib.vub_discard(ffi.NULL, 0, 0, ffi.NULL) == 0
+
+
+def test_c_punch_loop():
+    lib, ffi = d._discard_c.lib, d._discard_c.ffi
+    with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
+        done = ffi.new("uint64_t *")
+        assert lib.vub_punch_loop(mt.fd, 8 * PAGE, 4 * PAGE, 8, done) == 0
+        assert done[0] == 8
+        assert mt.allocated() == 32 * PAGE
+        assert mt.contents() == expected_after(mt.data, [(8 * PAGE, 32 * PAGE)])
+        assert lib.vub_punch_loop(-1, 0, PAGE, 3, done) == -errno.EBADF
+        assert done[0] == 0
+
+
+# ------------------------------------------------------------------ policy
+
+def test_modes_and_resolution():
+    assert d.MODES == ("auto", "punch-hole", "remove", "dontneed", "free")
+    with MemfdTable(4 * PAGE, [(0, 4 * PAGE, 0)]) as mt:
+        r = mt.table.regions[0]
+        assert r.backing == "memfd"
+        assert resolve_mode("auto", r) == "punch-hole"
+        for m in d.MODES[1:]:
+            assert resolve_mode(m, r) == m
+        with pytest.raises(ConfigError, match="unknown discard mode 'trim'"):
+            resolve_mode("trim", r)
+    anon = AnonymousRegion(0, 4 * PAGE)
+    try:
+        assert resolve_mode("auto", anon) == "dontneed"
+    finally:
+        anon.close()
+    with pytest.raises(ConfigError):
+        DiscardEngine("madvise")
+    assert issubclass(DiscardPolicyError, BalloonError)
+    assert issubclass(DiscardError, BalloonError)
+    assert issubclass(ConfigError, BalloonError)
+
+
+@pytest.mark.parametrize("mode", ["auto", "punch-hole", "remove"])
+def test_policy_accepts_freeing_modes_on_shared(mode):
+    with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
+        check_policy(mode, mt.table)
+        DiscardEngine(mode).check(mt.table)
+
+
+def test_policy_refuses_dontneed_on_shared():
+    with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
+        with pytest.raises(DiscardPolicyError) as ei:
+            DiscardEngine("dontneed").check(mt.table)
+        msg = str(ei.value)
+        assert repr(mt.table.regions[0]) in msg
+        assert repr(mt.table.regions[1]) in msg
+        assert ("MADV_DONTNEED on a shared mapping only drops this process's "
+                "page tables; the guest's memory stays allocated; use "
+                "--discard auto (punch-hole) or remove") in msg
+        # and discard() itself refuses without touching memory
+        res = DiscardEngine("dontneed").discard(mt.table.split(0, 4 * PAGE))
+        assert res.discarded == 0 and res.failed == 4 * PAGE and res.ranges == 0
+        assert mt.contents() == mt.data and mt.allocated() == 8 * PAGE
+
+
+def test_policy_refuses_free_on_shared():
+    with MemfdTable(4 * PAGE, [(0, 4 * PAGE, 0)]) as mt:
+        with pytest.raises(DiscardPolicyError) as ei:
+            check_policy("free", mt.table)
+        msg = str(ei.value)
+        assert "MADV_FREE is refused (EINVAL) on a shared mapping" in msg
+        assert "use --discard auto (punch-hole) or remove" in msg
+        assert "memfd" in msg
+
+
+def test_policy_on_anonymous():
+    anon = AnonymousRegion(0, 4 * PAGE)
+    try:
+        for mode in ("auto", "dontneed", "free"):
+            check_policy(mode, [anon])
+        with pytest.raises(DiscardPolicyError, match="no file to punch a hole in"):
+            check_policy("punch-hole", [anon])
+        with pytest.raises(DiscardPolicyError, match="MADV_REMOVE needs a shared file"):
+            check_policy("remove", [anon])
+    finally:
+        anon.close()
+
+
+@pytest.mark.parametrize("use_c", ENGINES)
+def test_dontneed_frees_anonymous(use_c):
+    size = 64 * PAGE
+    anon = AnonymousRegion(0x40000000, size)
+    try:
+        ctypes.memset(anon.hva, 0x5a, size)
+        assert d.mapping_usage(anon.hva)["Rss"] == size
+        res = DiscardEngine("auto", use_c=use_c).discard(
+            [(anon, 0x40000000 + 0x800, 16 * PAGE)])
+        assert res.discarded == 15 * PAGE and res.skipped_unaligned == PAGE
+        assert d.mapping_usage(anon.hva)["Rss"] == size - 15 * PAGE
+        mem = ctypes.string_at(anon.hva, size)
+        assert mem[:PAGE] == b"\x5a" * PAGE
+        assert mem[PAGE:16 * PAGE] == bytes(15 * PAGE)
+        assert mem[16 * PAGE:] == b"\x5a" * (48 * PAGE)
+    finally:
+        anon.close()
