@@ -8,6 +8,7 @@
 """
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ class DaemonError(RuntimeError):
 
 class Daemon:
     def __init__(self, workdir=None, args=(), cgroup=None, name="vub", log_level="debug"):
+        self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="vub-daemon-"))
         self.socket_path = str(self.workdir / f"{name}.sock")
         self.control_path = self.socket_path + ".ctl"
@@ -48,7 +50,11 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if os.path.exists(self.control_path) and os.path.exists(self.socket_path):
-                return self
+                try:  # a path left by a killed daemon exists too: ask the new one
+                    control_request(self.control_path, {"cmd": "status"}, timeout=2)
+                    return self
+                except Exception:
+                    pass
             if self.proc.poll() is not None:
                 raise DaemonError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
             time.sleep(0.05)
@@ -100,5 +106,7 @@ class Daemon:
     def __enter__(self):
         return self.start()
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self.stop()
+        if self._own_workdir and exc_type is None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
