@@ -1,25 +1,32 @@
 """Command line: the daemon, and `ctl` / `qemu-args` subcommands.
 
     vhost-user-balloon --socket-path PATH [options]     serve one guest
+    vhost-user-balloon --guest a=PATH --guest b=PATH    serve several guests
     vhost-user-balloon --print-capabilities             JSON, QEMU convention
-    vhost-user-balloon qemu-args --socket-path PATH --memory 1G
-    vhost-user-balloon ctl --socket-path PATH status|stats|target SIZE|inhibit on|off
+    vhost-user-balloon qemu-args --socket-path PATH --memory 1G [--libvirt]
+    vhost-user-balloon ctl --socket-path PATH [--guest NAME] status|list|stats|target SIZE|inhibit on|off
+    vhost-user-balloon status --control-socket PATH [--watch [S]]
+    vhost-user-balloon backend-json                     QEMU vhost-user.json description
 """
 
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+from importlib import resources
 
 from vhostuser.errors import SetupError
-from vhostuser.loop import Server, open_listener
 
 from . import features as F
+from . import status_view
 from .config import LOG_LEVELS, DaemonConfig, parse_size
-from .control import ControlError, ControlServer, request
-from .device import BalloonDevice
+from .control import request
 from .discard import MODES
 from .errors import BalloonError
+from .multi import Daemon, GuestLogFilter, parse_guest_arg, socket_dir_guests
+from .policy import PolicyConfig
 
 log = logging.getLogger("vhost-user-balloon")
 
@@ -34,16 +41,50 @@ def num_queues(reporting=True, stats=True):
     return len(F.queue_roles(F.offered(reporting=reporting, stats=stats)))
 
 
-def qemu_args(socket_path, memory="1G", queue_size=64, reporting=True, stats=True, chardev="vub0"):
-    """The QEMU arguments that attach a guest to this daemon."""
+def device_args(socket_path, queue_size=64, reporting=True, stats=True, chardev="vub0"):
+    """-chardev and -device: the balloon itself."""
     return [
-        "-object", f"memory-backend-memfd,id=mem,size={memory},share=on",
-        "-machine", "memory-backend=mem",
         "-chardev", f"socket,id={chardev},path={socket_path}",
         "-device", (f"vhost-user-test-device-pci,chardev={chardev},virtio-id={F.DEVICE_ID},"
                     f"num_vqs={num_queues(reporting, stats)},config_size={F.CONFIG_SIZE},"
                     f"vq_size={queue_size}"),
     ]
+
+
+def qemu_args(socket_path, memory="1G", queue_size=64, reporting=True, stats=True, chardev="vub0",
+              hugepages=None):
+    """The QEMU arguments that attach a guest to this daemon."""
+    if hugepages:
+        backend = f"memory-backend-file,id=mem,size={memory},mem-path={hugepages},share=on"
+    else:
+        backend = f"memory-backend-memfd,id=mem,size={memory},share=on"
+    return ["-object", backend, "-machine", "memory-backend=mem",
+            *device_args(socket_path, queue_size, reporting, stats, chardev)]
+
+
+def libvirt_xml(socket_path, queue_size=64, reporting=True, stats=True, chardev="vub0",
+                hugepages=False):
+    """The libvirt domain XML pieces (memoryBacking + qemu:commandline)."""
+    args = device_args(socket_path, queue_size, reporting, stats, chardev)
+    source = "<hugepages/>" if hugepages else "<source type='memfd'/>"
+    return "\n".join([
+        "<!-- <domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'> -->",
+        "<memoryBacking>",
+        f"  {source}",
+        "  <access mode='shared'/>",
+        "</memoryBacking>",
+        "<!-- <memballoon model='none'/> inside <devices>: this daemon is the balloon -->",
+        "<qemu:commandline>",
+        *(f"  <qemu:arg value='{a}'/>" for a in args),
+        "</qemu:commandline>",
+    ])
+
+
+def backend_json(binary=None):
+    """The QEMU vhost-user.json description, with this installation's binary path."""
+    desc = json.loads(resources.files(__package__).joinpath("vhost-user-balloon.json").read_text())
+    desc["binary"] = binary or shutil.which("vhost-user-balloon") or desc["binary"]
+    return desc
 
 
 def _daemon_parser():
@@ -72,7 +113,60 @@ def _daemon_parser():
                    help="vq_size to use in QEMU (>= 32 with reporting); printed in the QEMU arguments")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--python-hot-path", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--name", help="the guest's name in logs, status and metrics "
+                                  "(default: the socket file name without .sock)")
+    many = p.add_argument_group("several guests, one daemon")
+    many.add_argument("--guest", action="append", default=[], metavar="NAME=PATH",
+                      help="serve guest NAME on Unix socket PATH; repeat for every guest")
+    many.add_argument("--socket-dir", metavar="DIR", help="with --guests: sockets DIR/NAME.sock")
+    many.add_argument("--guests", metavar="a,b,c", help="with --socket-dir: the guests' names")
+    met = p.add_argument_group("metrics")
+    met.add_argument("--metrics-port", type=int, metavar="PORT",
+                     help="serve Prometheus metrics on http://ADDRESS:PORT/metrics (0 = any port)")
+    met.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDR",
+                     help="address for --metrics-port (default 127.0.0.1)")
+    pol = p.add_argument_group("host memory policy")
+    pol.add_argument("--policy", action="store_true",
+                     help="set balloon targets to keep host memory above --policy-floor")
+    d = PolicyConfig()
+    pol.add_argument("--policy-floor", default="2GiB", metavar="SIZE",
+                     help="host memory to keep available (default 2GiB)")
+    pol.add_argument("--policy-guest-min", default="256MiB", metavar="SIZE",
+                     help="memory every guest keeps whatever happens (default 256MiB)")
+    pol.add_argument("--policy-margin", default="128MiB", metavar="SIZE",
+                     help="never take a guest's last SIZE of available memory (default 128MiB)")
+    pol.add_argument("--policy-hysteresis", default="512MiB", metavar="SIZE",
+                     help="give memory back only when the host has floor + SIZE (default 512MiB)")
+    pol.add_argument("--policy-psi", type=float, default=d.psi_threshold, metavar="PCT",
+                     help="memory PSI 'some avg10' percentage that counts as pressure "
+                          f"(default {d.psi_threshold:g}; 0 = ignore PSI)")
+    pol.add_argument("--policy-psi-step", default="256MiB", metavar="SIZE",
+                     help="memory to reclaim per interval under PSI pressure (default 256MiB)")
+    pol.add_argument("--policy-interval", type=float, default=d.interval, metavar="S",
+                     help=f"seconds between policy decisions (default {d.interval:g})")
+    pol.add_argument("--policy-cgroup", metavar="DIR",
+                     help="read host memory as this memory cgroup's limit - usage (v1 or v2)")
     return p
+
+
+def _guests_from_args(ns):
+    guests = [parse_guest_arg(g) for g in ns.guest]
+    if ns.socket_dir or ns.guests:
+        if not (ns.socket_dir and ns.guests):
+            raise BalloonError("--socket-dir and --guests go together: --socket-dir DIR --guests a,b")
+        guests += socket_dir_guests(ns.socket_dir, ns.guests)
+    return tuple(guests)
+
+
+def _policy_from_args(ns):
+    if not ns.policy:
+        return None
+    return PolicyConfig(
+        floor_bytes=parse_size(ns.policy_floor), guest_min_bytes=parse_size(ns.policy_guest_min),
+        margin_bytes=parse_size(ns.policy_margin),
+        hysteresis_bytes=parse_size(ns.policy_hysteresis), psi_threshold=ns.policy_psi,
+        psi_step_bytes=parse_size(ns.policy_psi_step), interval=ns.policy_interval,
+        stats_max_age=max(30.0, 3 * ns.policy_interval), cgroup=ns.policy_cgroup)
 
 
 def config_from_args(ns):
@@ -81,32 +175,24 @@ def config_from_args(ns):
         discard=ns.discard, no_discard=ns.no_discard, reporting=not ns.no_reporting,
         stats=not ns.no_stats, stats_interval=ns.stats_interval, deflate_on_oom=ns.deflate_on_oom,
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
-        use_c=not ns.python_hot_path)
+        use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
+        metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
+        policy=_policy_from_args(ns))
 
 
 def serve(cfg):
-    device = BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
-                           deflate_on_oom=cfg.deflate_on_oom, no_discard=cfg.no_discard,
-                           stats_interval=cfg.stats_interval, use_c=cfg.use_c)
-    listener = open_listener(cfg.socket_path, cfg.fd)
-    server = Server(device, listener, keep_listening=cfg.keep_listening, use_c=cfg.use_c)
-    control = None
+    daemon = Daemon(cfg)
     try:
-        if cfg.control_path:
-            control = ControlServer(cfg.control_path, device, server)
-        server.loop.handle_signals()
-        where = cfg.socket_path or f"fd {cfg.fd}"
-        log.info("serving virtio-balloon on %s (discard %s%s); control socket %s", where,
-                 cfg.discard, ", inhibited" if cfg.no_discard else "", cfg.control_path)
-        if cfg.socket_path:
-            log.info("QEMU arguments: %s", " ".join(qemu_args(
-                cfg.socket_path, "SIZE", cfg.queue_size, cfg.reporting, cfg.stats)))
-        server.serve_forever()
+        daemon.loop.handle_signals()
+        log.info("%s (discard %s%s); control socket %s", daemon.describe(), cfg.discard,
+                 ", inhibited" if cfg.no_discard else "", cfg.control_path)
+        for name, guest in daemon.guests.items():
+            if guest.socket_path:
+                log.info("QEMU arguments for %s: %s", name, " ".join(qemu_args(
+                    guest.socket_path, "SIZE", cfg.queue_size, cfg.reporting, cfg.stats)))
+        daemon.serve_forever()
     finally:
-        if control is not None:
-            control.close()
-        server.close()
-        server.loop.close()
+        daemon.close()
     log.info("stopped")
     return 0
 
@@ -117,8 +203,10 @@ def _ctl(argv):
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--control-socket")
     where.add_argument("--socket-path", help="the daemon's vhost-user socket (control is PATH.ctl)")
+    p.add_argument("--guest", help="which guest (needed when the daemon serves several)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status", help="features, queues, target, actual, counters")
+    sub.add_parser("list", help="status of every guest the daemon serves")
     st = sub.add_parser("stats", help="the guest's latest memory statistics")
     st.add_argument("--refresh", action="store_true", help="ask the guest for fresh values first")
     t = sub.add_parser("target", help="set the balloon size (memory taken from the guest)")
@@ -134,7 +222,9 @@ def _ctl(argv):
     elif ns.cmd == "stats":
         req = {"cmd": "stats", "refresh": ns.refresh}
     else:
-        req = {"cmd": "status"}
+        req = {"cmd": ns.cmd}
+    if ns.guest and ns.cmd != "list":
+        req["guest"] = ns.guest
     reply = request(path, req)
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0 if reply.get("ok") else 1
@@ -148,13 +238,42 @@ def _qemu_args(argv):
     p.add_argument("--queue-size", type=int, default=64)
     p.add_argument("--no-reporting", action="store_true")
     p.add_argument("--no-stats", action="store_true")
+    p.add_argument("--chardev-id", default="vub0", help="QEMU id of the chardev (default vub0)")
+    p.add_argument("--hugepages", metavar="PATH",
+                   help="back guest RAM with files in this hugetlbfs mount (e.g. /dev/hugepages)")
+    p.add_argument("--libvirt", action="store_true",
+                   help="print libvirt domain XML (memoryBacking + qemu:commandline) instead")
     ns = p.parse_args(argv)
     if ns.queue_size < F.MIN_REPORTING_QUEUE and not ns.no_reporting:
         raise BalloonError(f"--queue-size {ns.queue_size}: Linux refuses a reporting queue "
                            f"smaller than {F.MIN_REPORTING_QUEUE}")
+    if ns.hugepages and not os.path.isdir(ns.hugepages):
+        raise BalloonError(f"--hugepages {ns.hugepages}: no such folder (mount hugetlbfs there)")
+    if ns.libvirt:
+        print(libvirt_xml(ns.socket_path, ns.queue_size, not ns.no_reporting, not ns.no_stats,
+                          ns.chardev_id, bool(ns.hugepages)))
+        return 0
     print(" ".join(qemu_args(ns.socket_path, ns.memory, ns.queue_size,
-                             not ns.no_reporting, not ns.no_stats)))
+                             not ns.no_reporting, not ns.no_stats, ns.chardev_id, ns.hugepages)))
     return 0
+
+
+def _backend_json(argv):
+    p = argparse.ArgumentParser(
+        prog="vhost-user-balloon backend-json",
+        description="print the QEMU vhost-user backend description (docs/interop/vhost-user.json) "
+                    "for /usr/share/qemu/vhost-user/50-vhost-user-balloon.json")
+    p.add_argument("--binary", help="the daemon's path (default: as found on PATH)")
+    ns = p.parse_args(argv)
+    print(json.dumps(backend_json(ns.binary), indent=2))
+    return 0
+
+
+def _setup_logging(cfg):
+    handler = logging.StreamHandler()
+    handler.addFilter(GuestLogFilter(show=bool(cfg.guests)))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(guest)s%(message)s"))
+    logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
 
 
 def main(argv=None):
@@ -164,13 +283,16 @@ def main(argv=None):
             return _ctl(argv[1:])
         if argv and argv[0] == "qemu-args":
             return _qemu_args(argv[1:])
+        if argv and argv[0] == "status":
+            return status_view.main(argv[1:])
+        if argv and argv[0] == "backend-json":
+            return _backend_json(argv[1:])
         ns = _daemon_parser().parse_args(argv)
         if ns.print_capabilities:
             print(json.dumps(capabilities()))
             return 0
         cfg = config_from_args(ns)
-        logging.basicConfig(level=cfg.log_level.upper(),
-                            format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        _setup_logging(cfg)
         return serve(cfg)
     except (BalloonError, SetupError) as e:
         print(f"vhost-user-balloon: error: {e}", file=sys.stderr)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from .discard import MODES
 from .errors import ConfigError
 from .features import MIN_REPORTING_QUEUE
+from .policy import PolicyConfig
+
+GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 10 ** 6,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 10 ** 9, "GIB": 1 << 30, "T": 1 << 40,
@@ -43,10 +46,39 @@ class DaemonConfig:
     queue_size: int = 64
     log_level: str = "info"
     use_c: bool = True
+    name: str = None                # the guest's name (single guest); default: socket file name
+    guests: tuple = ()              # ((name, socket_path), ...): several guests, one daemon
+    metrics_port: int = None
+    metrics_address: str = "127.0.0.1"
+    policy: PolicyConfig = None
 
     def __post_init__(self):
-        if (self.socket_path is None) == (self.fd is None):
-            raise ConfigError("give exactly one of --socket-path PATH and --fd N")
+        given = (self.socket_path is not None) + (self.fd is not None) + bool(self.guests)
+        if given != 1:
+            if not self.guests:
+                raise ConfigError("give exactly one of --socket-path PATH and --fd N "
+                                  "(or --guest NAME=PATH / --socket-dir DIR --guests a,b)")
+            raise ConfigError("--guest / --guests replace --socket-path and --fd: give one way")
+        names = [n for n, _ in self.guests] + ([self.name] if self.name else [])
+        for n in names:
+            if not GUEST_NAME.fullmatch(n):
+                raise ConfigError(f"guest name {n!r}: use letters, digits, '_', '.', '-' "
+                                  "(up to 64, starting with a letter or digit)")
+        if len(set(names)) != len(names):
+            raise ConfigError("each guest needs its own name")
+        if self.name and self.guests:
+            raise ConfigError("--name names the single guest; with --guest give NAME=PATH")
+        for n, path in self.guests:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise ConfigError(f"--guest {n}={path}: folder {parent} does not exist")
+        if len({os.path.abspath(p) for _, p in self.guests}) != len(self.guests):
+            raise ConfigError("each guest needs its own socket path")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port {self.metrics_port}: a TCP port, 0 to 65535")
+        if self.policy is not None and not self.stats:
+            raise ConfigError("--policy reads the guests' memory statistics: "
+                              "do not combine it with --no-stats")
         if self.fd is not None and self.fd < 0:
             raise ConfigError(f"--fd {self.fd}: a file descriptor is a number >= 0")
         if self.socket_path is not None:
@@ -71,4 +103,22 @@ class DaemonConfig:
     def control_path(self):
         if self.control_socket:
             return self.control_socket
+        if self.guests:  # next to the first guest's socket
+            return os.path.join(os.path.dirname(os.path.abspath(self.guests[0][1])),
+                                "control.sock")
         return self.socket_path + ".ctl" if self.socket_path else None
+
+    @property
+    def guest_specs(self):
+        """[(name, socket_path, fd)] of every guest to serve."""
+        if self.guests:
+            return [(n, p, None) for n, p in self.guests]
+        if self.name:
+            name = self.name
+        elif self.socket_path:
+            name = os.path.splitext(os.path.basename(self.socket_path))[0] or "guest"
+            if not GUEST_NAME.fullmatch(name):
+                name = "guest"
+        else:
+            name = f"fd{self.fd}"
+        return [(name, self.socket_path, self.fd)]

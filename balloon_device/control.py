@@ -1,9 +1,12 @@
 """Local control socket: one JSON object per line, one reply line per request.
 
 Requests:  {"cmd": "status"}
+           {"cmd": "list"}                      (every guest's status, in a list)
            {"cmd": "target", "bytes": N}        (or "pages": N)
            {"cmd": "stats", "refresh": bool}
            {"cmd": "inhibit", "on": bool}
+Every request but list takes "guest": NAME; it is needed when the daemon serves
+several guests (then a status without it answers {"guests": {NAME: status}}).
 Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
 """
 
@@ -26,16 +29,22 @@ class ControlError(BalloonError):
 
 
 class ControlServer:
-    def __init__(self, path, device, server):
-        self.device = device
-        self.server = server
+    def __init__(self, path, device=None, server=None, *, guests=None, loop=None,
+                 name="default"):
+        if guests is None:  # one device on one Server
+            from .multi import Guest
+            guest = Guest(name, device)
+            guest.server = server
+            guests, loop = {name: guest}, server
+        self.guests = guests  # name -> multi.Guest
+        self.server = loop    # anything with add_reader / remove_reader
         try:
             self.listener = Listener.at_path(path)
         except SetupError as e:
             raise ControlError(f"control socket: {e}") from e
         self.listener.sock.setblocking(False)
         self.clients = {}
-        server.add_reader(self.listener.fileno(), self._accept)
+        self.server.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self):
         try:
@@ -90,7 +99,8 @@ class ControlServer:
             cmd = req.get("cmd")
             fn = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
             if fn is None:
-                raise ValueError(f"unknown command {cmd!r}; use status, target, stats or inhibit")
+                raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats "
+                                 "or inhibit")
             return {"ok": True, **fn(req)}
         except (ValueError, TypeError, BalloonError) as e:
             return {"ok": False, "error": str(e)}
@@ -98,11 +108,26 @@ class ControlServer:
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {e}"}
 
+    def _guest(self, req):
+        name = req.get("guest")
+        if name is None:
+            if len(self.guests) == 1:
+                return next(iter(self.guests.values()))
+            raise ValueError(f"this daemon serves {len(self.guests)} guests "
+                             f"({', '.join(self.guests)}): add \"guest\": NAME")
+        guest = self.guests.get(name) if isinstance(name, str) else None
+        if guest is None:
+            raise ValueError(f"no guest {name!r} here; this daemon serves "
+                             f"{', '.join(self.guests)}")
+        return guest
+
     def _cmd_status(self, req):
-        b = self.server.backend
-        return {"status": {**self.device.status(), "connected": self.server.connected,
-                           "sessions": self.server.sessions,
-                           "protocol": dict(b.counters)}}
+        if req.get("guest") is None and len(self.guests) > 1:
+            return {"guests": {name: g.status() for name, g in self.guests.items()}}
+        return {"status": self._guest(req).status()}
+
+    def _cmd_list(self, req):
+        return {"guests": [g.status() for g in self.guests.values()]}
 
     def _cmd_target(self, req):
         if "pages" in req:
@@ -114,21 +139,25 @@ class ControlServer:
             pages = size >> 12
         if not isinstance(pages, int) or isinstance(pages, bool):
             raise ValueError("pages must be an integer")
-        sent = self.device.set_target(pages)
-        return {"target_pages": pages, "notified": sent}
+        guest = self._guest(req)
+        sent = guest.set_target(pages)
+        return {"guest": guest.name, "target_pages": pages, "notified": sent}
 
     def _cmd_stats(self, req):
-        refreshed = self.device.request_stats() if req.get("refresh") else False
-        return {"stats": self.device.latest_stats, "time": self.device.stats_time,
-                "refresh_requested": refreshed}
+        guest = self._guest(req)
+        refreshed = guest.request_stats() if req.get("refresh") else False
+        return {"guest": guest.name, "stats": guest.device.latest_stats,
+                "time": guest.device.stats_time, "refresh_requested": refreshed}
 
     def _cmd_inhibit(self, req):
         on = req.get("on")
         if not isinstance(on, bool):
             raise ValueError("inhibit needs 'on': true or false")
-        self.device.inhibited = on
-        log.info("discards %s", "inhibited" if on else "allowed again")
-        return {"inhibited": on}
+        guest = self._guest(req)
+        guest.device.inhibited = on
+        log.info("guest %s: discards %s", guest.name,
+                 "inhibited: reported memory stays with QEMU" if on else "allowed again")
+        return {"guest": guest.name, "inhibited": on}
 
     def close(self):
         for fd in list(self.clients):

@@ -16,6 +16,7 @@ from vhostuser.errors import GuestMemoryError
 from . import features as F
 from . import stats as stats_mod
 from .discard import DiscardEngine
+from .metrics import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class BalloonDevice(Device):
         self.last_report = None
         self.latest_stats = {}
         self.stats_time = None
+        self.discard_latency = LatencyHistogram()  # seconds per engine.discard call
         self._reset_state()
 
     def _reset_state(self):
@@ -139,6 +141,9 @@ class BalloonDevice(Device):
             raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
         self.target_pages = pages
         log.info("balloon target set to %d pages (%d MiB)", pages, pages >> 8)
+        if not self.acked:
+            log.info("no guest driver is running yet: it reads the target when it starts")
+            return False
         if self.ctx is not None and self.ctx.notify_config_change():
             self.counters["config_changes_sent"] += 1
             return True
@@ -173,7 +178,9 @@ class BalloonDevice(Device):
         return pieces
 
     def _discard(self, pieces):
+        t0 = time.monotonic()
         res = self.engine.discard(pieces)
+        self.discard_latency.observe(time.monotonic() - t0)
         self.counters["skipped_unaligned"] += res.skipped_unaligned
         self.counters["skipped_error"] += res.failed
         for err in res.errors:
@@ -338,5 +345,8 @@ class BalloonDevice(Device):
             "discard_mode": self.engine.mode,
             "discard_inhibited": self.inhibited,
             "last_report_age": None if self.last_report is None else time.time() - self.last_report,
+            "stats": self.latest_stats,
+            "stats_age": None if self.stats_time is None else time.time() - self.stats_time,
+            "discard_latency": self.discard_latency.snapshot(),
             "counters": dict(self.counters),
         }

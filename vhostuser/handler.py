@@ -8,6 +8,7 @@ device work goes through the ``Device`` interface.
 import logging
 import os
 import socket
+import stat
 
 from . import messages as m
 from .connection import Connection
@@ -193,8 +194,14 @@ class Backend:
     # ---- memory ------------------------------------------------------------
 
     def _take_region(self, msg, spec, fd):
+        # The fd leaves msg.fds only once the Region owns it: a refused region's fd is
+        # closed by handle() with the other unused fds (it used to leak).
+        try:
+            region = Region(spec.gpa, spec.size, spec.uaddr, spec.mmap_offset, fd)
+        except OSError as e:
+            raise RequestError(f"unusable memory region fd: {e}") from e
         msg.fds.remove(fd)
-        return Region(spec.gpa, spec.size, spec.uaddr, spec.mmap_offset, fd)
+        return region
 
     def _set_mem_table(self, msg):
         specs = m.decode_mem_table(msg)
@@ -302,6 +309,11 @@ class Backend:
         return new
 
     def _set_vring_kick(self, msg):
+        index, fd = m.decode_vring_fd(msg)
+        self.queue(index)
+        if fd is not None and stat.S_IFMT(os.fstat(fd).st_mode) in (stat.S_IFREG, stat.S_IFDIR):
+            # epoll refuses regular files and directories (EPERM): refuse the kick fd now
+            raise RequestError(f"queue {index}: kick fd is a file, not an eventfd")
         q, fd = self._take_vring_fd(msg)
         q.kick_fd = self._replace(q.kick_fd, fd)
         self.fds_changed = True

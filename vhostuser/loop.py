@@ -4,6 +4,7 @@ import heapq
 import itertools
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -165,11 +166,20 @@ class Server(DeviceContext):
         except OSError as e:
             log.warning("accept failed: %s", e)
             return
+        if self.conn is not None and self._peer_gone():
+            # The previous frontend hung up but its EOF is not handled yet (it closed and
+            # reconnected within one loop iteration): finish that session first.
+            self._close("peer closed the connection")
         if self.conn is not None:
             log.warning("refusing a second frontend: this socket already serves one")
             conn.close()
             return
         self._open(conn)
+
+    def _peer_gone(self):
+        p = select.poll()
+        p.register(self.conn.fileno(), select.POLLRDHUP)
+        return bool(p.poll(0))
 
     def _open(self, conn):
         self.conn = conn

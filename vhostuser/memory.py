@@ -8,6 +8,7 @@ page size, because discarding memory needs them.
 import ctypes
 import mmap
 import os
+import stat as statmod
 import struct
 
 from .errors import GuestMemoryError, RequestError
@@ -62,7 +63,9 @@ class Region:
                 "wraps around the 64-bit address space")
         self.backing, self.page_size = _backing_of(fd)
         st = os.fstat(fd)
-        if st.st_size and mmap_offset + size > st.st_size:
+        # A regular file (memfd, shmem, hugetlbfs) must hold the whole range, even when it
+        # is empty: touching a mapping past the end of the file is SIGBUS.
+        if (st.st_size or statmod.S_ISREG(st.st_mode)) and mmap_offset + size > st.st_size:
             raise RequestError(
                 f"memory region needs bytes {mmap_offset:#x}+{size:#x} of its "
                 f"file, which has only {st.st_size:#x}")
@@ -151,6 +154,9 @@ class MemoryTable:
             for r in list(regions):
                 regions.remove(r)
                 new.add(r)
+        except BaseException:
+            new.clear()  # regions accepted before the refused one (they used to leak)
+            raise
         finally:
             for r in regions:
                 r.close()

@@ -1,0 +1,179 @@
+"""Prometheus metrics: one custom collector that reads every guest's status at scrape time.
+
+Nothing is counted twice: the device keeps its counters (and the discard latency
+histogram below); the collector turns a snapshot of them into metric families.
+The HTTP server runs in prometheus_client's thread. That thread only *reads*:
+``Guest.status()`` copies the counter dicts (one C-level copy each, under the
+GIL) and reads plain attributes, and never calls into the device otherwise.
+
+prometheus_client is imported only when the endpoint is started, so the
+daemon runs without it when --metrics-port is not given.
+"""
+
+import bisect
+import logging
+
+from .errors import BalloonError
+
+log = logging.getLogger(__name__)
+
+PREFIX = "vhost_user_balloon_"
+# discard calls take ~10 us (one 2 MiB punch) to tens of ms (a 256 MiB pass)
+DISCARD_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                   0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class MetricsError(BalloonError):
+    """The metrics endpoint cannot start."""
+
+
+class LatencyHistogram:
+    """Fixed buckets, plain counts; observe() runs in the event loop thread only."""
+
+    def __init__(self, buckets=DISCARD_BUCKETS):
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds):
+        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
+        self.sum += seconds
+
+    def snapshot(self):
+        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum}
+
+
+# counter name in device.status()["counters"] -> (metric, help, extra labels)
+_COUNTERS = {
+    "bytes_reported": ("reported_bytes", "Bytes the guest reported free", {}),
+    "bytes_discarded": ("discarded_bytes", "Bytes returned to the host",
+                        {"source": "reporting"}),
+    "bytes_inflate_discarded": ("discarded_bytes", "Bytes returned to the host",
+                                {"source": "inflate"}),
+    "skipped_poison": ("skipped_bytes", "Reported or inflated bytes not returned, by reason",
+                       {"reason": "poison"}),
+    "skipped_inhibited": ("skipped_bytes", "", {"reason": "inhibited"}),
+    "skipped_unaligned": ("skipped_bytes", "", {"reason": "unaligned"}),
+    "skipped_out_of_range": ("skipped_bytes", "", {"reason": "out_of_range"}),
+    "skipped_error": ("skipped_bytes", "", {"reason": "error"}),
+    "report_chains": ("report_chains", "Free page reporting chains completed", {}),
+    "report_ranges": ("report_ranges", "Free ranges in the reporting chains", {}),
+    "malformed_chains": ("malformed_chains", "Chains skipped because the driver laid them out "
+                                             "wrongly", {}),
+    "inflate_pages": ("inflate_pages", "4 KiB pages the guest put into the balloon", {}),
+    "deflate_pages": ("deflate_pages", "4 KiB pages the guest took back from the balloon", {}),
+    "stats_updates": ("stats_updates", "Memory statistics updates received", {}),
+    "config_changes_sent": ("config_changes", "Config change interrupts sent (new targets)", {}),
+}
+
+
+def _collect(guests, policy=None):
+    from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                        HistogramMetricFamily)
+
+    fams = {}
+
+    def fam(kind, name, doc, labels):
+        if name not in fams:
+            fams[name] = kind(PREFIX + name, doc or name, labels=["guest", *labels])
+        return fams[name]
+
+    for name, guest in list(guests.items()):
+        st = guest.status()
+        for key, (metric, doc, extra) in _COUNTERS.items():
+            if key in st["counters"]:
+                fam(CounterMetricFamily, metric, doc, list(extra)).add_metric(
+                    [name, *extra.values()], st["counters"][key])
+        proto = st.get("protocol", {})
+        errors = {"request": proto.get("errors", 0), "ring": proto.get("ring_errors", 0),
+                  "disconnect": st.get("protocol_errors", 0),
+                  "internal": st.get("internal_errors", 0),
+                  "malformed_chain": st["counters"].get("malformed_chains", 0)}
+        for kind, value in errors.items():
+            fam(CounterMetricFamily, "errors",
+                "Errors: refused requests, broken rings, protocol errors that dropped the "
+                "frontend, internal errors, malformed chains", ["kind"]).add_metric(
+                    [name, kind], value)
+        fam(CounterMetricFamily, "sessions", "Frontend connections accepted (reconnects + 1)",
+            []).add_metric([name], st.get("sessions", 0))
+        fam(GaugeMetricFamily, "connected", "1 while a frontend (QEMU) is connected",
+            []).add_metric([name], 1 if st.get("connected") else 0)
+        fam(GaugeMetricFamily, "target_bytes", "Balloon target (memory asked from the guest)",
+            []).add_metric([name], st["target_bytes"])
+        fam(GaugeMetricFamily, "actual_bytes", "Balloon size the guest reports", []).add_metric(
+            [name], st["actual_bytes"])
+        fam(GaugeMetricFamily, "guest_memory_bytes", "Guest RAM shared with the daemon",
+            []).add_metric([name], st.get("memory_bytes", 0))
+        if st.get("last_report_age") is not None:
+            fam(GaugeMetricFamily, "last_report_age_seconds",
+                "Seconds since the last free page report", []).add_metric(
+                    [name], st["last_report_age"])
+        for stat, value in sorted((st.get("stats") or {}).items()):
+            fam(GaugeMetricFamily, "guest_stat",
+                "Latest guest memory statistic (bytes for *_memory / disk_caches, else counts)",
+                ["stat"]).add_metric([name, stat], value)
+        if st.get("stats_age") is not None:
+            fam(GaugeMetricFamily, "guest_stats_age_seconds",
+                "Seconds since the guest last sent memory statistics", []).add_metric(
+                    [name], st["stats_age"])
+        lat = st.get("discard_latency")
+        if lat:
+            cum, buckets = 0, []
+            for bound, count in zip(lat["buckets"] + ["+Inf"], lat["counts"]):
+                cum += count
+                buckets.append((str(bound) if bound != "+Inf" else "+Inf", cum))
+            fam(HistogramMetricFamily, "discard_seconds",
+                "Time spent in one discard call (fallocate/madvise of a chain's ranges)",
+                []).add_metric([name], buckets, sum_value=lat["sum"])
+    yield from fams.values()
+    last = policy.last if policy is not None else None
+    if last:
+        g = GaugeMetricFamily(PREFIX + "policy_host_available_bytes",
+                              "Host memory available as the policy last read it")
+        g.add_metric([], last["host_available"])
+        yield g
+        g = GaugeMetricFamily(PREFIX + "policy_pressure",
+                              "1 if the policy saw host memory pressure on its last tick")
+        g.add_metric([], 1 if last["pressure"] else 0)
+        yield g
+
+
+class BalloonCollector:
+    """prometheus_client custom collector over a {name: Guest} mapping."""
+
+    def __init__(self, guests, policy=None):
+        self.guests = guests
+        self.policy = policy
+
+    def collect(self):
+        return _collect(self.guests, self.policy)
+
+    def describe(self):
+        return []  # no fixed description: families depend on the guests' stats
+
+
+class MetricsServer:
+    """The HTTP endpoint (/metrics) in prometheus_client's own thread."""
+
+    def __init__(self, guests, address="127.0.0.1", port=9000, policy=None):
+        try:
+            from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+        except ImportError as e:
+            raise MetricsError("--metrics-port needs the prometheus_client package "
+                               "(pip install prometheus_client)") from e
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(BalloonCollector(guests, policy))
+        ProcessCollector(registry=self.registry)
+        try:
+            self.httpd, self.thread = start_http_server(port, addr=address,
+                                                        registry=self.registry)
+        except OSError as e:
+            raise MetricsError(f"cannot serve metrics on {address}:{port}: "
+                               f"{e.strerror or e}") from e
+        self.address = address
+        self.port = self.httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", address, self.port)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,269 @@
+"""Many guests, one daemon: one event loop, one Server + BalloonDevice per guest.
+
+A single-guest daemon is the same thing with one guest. Each guest is isolated:
+
+* its Server sees the shared loop through a ``GuestLoop`` that runs every one of
+  its callbacks (socket, kicks, timers) under a guard: with several guests, an
+  exception escaping a guest's callback is logged, counted and drops *that
+  guest's* frontend only (a single-guest daemon lets it propagate and exits, as
+  the plain Server does, so that bugs stay loud);
+* protocol errors already drop only the connection they happened on (Server);
+* with several guests the servers keep listening, so a disconnect never stops
+  the loop.
+
+Log lines written while a guest's callback runs carry its name (``current_guest``
+and ``GuestLogFilter``).
+"""
+
+import contextvars
+import logging
+import os
+
+from vhostuser.loop import EventLoop, Server, open_listener
+
+from . import notify
+from .device import BalloonDevice
+from .errors import ConfigError
+
+log = logging.getLogger("vhost-user-balloon")
+
+current_guest = contextvars.ContextVar("current_guest", default=None)
+
+
+class GuestLogFilter(logging.Filter):
+    """Adds %(guest)s ("[name] " or "") to records; attach it to a handler."""
+
+    def __init__(self, show=True):
+        super().__init__()
+        self.show = show
+
+    def filter(self, record):
+        name = current_guest.get()
+        record.guest = f"[{name}] " if name and self.show else ""
+        return True
+
+
+class GuestServer(Server):
+    """Server that also counts the protocol errors that dropped its frontend."""
+
+    protocol_errors = 0
+
+    def _close(self, reason):
+        if self.conn is not None and reason.startswith("protocol error"):
+            self.protocol_errors += 1
+        super()._close(reason)
+
+
+class GuestLoop:
+    """One guest's view of the shared EventLoop: same API, guarded callbacks."""
+
+    def __init__(self, loop, guest, stop_shared, isolate=True):
+        self.shared = loop
+        self.guest = guest
+        self.stop_shared = stop_shared
+        self.isolate = isolate
+
+    def _guard(self, callback):
+        guest, isolate = self.guest, self.isolate
+
+        def run():
+            token = current_guest.set(guest.name)
+            try:
+                callback()
+            except Exception:
+                if not isolate:
+                    raise  # one guest: a bug stops the daemon, as before (systemd restarts it)
+                guest.failed()
+            finally:
+                current_guest.reset(token)
+        return run
+
+    def add_reader(self, fd, callback):
+        self.shared.add_reader(fd, self._guard(callback))
+
+    def remove_reader(self, fd):
+        self.shared.remove_reader(fd)
+
+    def call_later(self, delay, callback):
+        return self.shared.call_later(delay, self._guard(callback))
+
+    def cancel(self, handle):
+        self.shared.cancel(handle)
+
+    def stop(self):
+        """Server asks to stop after its frontend left (single guest, no --keep-listening)."""
+        if self.stop_shared:
+            self.shared.stop()
+
+    def run(self):
+        self.shared.run()
+
+    def run_once(self, timeout=None):
+        self.shared.run_once(timeout)
+
+    def close(self):
+        """The shared loop is closed by its owner (Daemon)."""
+
+
+class Guest:
+    """One served guest: its device, its server, its name."""
+
+    def __init__(self, name, device, socket_path=None):
+        self.name = name
+        self.device = device
+        self.socket_path = socket_path
+        self.server = None
+        self.internal_errors = 0
+
+    def failed(self):
+        self.internal_errors += 1
+        log.exception("guest %s: internal error; dropping its frontend (other guests are "
+                      "not affected)", self.name)
+        try:
+            self.server._close("internal error in the daemon")
+        except Exception:
+            log.exception("guest %s: closing the connection failed too", self.name)
+
+    def status(self):
+        """A snapshot; safe to call from the metrics thread (only copies and reads)."""
+        st = self.device.status()
+        server = self.server
+        backend = server.backend
+        st.update(
+            name=self.name, socket=self.socket_path, connected=server.connected,
+            sessions=server.sessions, protocol=dict(backend.counters),
+            protocol_errors=getattr(server, "protocol_errors", 0), internal_errors=self.internal_errors,
+            memory_bytes=sum(r.size for r in list(backend.memory.regions)))
+        return st
+
+    def call(self, fn, *args):
+        """Run fn in this guest's logging context (control socket, policy)."""
+        token = current_guest.set(self.name)
+        try:
+            return fn(*args)
+        finally:
+            current_guest.reset(token)
+
+    def set_target(self, pages):
+        return self.call(self.device.set_target, pages)
+
+    def request_stats(self):
+        return self.call(self.device.request_stats)
+
+
+def make_device(cfg):
+    return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
+                         deflate_on_oom=cfg.deflate_on_oom, no_discard=cfg.no_discard,
+                         stats_interval=cfg.stats_interval, use_c=cfg.use_c)
+
+
+class Daemon:
+    """The whole daemon for a DaemonConfig: guests, control socket, metrics, policy."""
+
+    def __init__(self, cfg, loop=None, host_reader=None):
+        self.cfg = cfg
+        self._own_loop = loop is None
+        self.loop = loop or EventLoop()
+        self.guests = {}
+        self.control = self.metrics = self.policy = None
+        self._watchdog = None
+        specs = cfg.guest_specs
+        self.multi = len(specs) > 1 or bool(cfg.guests)
+        try:
+            for name, path, fd in specs:
+                self.add_guest(name, path, fd)
+            if cfg.control_path:
+                from .control import ControlServer
+                self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop)
+            if cfg.policy is not None:
+                from .policy import PolicyLoop
+                self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
+            if cfg.metrics_port is not None:
+                from .metrics import MetricsServer
+                self.metrics = MetricsServer(self.guests, cfg.metrics_address,
+                                             cfg.metrics_port, self.policy)
+        except BaseException:
+            self.close()
+            raise
+
+    def add_guest(self, name, socket_path=None, fd=None):
+        if name in self.guests:
+            raise ConfigError(f"guest {name!r} is given twice")
+        guest = Guest(name, make_device(self.cfg), socket_path)
+        listener = open_listener(socket_path, fd)
+        keep = self.cfg.keep_listening or self.multi
+        gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
+        token = current_guest.set(name)
+        try:
+            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
+                                       use_c=self.cfg.use_c)
+        except BaseException:
+            listener.close()
+            raise
+        finally:
+            current_guest.reset(token)
+        self.guests[name] = guest
+        return guest
+
+    def describe(self):
+        names = ", ".join(f"{n} on {g.socket_path or 'fd'}" for n, g in self.guests.items())
+        return f"serving {len(self.guests)} guest(s): {names}"
+
+    def start(self):
+        """Everything is listening: tell systemd, start timers."""
+        if self.policy is not None:
+            self.policy.start()
+        notify.notify(f"READY=1\nSTATUS={self.describe()}")
+        interval = notify.watchdog_interval()
+        if interval:
+            self._watchdog_tick(interval)
+
+    def _watchdog_tick(self, interval):
+        notify.notify("WATCHDOG=1")
+        self._watchdog = self.loop.call_later(interval, lambda: self._watchdog_tick(interval))
+
+    def serve_forever(self):
+        self.start()
+        try:
+            self.loop.run()
+        finally:
+            notify.notify("STOPPING=1")
+
+    def close(self):
+        if self.policy is not None:
+            self.policy.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        for guest in self.guests.values():
+            try:
+                guest.server.close()
+            except Exception:
+                log.exception("guest %s: error while closing", guest.name)
+        self.loop.cancel(self._watchdog)
+        if self._own_loop:
+            self.loop.close()
+            self._own_loop = False
+
+
+def socket_dir_guests(directory, names):
+    """--socket-dir DIR --guests a,b -> [(a, DIR/a.sock), (b, DIR/b.sock)]."""
+    out = []
+    for name in names.split(","):
+        name = name.strip()
+        if name:
+            out.append((name, os.path.join(directory, f"{name}.sock")))
+    if not out:
+        raise ConfigError("--guests needs at least one name (a,b,c)")
+    return out
+
+
+def parse_guest_arg(text):
+    """--guest NAME=PATH -> (NAME, PATH)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ConfigError(f"--guest {text!r}: write NAME=SOCKET_PATH, e.g. web1=/run/vub/web1.sock")
+    return name, path

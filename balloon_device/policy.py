@@ -1,0 +1,263 @@
+"""Host memory policy: inflate the guests' balloons when the host runs short, give
+the memory back when the pressure has passed.
+
+Every --policy-interval seconds the loop reads the host (memory PSI "some avg10",
+MemAvailable, or a memory cgroup's limit - usage) and each connected guest's
+status (balloon target/actual, guest RAM, latest stats), calls the pure function
+``decide`` and applies the targets that changed. It also asks every guest for fresh
+stats so that the next tick sees current values.
+
+Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
+
+* cap(guest) = the most its balloon may hold:
+  min(guest RAM - guest_min, actual + available_memory - margin), never below 0.
+  A guest without (fresh) stats is never inflated further: its cap is its target.
+  A target above the cap is lowered to it (the guest needs that memory).
+* need = floor - host available; with PSI some avg10 >= psi_threshold, at least
+  psi_step. need > 0: raise targets by need in total, shared in proportion to each
+  guest's headroom (cap - target).
+* host available >= floor + hysteresis and no PSI pressure: surplus = available -
+  floor - hysteresis; lower targets by up to surplus in total, in proportion to
+  their size, down to 0 (all memory returned once the surplus covers the balloons).
+* in between: hold.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+log = logging.getLogger("vhost-user-balloon.policy")
+
+PAGE = 4096
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    floor_bytes: int = 2 * GiB
+    guest_min_bytes: int = 256 * MiB
+    margin_bytes: int = 128 * MiB
+    hysteresis_bytes: int = 512 * MiB
+    psi_threshold: float = 10.0   # memory "some avg10" percent; 0 = ignore PSI
+    psi_step_bytes: int = 256 * MiB
+    interval: float = 5.0
+    stats_max_age: float = 30.0   # older guest stats count as no stats
+    cgroup: str = None
+
+    def __post_init__(self):
+        for name in ("floor_bytes", "guest_min_bytes", "margin_bytes", "hysteresis_bytes",
+                     "psi_step_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--policy-{name[:-6].replace('_', '-')} must be >= 0")
+        if self.interval <= 0:
+            raise ConfigError("--policy-interval must be > 0 seconds")
+        if not 0 <= self.psi_threshold <= 100:
+            raise ConfigError("--policy-psi is a percentage of time stalled: 0 to 100 "
+                              "(0 = ignore pressure stall information)")
+        if self.cgroup is not None and not os.path.isdir(self.cgroup):
+            raise ConfigError(f"--policy-cgroup {self.cgroup}: no such folder (give the memory "
+                              "cgroup folder, e.g. /sys/fs/cgroup/memory/machine.slice)")
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    available_bytes: int
+    psi_some_avg10: float = None  # None: no PSI on this host
+
+
+@dataclass(frozen=True)
+class GuestView:
+    target_pages: int
+    actual_pages: int = 0
+    memory_bytes: int = 0          # guest RAM (0: unknown)
+    available_bytes: int = None    # guest's available_memory stat (None: no fresh stats)
+
+
+def _cap(g, cfg):
+    limits = []
+    if g.memory_bytes:
+        limits.append((g.memory_bytes - cfg.guest_min_bytes) // PAGE)
+    if g.available_bytes is None:
+        limits.append(g.target_pages)
+    else:
+        limits.append(g.actual_pages + (g.available_bytes - cfg.margin_bytes) // PAGE)
+    return max(0, min(limits))
+
+
+def _share(amount, weights):
+    """Split amount (int) in proportion to weights {k: w >= 0}; never more than w each."""
+    total = sum(weights.values())
+    if total <= amount:
+        return dict(weights)
+    out = {k: amount * w // total for k, w in weights.items()}
+    left = amount - sum(out.values())
+    for k in sorted(weights, key=lambda k: (-weights[k], k)):  # remainder: biggest first
+        if left <= 0:
+            break
+        extra = min(left, weights[k] - out[k])
+        out[k] += extra
+        left -= extra
+    return out
+
+
+def pressure(host, cfg):
+    return bool(cfg.psi_threshold and host.psi_some_avg10 is not None
+                and host.psi_some_avg10 >= cfg.psi_threshold)
+
+
+def decide(host, guests, cfg):
+    """{name: GuestView} -> {name: target_pages} for every guest given."""
+    caps = {n: _cap(g, cfg) for n, g in guests.items()}
+    base = {n: min(g.target_pages, caps[n]) for n, g in guests.items()}
+    need = cfg.floor_bytes - host.available_bytes
+    if pressure(host, cfg):
+        need = max(need, cfg.psi_step_bytes)
+    if need > 0:
+        give = _share(-(-need // PAGE), {n: caps[n] - base[n] for n in guests})
+        return {n: base[n] + give[n] for n in guests}
+    surplus = host.available_bytes - cfg.floor_bytes - cfg.hysteresis_bytes
+    if surplus > 0:
+        take = _share(surplus // PAGE, base)
+        return {n: base[n] - take[n] for n in guests}
+    return base
+
+
+# ---- reading the host ------------------------------------------------------
+
+def parse_meminfo(text):
+    """/proc/meminfo -> {field: bytes}."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def parse_psi(text):
+    """/proc/pressure/memory -> the 'some avg10' percentage (None if absent)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "some":
+            for f in fields[1:]:
+                key, _, value = f.partition("=")
+                if key == "avg10":
+                    return float(value)
+    return None
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class HostReader:
+    """Host memory from /proc, or from a memory cgroup (v1 or v2) when given one."""
+
+    def __init__(self, cgroup=None, proc="/proc"):
+        self.cgroup = cgroup
+        self.proc = proc
+
+    def _cgroup_available(self):
+        cg = self.cgroup
+        for limit_f, usage_f in (("memory.limit_in_bytes", "memory.usage_in_bytes"),
+                                 ("memory.max", "memory.current")):
+            limit, usage = _read(os.path.join(cg, limit_f)), _read(os.path.join(cg, usage_f))
+            if limit is None or usage is None:
+                continue
+            limit = limit.strip()
+            if limit == "max" or int(limit) >= 1 << 60:
+                return None  # no limit: the host's MemAvailable decides
+            return max(0, int(limit) - int(usage))
+        raise OSError(f"{cg} has neither memory.limit_in_bytes nor memory.max")
+
+    def read(self):
+        meminfo = parse_meminfo(_read(os.path.join(self.proc, "meminfo")) or "")
+        available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+        psi_text = None
+        if self.cgroup:
+            cg = self._cgroup_available()
+            if cg is not None:
+                available = min(available, cg) if available else cg
+            psi_text = _read(os.path.join(self.cgroup, "memory.pressure"))  # cgroup v2
+        if psi_text is None:
+            psi_text = _read(os.path.join(self.proc, "pressure", "memory"))
+        return HostMemory(available, parse_psi(psi_text) if psi_text else None)
+
+
+# ---- the loop --------------------------------------------------------------
+
+def view_of(status, cfg):
+    """A guest's status dict (multi.Guest.status()) -> GuestView."""
+    stats = status.get("stats") or {}
+    age = status.get("stats_age")
+    fresh = age is not None and age <= cfg.stats_max_age
+    available = stats.get("available_memory") if fresh else None
+    return GuestView(target_pages=status["target_pages"], actual_pages=status["actual_pages"],
+                     memory_bytes=status.get("memory_bytes", 0), available_bytes=available)
+
+
+class PolicyLoop:
+    """Runs decide() every cfg.interval seconds on the daemon's event loop."""
+
+    def __init__(self, cfg, guests, loop, host_reader=None):
+        self.cfg = cfg
+        self.guests = guests      # name -> multi.Guest
+        self.loop = loop          # call_later / cancel
+        self.read_host = host_reader or HostReader(cfg.cgroup).read
+        self.last = None          # snapshot of the last tick, for status / metrics
+        self._handle = None
+        self._was_pressure = False
+
+    def start(self):
+        log.info("memory policy on: keep %d MiB available on the host, guests keep at least "
+                 "%d MiB, check every %gs", self.cfg.floor_bytes >> 20,
+                 self.cfg.guest_min_bytes >> 20, self.cfg.interval)
+        self._handle = self.loop.call_later(0, self._tick)
+
+    def stop(self):
+        self.loop.cancel(self._handle)
+        self._handle = None
+
+    def _tick(self):
+        try:
+            self.tick()
+        except Exception:
+            log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
+        self._handle = self.loop.call_later(self.cfg.interval, self._tick)
+
+    def tick(self):
+        host = self.read_host()
+        views = {}
+        for name, guest in self.guests.items():
+            st = guest.status()
+            if st["connected"] and st["features_acked"]:
+                views[name] = view_of(st, self.cfg)
+        targets = decide(host, views, self.cfg)
+        under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
+        if under != self._was_pressure:
+            log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
+                     "pressure: inflating balloons" if under else "pressure passed",
+                     host.available_bytes >> 20, self.cfg.floor_bytes >> 20,
+                     "n/a" if host.psi_some_avg10 is None else f"{host.psi_some_avg10:.1f}%")
+            self._was_pressure = under
+        for name, pages in targets.items():
+            old = views[name].target_pages
+            if pages != old:
+                log.info("policy: guest %s balloon target %d MiB -> %d MiB (host has %d MiB "
+                         "available, floor %d MiB)", name, old >> 8, pages >> 8,
+                         host.available_bytes >> 20, self.cfg.floor_bytes >> 20)
+                self.guests[name].set_target(pages)
+            self.guests[name].request_stats()
+        self.last = {"time": time.time(), "host_available": host.available_bytes,
+                     "psi_some_avg10": host.psi_some_avg10, "pressure": under,
+                     "targets": dict(targets)}
+        return targets

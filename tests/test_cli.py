@@ -1,0 +1,248 @@
+"""The command line and its integration files: capabilities, qemu-args (memfd,
+hugetlbfs, libvirt XML), the QEMU backend JSON, sd_notify, the status table, and
+the daemon under a fake systemd (NOTIFY_SOCKET) as a real subprocess."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from balloon_device import cli, notify, status_view
+from balloon_device.config import DaemonConfig
+from balloon_device.multi import Daemon
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+# ---- capabilities, qemu-args, backend JSON -----------------------------------
+
+def test_print_capabilities(capsys):
+    rc, out, _ = run_cli(capsys, "--print-capabilities")
+    caps = json.loads(out)
+    assert rc == 0 and caps["type"] == "balloon" and "free-page-reporting" in caps["features"]
+
+
+def test_qemu_args_memfd(capsys):
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/run/v/a.sock", "--memory", "2G")
+    assert rc == 0
+    assert "-object memory-backend-memfd,id=mem,size=2G,share=on" in out
+    assert "-chardev socket,id=vub0,path=/run/v/a.sock" in out
+    assert "vhost-user-test-device-pci,chardev=vub0,virtio-id=5,num_vqs=4,config_size=16" in out
+
+
+def test_qemu_args_hugepages(capsys, tmp_path):
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--hugepages", str(tmp_path),
+                         "--chardev-id", "bal")
+    assert rc == 0
+    assert f"memory-backend-file,id=mem,size=1G,mem-path={tmp_path},share=on" in out
+    assert "chardev=bal," in out
+    rc, _, err = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--hugepages", "/nope/x")
+    assert rc == 2 and "no such folder" in err
+
+
+def test_qemu_args_libvirt_xml_is_well_formed(capsys):
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/run/v/a.sock", "--libvirt")
+    assert rc == 0
+    doc = ET.fromstring("<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+                        + out + "</domain>")
+    assert doc.find("memoryBacking/source").get("type") == "memfd"
+    assert doc.find("memoryBacking/access").get("mode") == "shared"
+    q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    args = [a.get("value") for a in doc.find(f"{q}commandline").findall(f"{q}arg")]
+    assert args[0] == "-chardev" and args[2] == "-device"
+    assert args[3].startswith("vhost-user-test-device-pci,chardev=vub0,virtio-id=5")
+
+
+def test_contrib_domain_example_is_valid_xml():
+    doc = ET.parse(ROOT / "contrib/libvirt/domain-example.xml").getroot()
+    assert doc.find("memoryBacking/access").get("mode") == "shared"
+    q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+    values = [a.get("value") for a in doc.iter(f"{q}arg")]
+    assert any(v.startswith("vhost-user-test-device-pci") for v in values)
+
+
+def test_backend_json(capsys):
+    packaged = json.loads((ROOT / "balloon_device/vhost-user-balloon.json").read_text())
+    assert set(packaged) == {"description", "type", "binary"} and packaged["type"] == "balloon"
+    rc, out, _ = run_cli(capsys, "backend-json", "--binary", "/opt/vub/bin/vhost-user-balloon")
+    desc = json.loads(out)
+    assert rc == 0 and desc["type"] == "balloon"
+    assert desc["binary"] == "/opt/vub/bin/vhost-user-balloon"
+
+
+def test_config_errors_exit_2_with_a_sentence(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "--guest", "nopath")
+    assert rc == 2 and "NAME=SOCKET_PATH" in err
+    rc, _, err = run_cli(capsys, "--socket-dir", str(tmp_path))
+    assert rc == 2 and "go together" in err
+    rc, _, err = run_cli(capsys, "--socket-path", str(tmp_path / "x.sock"), "--policy",
+                         "--policy-floor", "lots")
+    assert rc == 2 and "cannot read size" in err
+
+
+# ---- sd_notify -----------------------------------------------------------------
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "notify")
+    s.bind(path)
+    s.settimeout(10)
+    yield s, path
+    s.close()
+
+
+def test_notify_path(notify_socket):
+    s, path = notify_socket
+    assert notify.notify("READY=1\nSTATUS=hi", env={"NOTIFY_SOCKET": path})
+    assert s.recv(4096) == b"READY=1\nSTATUS=hi"
+
+
+def test_notify_abstract_namespace():
+    name = f"vub-test-{os.getpid()}"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind("\0" + name)
+    try:
+        assert notify.notify("STOPPING=1", env={"NOTIFY_SOCKET": "@" + name})
+        assert s.recv(100) == b"STOPPING=1"
+    finally:
+        s.close()
+
+
+def test_notify_without_systemd_is_a_no_op(tmp_path):
+    assert notify.notify("READY=1", env={}) is False
+    assert notify.notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone")}) is False
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "4000000"}) == 2.0
+    assert notify.watchdog_interval({"WATCHDOG_USEC": "4000000", "WATCHDOG_PID": "1"}) is None
+    assert notify.watchdog_interval({}) is None
+
+
+def test_daemon_tells_systemd_ready_and_stopping(notify_socket, tmp_path):
+    s, path = notify_socket
+    env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "balloon_device.cli", "--guest",
+                             f"a={tmp_path}/a.sock", "--guest", f"b={tmp_path}/b.sock"],
+                            env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = s.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=serving 2 guest(s): a on ")
+        assert (tmp_path / "a.sock").exists() and (tmp_path / "control.sock").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert s.recv(4096) == b"STOPPING=1"
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read()
+    assert "serving 2 guest(s)" in log and "stopped" in log
+    assert not (tmp_path / "a.sock").exists()
+
+
+# ---- status table ----------------------------------------------------------------
+
+def test_format_table():
+    text = status_view.format_table([
+        {"name": "web1", "connected": True, "features_acked": ["REPORTING"],
+         "target_bytes": 512 << 20, "actual_bytes": 256 << 20, "last_report_age": 3.2,
+         "counters": {"bytes_reported": 3 << 30, "bytes_discarded": 2 << 30,
+                      "bytes_inflate_discarded": 1 << 30}, "sessions": 2,
+         "stats": {"available_memory": 700 << 20}},
+        {"name": "db", "connected": False, "target_bytes": 0, "actual_bytes": 0,
+         "last_report_age": None, "counters": {}, "sessions": 0},
+    ])
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["GUEST", "STATE"]
+    assert lines[1].split()[:2] == ["web1", "serving"]
+    assert "512.0 MiB" in lines[1] and "3.0 GiB" in lines[1] and "3s ago" in lines[1]
+    assert "700.0 MiB" in lines[1]
+    assert lines[2].split()[:2] == ["db", "waiting"] and "never" in lines[2]
+
+
+@pytest.fixture
+def running(tmp_path):
+    cfg = DaemonConfig(guests=(("a", str(tmp_path / "a.sock")), ("b", str(tmp_path / "b.sock"))))
+    d = Daemon(cfg)
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            d.loop.run_once(timeout=0.02)
+    t = threading.Thread(target=run)
+    t.start()
+    yield d, cfg.control_path
+    stop.set()
+    t.join()
+    d.close()
+
+
+def test_status_subcommand(capsys, running):
+    d, ctl = running
+    d.guests["b"].device.target_pages = 256
+    rc, out, _ = run_cli(capsys, "status", "--control-socket", ctl)
+    assert rc == 0
+    lines = out.splitlines()
+    assert [ln.split()[0] for ln in lines] == ["GUEST", "a", "b"]
+    assert "1.0 MiB" in lines[2]
+    rc, out, _ = run_cli(capsys, "status", "--control-socket", ctl, "--json")
+    assert [g["name"] for g in json.loads(out)] == ["a", "b"]
+
+
+def test_ctl_with_guest(capsys, running):
+    d, ctl = running
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "--guest", "b", "target", "8MiB")
+    assert rc == 0 and json.loads(out)["target_pages"] == 2048
+    assert d.guests["b"].device.target_pages == 2048
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "target", "8MiB")
+    assert rc == 1 and "guest" in json.loads(out)["error"]
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "list")
+    assert rc == 0 and len(json.loads(out)["guests"]) == 2
+
+
+def test_status_of_a_daemon_that_is_not_there(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "status", "--control-socket", str(tmp_path / "none.sock"))
+    assert rc == 2 and "cannot talk to the daemon" in err
+
+
+# ---- systemd units -----------------------------------------------------------------
+
+def unit(name):
+    sections, cur = {}, None
+    for line in (ROOT / "contrib/systemd" / name).read_text().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            cur = sections.setdefault(line[1:-1], {})
+        elif "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            cur.setdefault(k, []).append(v)
+    return sections
+
+
+def test_systemd_template():
+    svc = unit("vhost-user-balloon@.service")["Service"]
+    assert svc["Type"] == ["notify"] and svc["Restart"] == ["on-failure"]
+    assert "/run/vhost-user-balloon/%i.sock" in svc["ExecStart"][0]
+    for key in ("NoNewPrivileges", "PrivateTmp", "MemoryDenyWriteExecute"):
+        assert svc[key] == ["yes"], key
+    assert svc["ProtectSystem"] == ["strict"]
+    assert svc["RestrictAddressFamilies"][0].split()[0] == "AF_UNIX"
+
+
+def test_systemd_socket_activation_pair():
+    sock = unit("vhost-user-balloon-activated@.socket")["Socket"]
+    assert sock["ListenStream"] == ["/run/vhost-user-balloon/%i.sock"]
+    svc = unit("vhost-user-balloon-activated@.service")["Service"]
+    assert "--fd 3" in svc["ExecStart"][0]

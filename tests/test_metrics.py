@@ -1,0 +1,128 @@
+"""Prometheus endpoint: scraped over HTTP on 127.0.0.1 (ephemeral port) from a
+daemon serving two guests; values come from the devices at scrape time."""
+
+import threading
+import urllib.request
+
+import pytest
+
+from balloon_device.metrics import LatencyHistogram
+from test_multi import GuestRig, make_daemon
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+MiB = 1 << 20
+
+
+def scrape(daemon):
+    url = f"http://127.0.0.1:{daemon.metrics.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = make_daemon(tmp_path, metrics_port=0)
+    yield d
+    d.close()
+
+
+def test_histogram_buckets():
+    h = LatencyHistogram(buckets=(0.001, 0.01))
+    for s in (0.0005, 0.001, 0.005, 2.0):
+        h.observe(s)
+    snap = h.snapshot()
+    assert snap["counts"] == [2, 1, 1]  # <= 1 ms (inclusive), <= 10 ms, +Inf
+    assert snap["sum"] == pytest.approx(2.0065)
+
+
+def test_scrape_per_guest(daemon):
+    a = GuestRig(daemon, "a")
+    try:
+        assert a.report(6 * MiB) == 6 * MiB
+        a.report(2 * MiB)
+        daemon.guests["a"].set_target(2560)
+        a.fe.pump()
+        s = scrape(daemon)
+        P = "vhost_user_balloon_"
+        assert value(s, P + "reported_bytes_total", guest="a") == 8 * MiB
+        assert value(s, P + "discarded_bytes_total", guest="a", source="reporting") == 8 * MiB
+        assert value(s, P + "reported_bytes_total", guest="b") == 0
+        assert value(s, P + "report_chains_total", guest="a") == 2
+        assert value(s, P + "discard_seconds_count", guest="a") == 2
+        assert value(s, P + "discard_seconds_bucket", guest="a", le="+Inf") == 2
+        assert value(s, P + "discard_seconds_count", guest="b") == 0
+        assert value(s, P + "target_bytes", guest="a") == 10 * MiB
+        assert value(s, P + "connected", guest="a") == 1
+        assert value(s, P + "connected", guest="b") == 0
+        assert value(s, P + "sessions_total", guest="a") == 1
+        assert value(s, P + "guest_memory_bytes", guest="a") == 64 * MiB
+        assert value(s, P + "skipped_bytes_total", guest="a", reason="poison") == 0
+        assert value(s, P + "errors_total", guest="a", kind="disconnect") == 0
+        a.fe.send_raw(b"\xff" * 12)  # protocol error: counted as a disconnect error
+        a.fe.pump()
+        s = scrape(daemon)
+        assert value(s, P + "errors_total", guest="a", kind="disconnect") == 1
+        assert value(s, P + "connected", guest="a") == 0
+    finally:
+        a.close()
+
+
+def test_guest_stats_are_exported(daemon):
+    guest = daemon.guests["b"]
+    guest.device.latest_stats = {"available_memory": 123 << 20, "free_memory": 100 << 20}
+    s = scrape(daemon)
+    assert value(s, "vhost_user_balloon_guest_stat", guest="b", stat="available_memory") == 123 << 20
+    assert ("vhost_user_balloon_guest_stat", (("guest", "a"), ("stat", "free_memory"))) not in s
+
+
+def test_scraping_while_the_loop_works(daemon):
+    """The HTTP thread reads snapshots while the loop thread keeps reporting."""
+    a = GuestRig(daemon, "a")
+    errors, seen = [], []
+    stop = threading.Event()
+
+    def scraper():
+        while not stop.is_set():
+            try:
+                seen.append(value(scrape(daemon), "vhost_user_balloon_reported_bytes_total",
+                                  guest="a"))
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+                return
+    t = threading.Thread(target=scraper)
+    t.start()
+    try:
+        for _ in range(40):
+            a.report(2 * MiB)
+    finally:
+        stop.set()
+        t.join()
+        a.close()
+    assert not errors
+    assert seen == sorted(seen)  # counters never go backwards
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+    from balloon_device.metrics import MetricsError
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        with pytest.raises(MetricsError, match="cannot serve metrics on 127.0.0.1"):
+            make_daemon(tmp_path, metrics_port=busy.getsockname()[1])
+        # nothing was left behind: the guests' sockets were closed again
+        assert not (tmp_path / "a.sock").exists()
+    finally:
+        busy.close()
