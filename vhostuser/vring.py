@@ -151,6 +151,7 @@ class VirtQueue:
         self.use_c = bool(use_c)
         self.max_segments = max_segments
         self.kick_fd = None
+        self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
         self.call_fd = None
         self.err_fd = None
         if self.use_c:
@@ -282,6 +283,13 @@ class VirtQueue:
         return Chain(head, [], f"queue {self.index} head {head}: {_py.message(rc)}")
 
     def pop(self, memory):
+        """Next available chain, or None; marks it in the inflight area if any."""
+        chain = self._pop(memory)
+        if chain is not None and self.inflight is not None:
+            self.inflight.mark(chain.head)
+        return chain
+
+    def _pop(self, memory):
         """Next available chain, or None (empty, disabled, not ready, broken)."""
         if self.broken is not None or not self.enabled or not self._mapped:
             return None
@@ -359,16 +367,17 @@ class VirtQueue:
             rc = self._lib.vu_push(self._used_hva, self.size, u, head, length)
             if rc == 0:
                 self.used_idx = u[0]
-                self._in_flight -= 1
-                return True
         else:
             if not 0 <= length <= 0xFFFFFFFF:
                 raise OverflowError(f"used length {length} does not fit in 32 bits")
-            rc, self.used_idx = _py.vu_push(self._used_hva, self.size, self.used_idx,
-                                            head, length)
+            rc, used = _py.vu_push(self._used_hva, self.size, self.used_idx, head, length)
             if rc == 0:
-                self._in_flight -= 1
-                return True
+                self.used_idx = used
+        if rc == 0:
+            self._in_flight -= 1
+            if self.inflight is not None:
+                self.inflight.clear(head, self.used_idx)
+            return True
         raise VringError(f"queue {self.index}: cannot complete head {head}: "
                          f"{_py.message(rc)}")
 
