@@ -20,8 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, Guest, GuestError, HarnessError, find_guest,  # noqa: E402
-                           find_qemu, format_samples)
+from tests.harness import MIB, Guest, GuestError, format_samples  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -31,13 +30,6 @@ ALLOC_MIB = 800
 RECLAIM_SLACK = 250 * MIB
 RECLAIM_TIMEOUT = 40.0
 
-
-@pytest.fixture(scope="module")
-def provisioned():
-    try:
-        return find_qemu(), find_guest()
-    except HarnessError as e:
-        pytest.fail(f"cannot provision QEMU / guest: {e}", pytrace=False)
 
 
 @pytest.fixture

@@ -17,20 +17,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest, HarnessError, MemCgroup, find_guest, find_qemu  # noqa: E402
+from tests.harness import MIB, Guest, MemCgroup  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 LIMIT = 2048 * MIB
 GUESTS = ("a", "b", "c")
 
-
-@pytest.fixture(scope="module")
-def provisioned():
-    try:
-        return find_qemu(), find_guest()
-    except HarnessError as e:
-        pytest.fail(f"cannot provision QEMU / guest: {e}", pytrace=False)
 
 
 class MultiDaemon(Daemon):

@@ -23,19 +23,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest, HarnessError, find_guest, find_qemu  # noqa: E402
+from tests.harness import MIB, Guest  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 CYCLES = int(os.environ.get("VUB_CRASH_CYCLES", "3"))
 
-
-@pytest.fixture(scope="module")
-def provisioned():
-    try:
-        return find_qemu(), find_guest()
-    except HarnessError as e:
-        pytest.fail(f"cannot provision QEMU / guest: {e}", pytrace=False)
 
 
 def wait_reports(d, timeout=30):

@@ -17,8 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, Guest, GuestError, HarnessError, MemCgroup,  # noqa: E402
-                           find_guest, find_qemu, format_samples, pid_alive)
+from tests.harness import MIB, Guest, GuestError, MemCgroup, format_samples, pid_alive  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -28,20 +27,6 @@ RECLAIM_SLACK = 250 * MIB      # "back to baseline" tolerance
 RECLAIM_TIMEOUT = 40.0         # seconds after the allocation is freed
 NOREPORT_WATCH = 15.0
 
-
-@pytest.fixture(scope="module")
-def provisioned():
-    """(qemu, kernel, initrd); fails the tests loudly when unavailable."""
-    try:
-        t0 = time.monotonic()
-        qemu = find_qemu()
-        t1 = time.monotonic()
-        kernel, initrd = find_guest()
-        t2 = time.monotonic()
-    except HarnessError as e:
-        pytest.fail(f"cannot provision QEMU / guest: {e}", pytrace=False)
-    print(f"\nprovision: qemu {qemu} ({t1 - t0:.1f} s), guest {kernel} {initrd} ({t2 - t1:.1f} s)")
-    return qemu, kernel, initrd
 
 
 def _sizes(s):
