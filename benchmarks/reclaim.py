@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Reclaim speed: how fast does memory a guest frees come back to the host?
+
+    python benchmarks/reclaim.py [--rounds 2] [--watch 20] [--alloc-mib 800]
+
+A 1 GiB guest (QEMU 11.1, TCG) sleeps, allocates and touches --alloc-mib MiB
+(alloc_touch), frees it, and idles.  Host memory of that guest is sampled
+every 100 ms: the allocated size of the guest-RAM memfd, and the usage of a
+memory cgroup holding QEMU (and, for "ours", the daemon too).  Three
+configurations, alternated round by round (the starting one rotates):
+
+  ours       our daemon (vhost-user-test-device-pci), free page reporting on
+  builtin    QEMU's virtio-balloon-pci,free-page-reporting=on (the reference)
+  noreport   QEMU's virtio-balloon-pci,free-page-reporting=off (control)
+
+Figures per run: baseline (before the allocation), peak, level after the free
+(end of the watch window), seconds from the free (the guest's `alloc-freed`
+marker, seen by the host) to the first drop and to 50% / 90% of the freed
+memory back, memory never returned (level after - baseline).  Ratio
+ours/builtin of the median time to 90%.  Writes benchmarks/results/reclaim/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (MIB, Results, Sampler, accel_default, env_lines, environment, f,  # noqa: E402
+                    md_table, median, mib, provisioned, pyplot, ratio)
+
+from tests.harness import Guest, MemCgroup  # noqa: E402
+from tests.harness.daemon import Daemon  # noqa: E402
+
+CONFIGS = ("ours", "builtin", "noreport")
+LABELS = {"ours": "ours (vhost-user daemon)", "builtin": "QEMU built-in, reporting on",
+          "noreport": "QEMU built-in, reporting off"}
+COLORS = {"ours": "tab:blue", "builtin": "tab:orange", "noreport": "tab:gray"}
+DROP = 16 * MIB  # "first drop": level below peak by this much
+
+
+def run_one(cfg, rnd, ns, accel):
+    """One guest, one configuration; returns the run's record with samples."""
+    tag = f"vub-bench-reclaim-{cfg}-{rnd}-{int(time.time())}"
+    parent = MemCgroup(tag).create()
+    d = None
+    g = None
+    try:
+        kw = {}
+        if cfg == "ours":
+            d = Daemon(tempfile.mkdtemp(prefix="vub-bench-"), cgroup=parent.child("daemon").create(),
+                       log_level="info")
+            d.start()
+            kw = dict(balloon="vhost-user", vhost_socket=d.socket_path, num_vqs=4, vq_size=64)
+        else:
+            kw = dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport")
+        g = Guest(name=f"reclaim-{cfg}", mem_mib=ns.guest_mib, accel=accel, cgroup_parent=parent,
+                  steps=[("settle", "sleep 4"), ("alloc", f"alloc_touch {ns.alloc_mib}")], **kw)
+        g.start()
+        g.wait_marker("booted", timeout=120)
+        info = g.wait_marker("balloon", timeout=30)
+        g.wait_marker("step-start", timeout=60, name="settle")
+
+        def sample():
+            return {"memfd": g.memfd_allocated(), "usage": parent.usage()}
+
+        sp = Sampler(sample, interval=0.1).start()
+        try:
+            start = g.wait_marker("step-start", timeout=60, name="alloc")
+            t_alloc = sp.mark("alloc-start")
+            freed = g.wait_marker("alloc-freed", timeout=300, since=start.index)
+            t_free = sp.mark("freed")
+            g.wait_step("alloc", timeout=60)
+            time.sleep(ns.watch)
+            if not g.alive():
+                raise RuntimeError(f"QEMU died during the run:\n{g.diagnostics()}")
+        finally:
+            samples = sp.stop()
+        done = g.find_marker("alloc-done")
+        counters = d.status()["counters"] if d else None
+        daemon_alive = d.alive() if d else None
+    finally:
+        if g is not None:
+            g.close()
+        if d is not None:
+            d.stop()
+        parent.remove()
+
+    rec = {"config": cfg, "round": rnd, "t_alloc": t_alloc, "t_free": t_free,
+           "reporting": info.get("reporting"), "alloc_elapsed_ms": done.num("elapsed_ms") if done
+           else None, "daemon_counters": counters, "daemon_alive_at_end": daemon_alive,
+           "freed_marker": freed.line,
+           "samples": [{"t": round(s["t"] - t_free, 2), "memfd": s.get("memfd"),
+                        "usage": s.get("usage")} for s in samples]}
+    for key in ("memfd", "usage"):
+        rec[key] = figures(rec["samples"], key, ns.watch, t_alloc - t_free)
+    return rec
+
+
+def figures(samples, key, watch, t_alloc_rel):
+    """Baseline / peak / after / time to first drop, 50%, 90% (t relative to the free)."""
+    pre = [s[key] for s in samples if s["t"] < t_alloc_rel and s[key] is not None]
+    baseline = median(pre[-10:]) if pre else None
+    vals = [(s["t"], s[key]) for s in samples if s[key] is not None]
+    peak = max(v for _, v in vals)
+    after = [v for t, v in vals if t >= watch - 1.0]
+    level_after = median(after) if after else vals[-1][1]
+    out = {"baseline": baseline, "peak": peak, "after": level_after,
+           "never_returned": None if baseline is None else level_after - baseline,
+           "freed": None if baseline is None else peak - baseline}
+    post = [(t, v) for t, v in vals if t >= 0]
+    # peak at the free (the allocation is complete then; QEMU adds nothing later)
+    peak_free = max([v for t, v in vals if -1.0 <= t <= 0.5] or [peak])
+    out["peak_at_free"] = peak_free
+    for name, frac in (("t_first_drop", None), ("t50", 0.5), ("t90", 0.9)):
+        if baseline is None:
+            out[name] = None
+            continue
+        thresh = peak_free - DROP if frac is None else peak_free - frac * (peak_free - baseline)
+        out[name] = next((t for t, v in post if v <= thresh), None)
+    return out
+
+
+def plot(res, runs, ns):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, sharex=True)
+    seen = set()
+    for r in runs:
+        for ax, key, title in ((axes[0], "memfd", "guest-RAM memfd allocated"),
+                               (axes[1], "usage", "cgroup usage (QEMU [+ daemon])")):
+            xs = [s["t"] for s in r["samples"] if s[key] is not None]
+            ys = [s[key] / MIB for s in r["samples"] if s[key] is not None]
+            lab = LABELS[r["config"]] if (r["config"] not in seen and key == "memfd") else None
+            ax.plot(xs, ys, color=COLORS[r["config"]], lw=1.2 if r["round"] == 0 else 0.8,
+                    alpha=1.0 if r["round"] == 0 else 0.55, label=lab)
+            ax.set_title(title)
+        seen.add(r["config"])
+    for ax in axes:
+        ax.axvline(0, color="k", ls=":", lw=0.8)
+        ax.set_xlabel("seconds since the guest freed its memory")
+        ax.set_xlim(-12, ns.watch)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MiB")
+    axes[0].legend(loc="upper right", fontsize=7)
+    fig.suptitle(f"Reclaim: 1 GiB guest frees {ns.alloc_mib} MiB (100 ms samples, "
+                 f"{ns.rounds} rounds)", fontsize=9)
+    fig.tight_layout()
+    res.png(fig, "reclaim.png")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--watch", type=float, default=20.0, help="seconds watched after the free")
+    ap.add_argument("--guest-mib", type=int, default=1024)
+    ap.add_argument("--alloc-mib", type=int, default=800)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
+    ns = ap.parse_args()
+    configs = [c for c in ns.configs.split(",") if c]
+    qemu = provisioned()
+    accel = accel_default()
+    res = Results("reclaim", ns.out)
+    res.data["environment"] = environment(qemu, accel)
+    res.data["params"] = vars(ns)
+    runs = []
+    t0 = time.monotonic()
+    for rnd in range(ns.rounds):
+        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
+        for cfg in order:
+            r = run_one(cfg, rnd, ns, accel)
+            m = r["memfd"]
+            print(f"[{time.monotonic() - t0:6.0f}s] round {rnd} {cfg:9s} baseline {mib(m['baseline'])} "
+                  f"peak {mib(m['peak'])} after {mib(m['after'])} MiB; first drop "
+                  f"{f(m['t_first_drop'], '{:.1f}')} s, 50% {f(m['t50'], '{:.1f}')} s, "
+                  f"90% {f(m['t90'], '{:.1f}')} s; never returned {mib(m['never_returned'])} MiB"
+                  + (f"; daemon {r['daemon_counters']['bytes_discarded'] // MIB} MiB discarded in "
+                     f"{r['daemon_counters']['report_chains']} chains" if r["daemon_counters"] else ""),
+                  flush=True)
+            runs.append(r)
+    res.data["runs"] = runs
+
+    summary = {}
+    for cfg in configs:
+        rs = [r for r in runs if r["config"] == cfg]
+        s = {}
+        for key in ("memfd", "usage"):
+            s[key] = {k: median([r[key][k] for r in rs]) for k in
+                      ("baseline", "peak", "after", "never_returned", "t_first_drop", "t50", "t90")}
+            s[key]["t90_runs"] = [r[key]["t90"] for r in rs]
+            s[key]["reached90"] = sum(r[key]["t90"] is not None for r in rs)
+        summary[cfg] = s
+    res.data["summary"] = summary
+    r90 = ratio(summary.get("ours", {}).get("memfd", {}).get("t90"),
+                summary.get("builtin", {}).get("memfd", {}).get("t90"))
+    r90u = ratio(summary.get("ours", {}).get("usage", {}).get("t90"),
+                 summary.get("builtin", {}).get("usage", {}).get("t90"))
+    res.data["ratio_t90_ours_over_builtin"] = {"memfd": r90, "usage": r90u}
+    plot(res, runs, ns)
+
+    rows = []
+    for cfg in configs:
+        for key, what in (("memfd", "memfd"), ("usage", "cgroup")):
+            s = summary[cfg][key]
+            runs90 = ", ".join(f(x, "{:.1f}", "never") for x in s["t90_runs"])
+            rows.append([LABELS[cfg], what, mib(s["baseline"]), mib(s["peak"]), mib(s["after"]),
+                         f(s["t_first_drop"], "{:.1f}", "never"), f(s["t50"], "{:.1f}", "never"),
+                         f(s["t90"], "{:.1f}", "never") + f" ({runs90})",
+                         mib(s["never_returned"])])
+    md = [f"### Reclaim speed: 1 GiB guest frees {ns.alloc_mib} MiB ({ns.rounds} rounds, "
+          "medians; time to 90% per run in brackets)", ""]
+    md += env_lines(res.data["environment"])
+    md += ["", md_table(["configuration", "measure", "baseline MiB", "peak MiB",
+                         f"after {ns.watch:.0f} s MiB", "first drop s", "50% back s",
+                         "90% back s", "never returned MiB"], rows), ""]
+    md.append(f"Ratio ours / built-in, time to 90%: **{f(r90, '{:.2f}')}** (memfd), "
+              f"{f(r90u, '{:.2f}')} (cgroup usage); target <= 1.05.")
+    md.append("")
+    md.append("Times are seconds after the guest's `alloc-freed` marker reached the host "
+              "(100 ms sampling). memfd = allocated size of the guest-RAM memfd; cgroup = "
+              "memory.usage_in_bytes of a cgroup holding QEMU and, for ours, the daemon.")
+    md.append("")
+    md.append("![reclaim](reclaim.png)")
+    res.write("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
