@@ -12,6 +12,7 @@ tests FAIL (never skip). Run: python -m pytest tests/e2e/test_daemon.py -v -s
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -210,3 +211,21 @@ def test_qemu_fails_clearly_without_daemon(provisioned, tmp_path):
     text = str(e.value)
     print(text[-2000:])
     assert str(missing) in text and ("Failed to connect" in text or "No such file" in text)
+
+
+def test_qemu_args_helper_attaches_a_guest(provisioned, daemon):
+    """The arguments `vhost-user-balloon qemu-args` prints really attach a guest."""
+    out = subprocess.run([sys.executable, "-m", "balloon_device.cli", "qemu-args",
+                          "--socket-path", daemon.socket_path, "--memory", f"{GUEST_MIB}M"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    pairs = list(zip(out[::2], out[1::2]))
+    # guest RAM: the harness lays it out itself, with the same ids and options
+    ram = [p for p in pairs if p[0] in ("-object", "-machine")]
+    assert ram == [("-object", f"memory-backend-memfd,id=mem,size={GUEST_MIB}M,share=on"),
+                   ("-machine", "memory-backend=mem")], out
+    extra = [x for p in pairs if p[0] not in ("-object", "-machine") for x in p]
+    with Guest(name="vub-qemu-args", mem_mib=GUEST_MIB, balloon=None, extra_args=extra,
+               accel="tcg", cpu="max") as g:
+        info = g.wait_marker("balloon", timeout=60)
+        assert info["driver"] == "virtio_balloon" and info["reporting"] == "1", info.line
+        assert daemon.status()["connected"]
