@@ -13,6 +13,14 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   min(guest RAM - guest_min, actual + available_memory - margin), never below 0.
   A guest without (fresh) stats is never inflated further: its cap is its target.
   A target above the cap is lowered to it (the guest needs that memory).
+* A busy guest (one that is allocating) has cap 0: its whole balloon is given back
+  and it is not inflated. Busy = its available_memory fell since the previous tick
+  by more than the margin plus what its balloon (actual) grew over the last two
+  ticks (inflating takes available memory too, and the stats lag the balloon by
+  up to a tick); it stays busy for busy_hold seconds after the last such fall.
+  Without this rule the guest with the most available memory - typically one that
+  just booted and is about to load - takes the largest share of an inflation, and
+  its own allocation then meets the balloon and is OOM-killed inside the guest.
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
   guest's headroom (cap - target).
@@ -25,7 +33,7 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import ConfigError
 
@@ -47,6 +55,7 @@ class PolicyConfig:
     interval: float = 5.0
     stats_max_age: float = 30.0   # older guest stats count as no stats
     cgroup: str = None
+    busy_hold: float = 30.0       # a guest stays busy this long after its memory use grew
 
     def __post_init__(self):
         for name in ("floor_bytes", "guest_min_bytes", "margin_bytes", "hysteresis_bytes",
@@ -55,6 +64,8 @@ class PolicyConfig:
                 raise ConfigError(f"--policy-{name[:-6].replace('_', '-')} must be >= 0")
         if self.interval <= 0:
             raise ConfigError("--policy-interval must be > 0 seconds")
+        if self.busy_hold < 0:
+            raise ConfigError("busy_hold must be >= 0 seconds")
         if not 0 <= self.psi_threshold <= 100:
             raise ConfigError("--policy-psi is a percentage of time stalled: 0 to 100 "
                               "(0 = ignore pressure stall information)")
@@ -75,9 +86,12 @@ class GuestView:
     actual_pages: int = 0
     memory_bytes: int = 0          # guest RAM (0: unknown)
     available_bytes: int = None    # guest's available_memory stat (None: no fresh stats)
+    busy: bool = False             # allocating: give its balloon back, do not inflate it
 
 
 def _cap(g, cfg):
+    if g.busy:
+        return 0
     limits = []
     if g.memory_bytes:
         limits.append((g.memory_bytes - cfg.guest_min_bytes) // PAGE)
@@ -216,6 +230,8 @@ class PolicyLoop:
         self.last = None          # snapshot of the last tick, for status / metrics
         self._handle = None
         self._was_pressure = False
+        self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
+        self._busy_until = {}     # name -> monotonic time its busy state ends
 
     def start(self):
         log.info("memory policy on: keep %d MiB available on the host, guests keep at least "
@@ -234,13 +250,41 @@ class PolicyLoop:
             log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
         self._handle = self.loop.call_later(self.cfg.interval, self._tick)
 
+    def _mark_busy(self, name, view, now):
+        """Busy when the guest's available memory fell by more than the margin plus its
+        balloon's recent growth since the previous tick: it is allocating."""
+        if view.available_bytes is None:
+            self._hist.pop(name, None)
+            return view
+        hist = self._hist.setdefault(name, [])
+        hist.append((view.available_bytes, view.actual_pages))
+        del hist[:-3]
+        if len(hist) >= 2:
+            grown = max(0, hist[-1][1] - hist[0][1]) * PAGE   # balloon growth, two ticks
+            taken = hist[-2][0] - hist[-1][0] - grown          # what the guest itself took
+        else:
+            taken = 0
+        if taken > self.cfg.margin_bytes:
+            if now >= self._busy_until.get(name, 0):
+                log.info("policy: guest %s is allocating (%d MiB taken since the last check): "
+                         "its balloon is given back and it is left alone for %gs", name,
+                         taken >> 20, self.cfg.busy_hold)
+            self._busy_until[name] = now + self.cfg.busy_hold
+        if now < self._busy_until.get(name, 0):
+            return replace(view, busy=True)
+        return view
+
     def tick(self):
         host = self.read_host()
         views = {}
+        now = time.monotonic()
         for name, guest in self.guests.items():
             st = guest.status()
             if st["connected"] and st["features_acked"]:
-                views[name] = view_of(st, self.cfg)
+                views[name] = self._mark_busy(name, view_of(st, self.cfg), now)
+            else:
+                self._hist.pop(name, None)
+                self._busy_until.pop(name, None)
         targets = decide(host, views, self.cfg)
         under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
         if under != self._was_pressure:
@@ -259,5 +303,6 @@ class PolicyLoop:
             self.guests[name].request_stats()
         self.last = {"time": time.time(), "host_available": host.available_bytes,
                      "psi_some_avg10": host.psi_some_avg10, "pressure": under,
-                     "targets": dict(targets)}
+                     "targets": dict(targets),
+                     "busy": sorted(n for n, v in views.items() if v.busy)}
         return targets

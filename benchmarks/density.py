@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Guest density: the seed's experiment, scaled to this machine.
 
-    python benchmarks/density.py [--limit-gib 3] [--cap 14] [--configs noreport,builtin,ours,shared]
+    python benchmarks/density.py [--limit-gib 3] [--cap 14]
+                                 [--configs noreport,builtin,ours,shared,policy]
 
 Seed: a 15 GB host, 5 GB guests; each guest runs a program that allocates
 4 GB, touches it and exits, then the next guest is launched; guests
@@ -19,6 +20,10 @@ first OOM kill (a QEMU or daemon process dying; dmesg is recorded), for:
              (its memory counts against the 3 GiB)
   shared     one daemon for all guests (--socket-dir/--guests), in its own
              child cgroup of the parent (its memory counts too)
+  policy     the shared daemon, reporting on, with the host memory policy
+             (--policy) pointed at the parent cgroup: it inflates the guests'
+             balloons to keep --policy-floor of the parent's limit available
+             (tuned by the --policy-* options below, passed through)
 
 --cap stops a configuration that has not failed after that many guests.
 Also records the daemons' resident memory (RSS without the guest-RAM
@@ -42,28 +47,33 @@ from common import (GIB, MIB, ROOT, Results, Sampler, accel_default, dmesg_len, 
 
 from tests.harness import Guest, MemCgroup, start_process, stop_process  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.control import request as control_request  # noqa: E402
 
-CONFIGS = ("noreport", "builtin", "ours", "shared")
+CONFIGS = ("noreport", "builtin", "ours", "shared", "policy")
 LABELS = {"noreport": "no reporting", "builtin": "QEMU built-in reporting",
           "ours": "our daemon, one per guest (in the guest's cgroup)",
-          "shared": "our daemon, one shared by all guests"}
+          "shared": "our daemon, one shared by all guests",
+          "policy": "ours + policy (shared daemon, reporting and host memory policy)"}
 COLORS = {"noreport": "tab:gray", "builtin": "tab:orange", "ours": "tab:blue",
-          "shared": "tab:green"}
+          "shared": "tab:green", "policy": "tab:purple"}
 OOM_RE = re.compile(r"oom|Killed process|Out of memory", re.I)
+GUEST_OOM_RE = re.compile(r"Out of memory|Killed process|oom-kill|invoked oom-killer")
 
 
 class SharedDaemon:
     """One daemon serving guests g0..gN-1 on DIR/gK.sock."""
 
-    def __init__(self, names, cgroup):
+    def __init__(self, names, cgroup, args=()):
         self.dir = Path(tempfile.mkdtemp(prefix="vub-bench-shared-"))
         self.names = names
         self.log = self.dir / "daemon.log"
+        self.control = self.dir / "control.sock"
+        self.args = list(args)
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = start_process(
             [sys.executable, "-m", "balloon_device.cli", "--socket-dir", str(self.dir),
-             "--guests", ",".join(names), "--log-level", "info"],
+             "--guests", ",".join(names), "--log-level", "info", *self.args],
             cgroup=cgroup, log_path=self.log, env=env, cwd=ROOT)
         deadline = time.monotonic() + 20
         while not all((self.dir / f"{n}.sock").exists() for n in names):
@@ -84,6 +94,43 @@ class SharedDaemon:
     def stop(self):
         stop_process(self.proc)
 
+    def guest_status(self, name):
+        """(target, actual, guest stats) of one guest, from the control socket."""
+        try:
+            st = control_request(str(self.control), {"cmd": "status", "guest": name},
+                                 timeout=5)["status"]
+        except Exception as e:  # noqa: BLE001 - evidence is best effort
+            return {"error": repr(e)}
+        stats = st.get("stats") or {}
+        return {"target": st.get("target_bytes"), "actual": st.get("actual_bytes"),
+                "stats_age": st.get("stats_age"),
+                **{k: stats.get(k) for k in ("total_memory", "free_memory", "available_memory",
+                                             "disk_caches", "oom_kills")
+                   if stats.get(k) is not None}}
+
+
+def policy_args(ns, parent):
+    return ["--stats-interval", "1", "--policy", "--policy-cgroup", str(parent.path),
+            "--policy-floor", ns.policy_floor, "--policy-guest-min", ns.policy_guest_min,
+            "--policy-margin", ns.policy_margin, "--policy-hysteresis", ns.policy_hysteresis,
+            "--policy-interval", str(ns.policy_interval), "--policy-psi", str(ns.policy_psi)]
+
+
+def cgroup_breakdown(cg):
+    """A guest's child cgroup split (memory cgroup v1 memory.stat): rss = QEMU's own
+    anonymous memory, shmem = guest RAM backed on the host, cache = other files."""
+    try:
+        st = cg.stat()
+    except Exception:  # noqa: BLE001
+        return {}
+    return {k: st.get("total_" + k) for k in ("rss", "shmem", "cache", "mapped_file")}
+
+
+def guest_oom_lines(g):
+    try:
+        return [ln for ln in g.serial_text().splitlines() if GUEST_OOM_RE.search(ln)]
+    except Exception:  # noqa: BLE001
+        return []
 
 def run_config(cfg, ns, accel, t_global):
     tag = f"vub-bench-density-{cfg}-{int(time.time())}"
@@ -107,9 +154,10 @@ def run_config(cfg, ns, accel, t_global):
         return out
 
     try:
-        if cfg == "shared":
+        if cfg in ("shared", "policy"):
             shared = SharedDaemon([f"g{i}" for i in range(ns.cap)],
-                                  parent.child("daemon").create())
+                                  parent.child("daemon").create(),
+                                  args=policy_args(ns, parent) if cfg == "policy" else ())
             pids_seen.append(shared.pid)
         for i in range(ns.cap):
             child = parent.child(f"g{i}").create()
@@ -119,7 +167,7 @@ def run_config(cfg, ns, accel, t_global):
                 d = Daemon(tempfile.mkdtemp(prefix="vub-bench-"), cgroup=child, log_level="info")
                 d.start()
                 kw = dict(balloon="vhost-user", vhost_socket=d.socket_path)
-            elif cfg == "shared":
+            elif cfg in ("shared", "policy"):
                 kw = dict(balloon="vhost-user", vhost_socket=shared.socket(f"g{i}"))
             else:
                 kw = dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport")
@@ -148,6 +196,12 @@ def run_config(cfg, ns, accel, t_global):
                 time.sleep(0.2)
             if failure:
                 break
+            if not g.find_marker("alloc-done"):
+                # the allocator exited without finishing: killed for lack of memory inside
+                # the guest (a balloon in the way); that is this guest failing too
+                failure = [f"allocator in guest {i} killed inside the guest (guest OOM: "
+                           f"{(guest_oom_lines(g) or ['no kernel line'])[0].strip()[:160]})"]
+                break
             t_done = sp.mark("alloc-exited", guest=i)
             # settle: parent usage flat within 8 MiB over 4 s (at most 30 s)
             while not failure:
@@ -161,6 +215,10 @@ def run_config(cfg, ns, accel, t_global):
                 time.sleep(0.25)
             if failure:
                 break
+            hurt = [k for k, gk in enumerate(guests) if guest_oom_lines(gk)]
+            if hurt:
+                failure = [f"guest {k}'s kernel OOM-killed a process inside it" for k in hurt]
+                break
             sp.mark("settled", guest=i)
             rec = {"guest": i, "parent_usage": parent.usage(), "child_usage": child.usage(),
                    "settle_s": round(sp.now() - t_done, 1),
@@ -171,8 +229,22 @@ def run_config(cfg, ns, accel, t_global):
             if shared is not None:
                 rec["daemon"] = proc_memory(shared.pid)
                 rec["daemon_cgroup_usage"] = parent.child("daemon").usage()
+            # every guest so far: its cgroup split and, for our daemon, balloon and stats
+            rec["guests"] = []
+            for k, gk in enumerate(guests):
+                cg = parent.child(f"g{k}")
+                row = {"guest": k, "usage": cg.usage(), **cgroup_breakdown(cg)}
+                if shared is not None:
+                    row.update(shared.guest_status(f"g{k}"))
+                rec["guests"].append(row)
             per_guest.append(rec)
             dm = rec.get("daemon")
+            if cfg == "policy":
+                print("    " + "; ".join(
+                    f"g{r['guest']} {mib(r['usage'])}"
+                    f" (qemu {mib(r.get('rss'))}, ram {mib(r.get('shmem'))},"
+                    f" balloon {mib(r.get('actual'))}, avail {mib(r.get('available_memory'))})"
+                    for r in rec["guests"]), flush=True)
             print(f"[{time.monotonic() - t_global:6.0f}s] {cfg}: guest {i} settled after "
                   f"{rec['settle_s']} s; its cgroup {mib(rec['child_usage'])} MiB, parent "
                   f"{mib(rec['parent_usage'])} MiB"
@@ -187,6 +259,15 @@ def run_config(cfg, ns, accel, t_global):
             sp.mark("oom", what=failure)
             time.sleep(1.0)
     finally:
+        # did any guest's kernel kill something inside (the balloon squeezed it too far)?
+        guest_ooms = {k: hits[:6] for k, gk in enumerate(guests) if (hits := guest_oom_lines(gk))}
+        policy_log = []
+        if shared is not None and cfg == "policy":
+            try:
+                policy_log = [ln for ln in shared.log.read_text(errors="replace").splitlines()
+                              if "policy" in ln or "pressure" in ln][-400:]
+            except OSError:
+                pass
         samples = sp.stop()
         for g in guests:
             g.close()
@@ -206,6 +287,7 @@ def run_config(cfg, ns, accel, t_global):
         "guests_before_oom": (launched - 1) if failure else None,
         "capped": not failure, "dmesg_oom": dmesg[-12:], "dmesg_killed": killed,
         "per_guest": per_guest, "samples": samples, "marks": sp.marks,
+        "guest_kernel_oom": guest_ooms, "policy_log": policy_log,
         "duration_s": round(time.monotonic() - t_start, 1),
     }
     settled = [r["child_usage"] for r in per_guest if r.get("child_usage")]
@@ -219,7 +301,8 @@ def run_config(cfg, ns, accel, t_global):
         result["daemon_last"] = d_rss[-1]
     print(f"[{time.monotonic() - t_global:6.0f}s] {cfg}: launched {launched}, "
           + (f"first OOM: {failure}" if failure else f"no OOM (cap {ns.cap})")
-          + (f"; dmesg: {killed[:3]}" if killed else ""), flush=True)
+          + (f"; dmesg: {killed[:3]}" if killed else "")
+          + (f"; OOM inside guests {sorted(guest_ooms)}" if guest_ooms else ""), flush=True)
     return result
 
 
@@ -258,6 +341,17 @@ def main():
     ap.add_argument("--alloc-mib", type=int, default=800)
     ap.add_argument("--cap", type=int, default=14)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    pol = ap.add_argument_group("the policy configuration (passed to the daemon's --policy-*)")
+    pol.add_argument("--policy-floor", default="1GiB",
+                     help="keep this much of the parent cgroup's limit available: room for "
+                          "the next guest's allocation (default 1GiB)")
+    pol.add_argument("--policy-guest-min", default="128MiB")
+    pol.add_argument("--policy-margin", default="32MiB")
+    pol.add_argument("--policy-hysteresis", default="256MiB")
+    pol.add_argument("--policy-interval", type=float, default=1.0)
+    pol.add_argument("--policy-psi", type=float, default=0.0,
+                     help="0: ignore the system-wide PSI (the host here is the cgroup, and "
+                          "other work on the machine would move /proc/pressure/memory)")
     ap.add_argument("--out", help="results folder (default benchmarks/results/density)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite result.md and the plot from an existing result.json")
@@ -293,13 +387,15 @@ def render(res, ns):
     for r in results:
         dm = ""
         if r.get("daemon_rss_median") is not None:
-            per = "" if r["config"] != "shared" else f" (one daemon, {len(r['per_guest'])} guests)"
+            per = ("" if r["config"] not in ("shared", "policy")
+                   else f" (one daemon, {len(r['per_guest'])} guests)")
             dm = (f"{mib(r['daemon_rss_median'], '{:.1f}')} / "
                   f"{mib(r['daemon_rss_own_median'], '{:.1f}')} / "
                   f"{mib(r['daemon_pss_own_median'], '{:.1f}')} / "
                   f"{mib(r['daemon_anon_median'], '{:.1f}')}{per}")
         fit = r["launched"] - 1 if r["oom"] else f">= {r['launched']} (cap, no OOM)"
-        died = "; ".join(x.split(" (pid")[0] for x in r["failure"]) if r["oom"] else "-"
+        died = "; ".join(x.split(" (pid")[0].split(" (guest OOM")[0]
+                         for x in r["failure"]) if r["oom"] else "-"
         rows.append([LABELS[r["config"]], f"**{fit}**", r["launched"], died,
                      mib(r["settled_guest_usage_median"]), dm or "-", f"{r['duration_s']:.0f}"])
     md = [f"### Density: guests that fit before the first OOM kill (parent cgroup {ns.limit_gib} GiB, "

@@ -18,10 +18,11 @@ CFG = PolicyConfig(floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_bytes=
                    hysteresis_bytes=512 * MiB, psi_threshold=10.0, psi_step_bytes=256 * MiB)
 
 
-def G(target=0, actual=None, mem=4096, avail=None):
+def G(target=0, actual=None, mem=4096, avail=None, busy=False):
     """A guest in MiB: balloon target/actual, RAM, available_memory stat (None: no stats)."""
     return GuestView(target_pages=target * PG, actual_pages=(target if actual is None else actual) * PG,
-                     memory_bytes=mem * MiB, available_bytes=None if avail is None else avail * MiB)
+                     memory_bytes=mem * MiB, available_bytes=None if avail is None else avail * MiB,
+                     busy=busy)
 
 
 def H(avail_mib, psi=None):
@@ -56,6 +57,11 @@ CASES = [
      H(10 * 1024, psi=5.0), {"a": G(256, avail=3072)}, {"a": 0}),
     ("pressure passed: a big surplus returns everything",
      H(8192), {"a": G(512, avail=1000), "b": G(256, avail=1000)}, {"a": 0, "b": 0}),
+    ("a busy (allocating) guest gets its balloon back and is not inflated; the others are",
+     H(100), {"a": G(300, avail=2000, busy=True), "b": G(0, avail=1000)}, {"a": 0, "b": 872}),
+    ("a busy guest gets its balloon back even between floor and floor+hysteresis",
+     H(2048 + 100), {"a": G(300, avail=1000, busy=True), "b": G(300, avail=1000)},
+     {"a": 0, "b": 300}),
     ("a small surplus returns memory in proportion to the balloons",
      H(2048 + 512 + 300), {"a": G(400, avail=1000), "b": G(200, avail=1000)},
      {"a": 200, "b": 100}),
@@ -198,6 +204,47 @@ def test_loop_applies_changed_targets_only():
     loop.timers.pop()[1]()
     assert guests["a"].set_calls[-1] == 0 and guests["b"].set_calls == [0]
     assert not pol.last["pressure"]
+
+
+def test_loop_marks_an_allocating_guest_busy(monkeypatch):
+    """available falling by more than the margin plus the balloon's growth between ticks
+    = allocating: the guest's balloon goes back to 0 and stays there for busy_hold
+    seconds. A fall explained by a growing balloon (the policy's own inflation, seen in
+    the stats a tick late) is not."""
+    import balloon_device.policy as policy
+    now = [1000.0]
+    monkeypatch.setattr(policy.time, "monotonic", lambda: now[0])
+    guests = {"new": FakeGuest(avail=2048), "idle": FakeGuest(avail=600)}
+    loop = FakeLoop()
+    host = [H(2048 - 512)]
+    pol = PolicyLoop(CFG, guests, loop, host_reader=lambda: host[0])
+
+    def tick(dt=1.0):
+        now[0] += dt
+        loop.timers.pop()[1]()
+
+    pol.start()
+    tick(0)                                      # deficit 512 MiB, shared by headroom
+    assert guests["new"].target > 0 and guests["idle"].target > 0
+    host[0] = H(2048 + 100)                      # floor reached: hold
+    for g in guests.values():                    # the inflation shows in the stats a tick late
+        g.avail -= g.target // PG
+    tick()
+    assert pol.last["busy"] == []
+    host[0] = H(2048 - 64)                       # a little more inflation ...
+    before = guests["new"].target
+    tick()
+    host[0] = H(2048 + 100)
+    guests["new"].avail -= (guests["new"].target - before) // PG + 300  # ... while it allocates
+    tick()
+    assert pol.last["busy"] == ["new"]
+    assert guests["new"].target == 0 and guests["idle"].target > 0
+    guests["new"].avail += 200                   # the balloon it got back shows up
+    tick(CFG.busy_hold - 2)                      # within busy_hold: left alone
+    assert pol.last["busy"] == ["new"] and guests["new"].target == 0
+    host[0] = H(2048 - 512)
+    tick(3)                                      # hold over: an idle guest again
+    assert pol.last["busy"] == [] and guests["new"].target > 0
 
 
 def test_loop_survives_a_failing_reader():
