@@ -83,7 +83,9 @@ def libvirt_xml(socket_path, queue_size=64, reporting=True, stats=True, chardev=
 def backend_json(binary=None):
     """The QEMU vhost-user.json description, with this installation's binary path."""
     desc = json.loads(resources.files(__package__).joinpath("vhost-user-balloon.json").read_text())
-    desc["binary"] = binary or shutil.which("vhost-user-balloon") or desc["binary"]
+    beside = os.path.join(sys.prefix, "bin", "vhost-user-balloon")  # this installation's script
+    found = beside if os.path.exists(beside) else shutil.which("vhost-user-balloon")
+    desc["binary"] = binary or found or desc["binary"]
     return desc
 
 
@@ -113,6 +115,12 @@ def _daemon_parser():
                    help="vq_size to use in QEMU (>= 32 with reporting); printed in the QEMU arguments")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     p.add_argument("--python-hot-path", action="store_true", help=argparse.SUPPRESS)
+    sec = p.add_argument_group("least privilege (applied once the sockets exist)")
+    sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
+    sec.add_argument("--group", help="switch to this group (default: the user's group)")
+    sec.add_argument("--seccomp", nargs="?", const="errno", choices=("errno", "log", "kill"),
+                     help="install a seccomp system call allowlist; other calls fail with EPERM "
+                          "(errno, the default), are only logged (log) or kill the daemon (kill)")
     p.add_argument("--name", help="the guest's name in logs, status and metrics "
                                   "(default: the socket file name without .sock)")
     many = p.add_argument_group("several guests, one daemon")
@@ -177,13 +185,26 @@ def config_from_args(ns):
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
         use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
         metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
-        policy=_policy_from_args(ns))
+        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group)
+
+
+def _sandbox(cfg, daemon):
+    """--user/--group then --seccomp, once every socket exists (balloon_device/sandbox.py)."""
+    if cfg.user is None and cfg.group is None and cfg.seccomp is None:
+        return
+    from . import sandbox
+    if cfg.user is not None or cfg.group is not None:
+        paths = [g.socket_path for g in daemon.guests.values()] + [cfg.control_path]
+        sandbox.drop_privileges(cfg.user, cfg.group, [p for p in paths if p])
+    if cfg.seccomp is not None:
+        sandbox.apply_seccomp(cfg.seccomp)
 
 
 def serve(cfg):
     daemon = Daemon(cfg)
     try:
         daemon.loop.handle_signals()
+        _sandbox(cfg, daemon)
         log.info("%s (discard %s%s); control socket %s", daemon.describe(), cfg.discard,
                  ", inhibited" if cfg.no_discard else "", cfg.control_path)
         for name, guest in daemon.guests.items():

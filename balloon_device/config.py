@@ -51,6 +51,9 @@ class DaemonConfig:
     metrics_port: int = None
     metrics_address: str = "127.0.0.1"
     policy: PolicyConfig = None
+    seccomp: str = None             # None, or the default action: errno, log, kill (sandbox.py)
+    user: str = None                # drop to this user (and group) once the sockets exist
+    group: str = None
 
     def __post_init__(self):
         given = (self.socket_path is not None) + (self.fd is not None) + bool(self.guests)

@@ -109,6 +109,8 @@ class Listener:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:  # e.g. privileges dropped (--user) or seccomp: leave it stale
+                log.warning("cannot remove socket %s: %s", self.path, e.strerror)
 
 
 class Connection:

@@ -1,0 +1,257 @@
+"""Least privilege, on the real daemon process: socket modes, one frontend per
+socket, the limits on what a frontend may send, privilege drop (--user) and
+the seccomp allowlist (--seccomp), which must not stop the daemon from
+serving (protocol fuzzing and a real reporting session run under it)."""
+
+import array
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from balloon_device import sandbox
+from fuzz.real_session import report_once
+from fuzz.source import RandomSource
+from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon
+from vhostuser import messages as m
+from vhostuser.handler import MAX_MEM_SLOTS
+from vhostuser.messages import Request as R
+
+MiB = 1 << 20
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = DaemonProcess(str(tmp_path_factory.mktemp("sbx"))).start()
+    yield d
+    assert d.stop() == 0, d.log_tail()
+
+
+def recv_all(s, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return buf
+        buf += chunk
+    return buf
+
+
+def test_sockets_are_0600(daemon):
+    for p in (daemon.path, daemon.path + ".ctl"):
+        st = os.stat(p)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, p
+
+
+def test_second_frontend_refused_on_a_busy_socket(daemon):
+    a = daemon.connect()
+    a.sendall(m.encode(R.GET_FEATURES))
+    assert len(recv_all(a, 20)) == 20          # a is the frontend
+    b = daemon.connect()
+    assert b.recv(1) == b""                     # b is closed at once
+    b.close()
+    a.sendall(m.encode(R.GET_QUEUE_NUM))
+    assert len(recv_all(a, 20)) == 20          # a is still served
+    a.close()
+    assert daemon.wait_idle() == 0
+    assert daemon.probe()                       # the next frontend is served
+
+
+def test_limits_on_what_a_frontend_sends(daemon):
+    def dropped(data, fds=()):
+        s = daemon.connect()
+        try:
+            if fds:
+                s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", fds).tobytes())])
+            else:
+                s.sendall(data)
+            return s.recv(64) == b""
+        finally:
+            s.close()
+            assert daemon.wait_idle() == 0, "fds of a refused message were kept"
+
+    # payload over MAX_PAYLOAD (4096)
+    assert dropped(m.HEADER.pack(R.SET_CONFIG, 1, m.MAX_PAYLOAD + 1))
+    # more than MAX_FDS (8) fds on one message: all closed
+    fds = [os.eventfd(0) for _ in range(m.MAX_FDS + 2)]
+    try:
+        assert dropped(m.encode(R.GET_FEATURES), fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    # SET_MEM_TABLE with 9 regions (limit 8)
+    assert dropped(m.encode(R.SET_MEM_TABLE, m.MEM_TABLE_HEAD.pack(9, 0) + bytes(9 * 32)))
+    # config read larger than MAX_CONFIG_SIZE: refused (zero-length reply, the error form
+    # of GET_CONFIG), never answered with data
+    s = daemon.connect()
+    s.sendall(m.encode(R.GET_CONFIG, m.CONFIG_HEAD.pack(0, m.MAX_CONFIG_SIZE + 1, 0)))
+    assert recv_all(s, 12) in (b"", m.HEADER.pack(R.GET_CONFIG, m.VERSION | m.FLAG_REPLY, 0))
+    s.close()
+    assert daemon.wait_idle() == 0
+    assert daemon.alive() and daemon.probe()
+
+
+def test_memory_slots_and_queue_size_limits(daemon):
+    s = daemon.connect()
+    fd = os.memfd_create("g")
+    os.ftruncate(fd, (MAX_MEM_SLOTS + 1) * 65536)
+    try:
+        def ack(req, payload=b"", fds=()):
+            data = m.encode(req, payload, m.VERSION | m.FLAG_NEED_REPLY)
+            if fds:
+                s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", fds).tobytes())])
+            else:
+                s.sendall(data)
+            return m.U64.unpack(recv_all(s, 20)[12:])[0]
+        s.sendall(m.encode(R.SET_PROTOCOL_FEATURES, m.U64.pack(
+            (1 << 3) | (1 << 15))))  # REPLY_ACK, CONFIGURE_MEM_SLOTS
+        results = [ack(R.ADD_MEM_REG, m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(
+            i * 65536, 65536, 0x7F0000000000 + i * 65536, i * 65536), [fd])
+            for i in range(MAX_MEM_SLOTS + 1)]
+        assert results == [0] * MAX_MEM_SLOTS + [1]
+        assert ack(R.SET_VRING_NUM, m.VRING_STATE.pack(0, 65536)) == 1
+        assert ack(R.SET_VRING_NUM, m.VRING_STATE.pack(0, 32768)) == 0
+        assert ack(R.SET_VRING_NUM, m.VRING_STATE.pack(9, 64)) == 1
+    finally:
+        s.close()
+        os.close(fd)
+    assert daemon.wait_idle() == 0
+
+
+# ---- seccomp --------------------------------------------------------------------
+
+@pytest.mark.parametrize("machine", sorted(sandbox.TABLES))
+@pytest.mark.parametrize("mode", sandbox.MODES)
+def test_bpf_program_is_well_formed(machine, mode):
+    prog = sandbox.build_program(mode, machine)
+    assert sandbox.fields() and len(prog) < 4096
+    for pc, (code, jt, jf, _k) in enumerate(prog):
+        if code & 0x07 == 0x05:  # jumps stay inside the program
+            assert pc + 1 + max(jt, jf) < len(prog)
+    assert prog[-1][0] == 0x06  # ends with RET
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(sandbox.SandboxError, match="no system call table"):
+        sandbox.build_program("errno", "sparc64")
+
+
+CHILD = textwrap.dedent(r"""
+    import errno, os, socket, sys, threading, mmap
+    sys.path.insert(0, {root!r})
+    from balloon_device import sandbox
+    sandbox.apply_seccomp({mode!r})
+    out = []
+    def check(name, fn):
+        try:
+            fn()
+            out.append(f"{{name}}=ok")
+        except OSError as e:
+            out.append(f"{{name}}={{errno.errorcode.get(e.errno, e.errno)}}")
+    fd = os.memfd_create("t")
+    check("memfd", lambda: os.ftruncate(fd, 1 << 20))
+    check("punch", lambda: os.posix_fallocate(fd, 0, 4096))
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    def punch():
+        if libc.fallocate(fd, 3, 0, 4096) != 0:
+            raise OSError(ctypes.get_errno(), "fallocate")
+    check("fallocate", punch)
+    check("eventfd", lambda: os.eventfd_write(os.eventfd(0), 1))
+    check("unix_socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close())
+    check("read_open", lambda: open("/proc/self/status").read())
+    t = threading.Thread(target=lambda: None); t.start(); t.join(); out.append("thread=ok")
+    check("inet_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+    check("write_open", lambda: open({tmp!r}, "w"))
+    check("fork", lambda: os.fork() or os._exit(0))
+    sys.stdout.write(" ".join(out) + "\n"); sys.stdout.flush()
+    os.execv("/bin/true", ["true"])
+""")
+
+
+def run_child(mode, tmp_path):
+    code = CHILD.format(root=ROOT, mode=mode, tmp=str(tmp_path / "x"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_seccomp_errno_mode_allows_the_daemon_calls_and_refuses_others(tmp_path):
+    r = run_child("errno", tmp_path)
+    got = dict(kv.split("=") for kv in r.stdout.split())
+    assert {k: got[k] for k in ("memfd", "fallocate", "eventfd", "unix_socket", "read_open",
+                                "thread")} == dict.fromkeys(
+        ("memfd", "fallocate", "eventfd", "unix_socket", "read_open", "thread"), "ok"), r
+    assert got["inet_socket"] == got["write_open"] == got["fork"] == "EPERM", r
+    assert r.returncode == 1 and "PermissionError" in r.stderr  # execv refused with EPERM
+
+
+def test_seccomp_kill_mode_kills_on_execve(tmp_path):
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {ROOT!r})
+        from balloon_device import sandbox
+        sandbox.apply_seccomp("kill")
+        os.execv("/bin/true", ["true"])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == -31  # SIGSYS
+
+
+@pytest.mark.parametrize("extra", [["--seccomp"], ["--seccomp", "kill"]], ids=["errno", "kill"])
+def test_daemon_serves_under_seccomp(tmp_path, extra):
+    d = DaemonProcess(str(tmp_path), log_level="info", extra=extra).start()
+    try:
+        assert report_once(d.path) == 4 * MiB          # memory really released
+        assert d.wait_idle() == 0
+        for seed in range(40):                          # hostile frontends too
+            _sent, excess = run_session_on_daemon(d, gen_session(RandomSource(seed), 60))
+            assert excess == 0 and d.alive(), d.log_tail()
+        assert d.probe()
+        assert report_once(d.path) == 4 * MiB
+        with open(f"/proc/{d.pid}/status") as f:
+            assert "Seccomp:\t2" in f.read()
+        from balloon_device.control import request
+        assert request(d.path + ".ctl", {"cmd": "status"})["ok"]
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log_tail()
+    assert "Operation not permitted" not in d.log_tail(100000), d.log_tail()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
+def test_daemon_drops_privileges_and_still_frees_memory(tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    d = DaemonProcess(str(tmp_path), log_level="info",
+                      extra=["--user", "nobody", "--seccomp"]).start()
+    try:
+        assert report_once(d.path) == 4 * MiB
+        st = os.stat(f"/proc/{d.pid}")
+        assert st.st_uid == nobody.pw_uid
+        for p in (d.path, d.path + ".ctl"):
+            ps = os.stat(p)
+            assert ps.st_uid == nobody.pw_uid and stat.S_IMODE(ps.st_mode) == 0o600
+        with open(f"/proc/{d.pid}/status") as f:
+            status = f.read()
+        groups = [ln.split(":", 1)[1].strip() for ln in status.splitlines()
+                  if ln.startswith("Groups:")]
+        assert groups == [""], groups  # supplementary groups dropped
+        uids = [ln.split()[1:] for ln in status.splitlines() if ln.startswith("Uid:")][0]
+        assert set(uids) == {str(nobody.pw_uid)}  # real, effective, saved, fs
+        assert "memfd" in d.log_tail(100000)  # backing still recognised after setuid
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log_tail()
+
+
+def test_unknown_user_is_a_clean_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "balloon_device.cli", "--socket-path",
+                        str(tmp_path / "s.sock"), "--user", "no-such-user-xyz"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "no such user" in r.stderr
