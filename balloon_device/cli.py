@@ -64,8 +64,17 @@ def qemu_args(socket_path, memory="1G", queue_size=64, reporting=True, stats=Tru
 
 def libvirt_xml(socket_path, queue_size=64, reporting=True, stats=True, chardev="vub0",
                 hugepages=False):
-    """The libvirt domain XML pieces (memoryBacking + qemu:commandline)."""
-    args = device_args(socket_path, queue_size, reporting, stats, chardev)
+    """The libvirt domain XML pieces (memoryBacking + qemu:commandline).
+
+    The device is given in QEMU's JSON form: libvirt passes its own devices as
+    JSON, and QEMU creates key=value devices before those, so a key=value device
+    would take the PCIe slot libvirt gave its first root port.
+    """
+    device = {"driver": "vhost-user-test-device-pci", "chardev": chardev,
+              "virtio-id": F.DEVICE_ID, "num_vqs": num_queues(reporting, stats),
+              "config_size": F.CONFIG_SIZE, "vq_size": queue_size}
+    args = device_args(socket_path, queue_size, reporting, stats, chardev)[:3]
+    args.append(json.dumps(device, separators=(",", ":")))
     source = "<hugepages/>" if hugepages else "<source type='memfd'/>"
     return "\n".join([
         "<!-- <domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'> -->",

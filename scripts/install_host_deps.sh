@@ -13,6 +13,9 @@ PKGS=(
   ca-certificates
   kmod                # modinfo, for module dependency checks (optional)
   procps
+  # tests/e2e/test_libvirt.py: libvirtd + virsh (no recommends: neither
+  # libvirt-daemon-system/systemd nor a system QEMU is pulled in)
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
 )
 
 missing=()

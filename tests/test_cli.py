@@ -63,7 +63,9 @@ def test_qemu_args_libvirt_xml_is_well_formed(capsys):
     q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     args = [a.get("value") for a in doc.find(f"{q}commandline").findall(f"{q}arg")]
     assert args[0] == "-chardev" and args[2] == "-device"
-    assert args[3].startswith("vhost-user-test-device-pci,chardev=vub0,virtio-id=5")
+    assert json.loads(args[3]) == {"driver": "vhost-user-test-device-pci", "chardev": "vub0",
+                                   "virtio-id": 5, "num_vqs": 4, "config_size": 16,
+                                   "vq_size": 64}  # JSON form: see cli.libvirt_xml
 
 
 def test_contrib_domain_example_is_valid_xml():
@@ -71,7 +73,8 @@ def test_contrib_domain_example_is_valid_xml():
     assert doc.find("memoryBacking/access").get("mode") == "shared"
     q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     values = [a.get("value") for a in doc.iter(f"{q}arg")]
-    assert any(v.startswith("vhost-user-test-device-pci") for v in values)
+    devices = [json.loads(v) for v in values if v.startswith("{")]
+    assert [d["driver"] for d in devices] == ["vhost-user-test-device-pci"]
 
 
 def test_backend_json(capsys):
