@@ -94,13 +94,16 @@ class Chain:
     error: None, or why the chain was malformed; then segments == [] and
     the caller must complete it with push(head, 0).
     """
-    __slots__ = ("head", "segments", "error", "_split")
+    __slots__ = ("head", "segments", "error", "_split", "raw")
 
-    def __init__(self, head, segments, error=None):
+    def __init__(self, head, segments, error=None, raw=None):
         self.head = head
         self.segments = segments
         self.error = error
         self._split = None
+        # The segments as packed struct vu_seg records (<QII: addr, len,
+        # flags), when the C pop produced them; None otherwise.
+        self.raw = raw
 
     def _split_at(self):
         if self._split is None:
@@ -133,6 +136,11 @@ class Chain:
         if self.error:
             return f"Chain(head={self.head}, error={self.error!r})"
         return f"Chain(head={self.head}, segments={self.segments!r})"
+
+
+def pack_segments(segments):
+    """Segments as packed struct vu_seg records (the layout of Chain.raw)."""
+    return b"".join([_SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
 
 
 def _pow2(n):
@@ -330,9 +338,9 @@ class VirtQueue:
             self.last_avail_idx = la[0]
             self._in_flight += 1
             new = tuple.__new__
+            raw = self._c_segbuf[:16 * self._c_nout[0]]
             return Chain(self._c_head[0], [
-                new(Segment, (a, ln, f == 1)) for a, ln, f in
-                _SEG_ITER(self._c_segbuf[:16 * self._c_nout[0]])])
+                new(Segment, (a, ln, f == 1)) for a, ln, f in _SEG_ITER(raw)], raw=raw)
         if rc == 1:
             return None
         if rc in RING_ERRORS:
