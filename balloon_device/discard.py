@@ -6,6 +6,15 @@ trims each piece inward to whole backing pages, then releases them with ONE
 call into the C engine (``balloon_device._discard_c``, built from
 ``c_ext/discard.c``) per discard mode present in the batch (normally one).
 
+Reporting chains take a shorter road: `DiscardEngine.discard_chain` hands
+the chain's raw segments (struct vu_seg records, as the C ring pop wrote
+them) and a per-memory-table-generation region table to vub_discard_segs,
+which splits, trims and discards the whole chain in one call; it returns
+to Python only at an out-of-range segment or a failed range, so that the
+numbers and per-range error messages are exactly those of split + discard.
+Tables it cannot take (a policy problem, mixed modes under auto) make it
+return None and the caller uses the per-piece path.
+
 Modes
     punch-hole  fallocate(fd, PUNCH_HOLE|KEEP_SIZE, file offset, len)
     remove      madvise(hva, len, MADV_REMOVE)  (punches the file hole too)
