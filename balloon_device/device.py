@@ -12,6 +12,7 @@ import time
 
 from vhostuser.device import Device
 from vhostuser.errors import GuestMemoryError
+from vhostuser.vring import pack_segments
 
 from . import features as F
 from . import stats as stats_mod
@@ -187,6 +188,37 @@ class BalloonDevice(Device):
             log.error("discard failed: %s", err)
         return res.discarded
 
+    def _discard_chain(self, memory, chain):
+        """Split, trim and discard a chain's writable ranges in one engine
+        call.  False if this memory table needs the per-piece path (nothing
+        was done then)."""
+        raw = chain.raw
+        if raw is None:
+            raw = pack_segments(chain.segments)
+        t0 = time.monotonic()
+        res = self.engine.discard_chain(memory, raw)
+        if res is None:
+            return False
+        self.discard_latency.observe(time.monotonic() - t0)
+        c = self.counters
+        c["report_ranges"] += res.nsegs
+        c["bytes_reported"] += res.reported
+        c["bytes_discarded"] += res.discarded
+        c["skipped_unaligned"] += res.skipped_unaligned
+        c["skipped_error"] += res.failed
+        if res.out_of_range:
+            c["skipped_out_of_range"] += res.skipped_out_of_range
+            for addr, length in res.out_of_range:
+                try:
+                    memory.split(addr, length)
+                    e = "not inside guest memory"   # not reached: split agrees
+                except GuestMemoryError as exc:
+                    e = exc
+                log.warning("reported range %#x+%#x skipped: %s", addr, length, e)
+        for err in res.errors:
+            log.error("discard failed: %s", err)
+        return True
+
     def _handle_reporting(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
             if chain.error:
@@ -195,9 +227,13 @@ class BalloonDevice(Device):
                             chain.head, chain.error)
                 queue.push(chain.head, 0)
                 continue
+            self.counters["report_chains"] += 1
+            if self.discard_allowed and self._discard_chain(memory, chain):
+                self.last_report = time.time()
+                queue.push(chain.head, 0)  # only after the discard
+                continue
             ranges = chain.writable()
             total = sum(s.length for s in ranges)
-            self.counters["report_chains"] += 1
             self.counters["report_ranges"] += len(ranges)
             self.counters["bytes_reported"] += total
             if not self.discard_allowed:

@@ -6,6 +6,15 @@ trims each piece inward to whole backing pages, then releases them with ONE
 call into the C engine (``balloon_device._discard_c``, built from
 ``c_ext/discard.c``) per discard mode present in the batch (normally one).
 
+Reporting chains take a shorter road: `DiscardEngine.discard_chain` hands
+the chain's raw segments (struct vu_seg records, as the C ring pop wrote
+them) and a per-memory-table-generation region table to vub_discard_segs,
+which splits, trims and discards the whole chain in one call; it returns
+to Python only at an out-of-range segment or a failed range, so that the
+numbers and per-range error messages are exactly those of split + discard.
+Tables it cannot take (a policy problem, mixed modes under auto) make it
+return None and the caller uses the per-piece path.
+
 Modes
     punch-hole  fallocate(fd, PUNCH_HOLE|KEEP_SIZE, file offset, len)
     remove      madvise(hva, len, MADV_REMOVE)  (punches the file hole too)
@@ -303,6 +312,10 @@ class DiscardEngine:
                 f"unknown discard mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode = mode
         self.backend = _CBackend() if use_c else _PyBackend()
+        self._table = None      # _RegionTable of the last memory table seen
+        if use_c:
+            self._totals = self.backend.ffi.new("struct vub_totals *")
+            self._zero = bytes(self.backend.ffi.sizeof("struct vub_totals"))
 
     @property
     def use_c(self):
@@ -312,6 +325,102 @@ class DiscardEngine:
         """Refuse (DiscardPolicyError) a table some region of which this
         engine's mode cannot free.  Call at start-up and on every new table."""
         check_policy(self.mode, memory_table)
+
+    def _region_table(self, memory):
+        """The cached flat table of `memory`, or None if some region needs
+        the general per-piece path (policy problem, mixed modes, odd sizes)."""
+        tab = self._table
+        if tab is not None and tab.memory is memory and tab.generation == memory.generation:
+            return tab
+        self._table = None
+        regions = list(memory.regions)
+        modes = set()
+        tuples = []
+        for r in regions:
+            if policy_problem(self.mode, r) is not None:
+                return None
+            modes.add(resolve_mode(self.mode, r))
+            off = r.file_offset(r.gpa) if r.backing != ANONYMOUS else 0
+            t = (r.gpa, r.size, r.hva, off, r.fd, r.page_size)
+            if (r.size <= 0 or r.gpa < 0 or r.gpa + r.size > (1 << 64)
+                    or not 0 <= r.hva <= _U64 - r.size
+                    or not 0 <= off <= _U64 - r.size
+                    or not -(1 << 31) <= r.fd < (1 << 31)
+                    or r.page_size >= (1 << 32)):
+                return None
+            tuples.append(t)
+        if len(modes) > 1:
+            return None
+        mode = modes.pop() if modes else "punch-hole"
+        c_regs = None
+        if self.use_c and tuples:
+            c_regs = self.backend.ffi.new("struct vub_region[]", len(tuples))
+            for i, t in enumerate(tuples):
+                (c_regs[i].gpa, c_regs[i].size, c_regs[i].hva,
+                 c_regs[i].file_offset, c_regs[i].fd, c_regs[i].page_size) = t
+        tab = _RegionTable(memory, regions, MODE_CODES[mode], mode, tuples, c_regs)
+        if hasattr(memory, "generation"):
+            self._table = tab
+        return tab
+
+    def discard_chain(self, memory, raw):
+        """Discard a whole chain in one engine call.
+
+        raw: the chain's segments as packed struct vu_seg (SEG) records, as
+        the C ring pop produces them; only device-writable ones count.
+        Same effect and numbers as splitting every writable segment with
+        memory.split (a segment with any byte outside guest memory is
+        skipped whole and listed in out_of_range) and calling discard() on
+        the pieces.  Returns a ChainResult, or None if this memory table
+        needs the general path (then nothing was done).
+        """
+        if not hasattr(memory, "generation"):
+            return None
+        tab = self._region_table(memory)
+        if tab is None:
+            return None
+        res = ChainResult()
+        nsegs = len(raw) // 16
+        if self.use_c:
+            ffi, lib = self.backend.ffi, self.backend.lib
+            t = self._totals
+            ffi.memmove(t, self._zero, len(self._zero))
+            segs = ffi.from_buffer("struct vub_seg[]", raw)
+            regs = tab.c_regs if tab.c_regs is not None else ffi.NULL
+            call = lib.vub_discard_segs
+            args = (regs, tab.nregs, segs, nsegs, tab.code, t)
+            segs_t = None
+        else:
+            t = SegTotals()
+            segs_t = list(SEG.iter_unpack(raw[:nsegs * 16]))
+            call = discard_segs_py
+            args = (tab.tuples, segs_t, tab.code, t)
+        while True:
+            rc = call(*args)
+            if rc == SEGS_DONE:
+                break
+            if rc == SEGS_OUT_OF_RANGE:
+                seg = segs[t.ev_seg] if segs_t is None else segs_t[t.ev_seg]
+                if segs_t is None:
+                    res.out_of_range.append((seg.addr, seg.len))
+                else:
+                    res.out_of_range.append((seg[0], seg[1]))
+            elif rc == SEGS_FAILED:
+                region, err = tab.regions[t.ev_region], t.ev_errno
+                res.errors.append(
+                    f"{tab.mode} {region!r} gpa={t.ev_gpa:#x} len={t.ev_len:#x} "
+                    f"(file offset {t.ev_offset:#x}): {os.strerror(err)} "
+                    f"({_errname(err)})")
+            else:
+                raise AssertionError(f"discard_segs refused its arguments ({rc})")
+        res.reported = t.reported
+        res.nsegs = t.nsegs
+        res.discarded = t.discarded
+        res.skipped_unaligned = t.skipped_unaligned
+        res.skipped_out_of_range = t.skipped_out_of_range
+        res.failed = t.failed
+        res.ranges = t.ranges
+        return res
 
     def discard(self, pieces):
         """Discard [(region, gpa, length), ...]; returns a DiscardResult."""
@@ -368,6 +477,165 @@ class DiscardEngine:
                     f"(file offset {off:#x}): {os.strerror(err)} "
                     f"({_errname(err)})")
         return res
+
+
+# --------------------------------------------------------------------------
+# Whole reporting chains: split + trim + discard in one call
+#
+# discard_segs_py is the pure-Python twin of vub_discard_segs (c_ext/discard.c)
+# with the same return codes and the same totals/cursor semantics; the
+# differential test tests/test_discard_segs.py keeps them in step.
+
+SEGS_DONE, SEGS_OUT_OF_RANGE, SEGS_FAILED, SEGS_EARG = 0, 1, 2, -1
+SEG_WRITE = 1
+# struct vub_seg / vu_seg { uint64 addr; uint32 len; uint32 flags; }
+SEG = struct.Struct("=QII")
+assert SEG.size == 16
+# struct vub_region { uint64 gpa, size, hva, file_offset; int32 fd; uint32 page; }
+REGION = struct.Struct("=QQQQiI")
+assert REGION.size == 40
+_TOTAL_FIELDS = ("reported", "discarded", "skipped_unaligned",
+                 "skipped_out_of_range", "failed", "nsegs", "ranges", "seg",
+                 "first_errno", "seg_done", "first_err_seg", "ev_seg",
+                 "ev_region", "ev_errno", "ev_gpa", "ev_len", "ev_offset")
+
+
+class SegTotals:
+    """Python twin of struct vub_totals (all fields start at 0)."""
+    __slots__ = _TOTAL_FIELDS
+
+    def __init__(self):
+        for name in _TOTAL_FIELDS:
+            setattr(self, name, 0)
+
+
+def _find_region(regs, gpa):
+    for k, (rg, size, _h, _o, _fd, _p) in enumerate(regs):
+        if size and rg <= gpa < rg + size:
+            return k
+    return len(regs)
+
+
+def _covered(regs, addr, length):
+    if addr + length > (1 << 64):
+        return False
+    g, rem = addr, length
+    while rem > 0:
+        k = _find_region(regs, g)
+        if k == len(regs):
+            return False
+        rg, size = regs[k][0], regs[k][1]
+        room = size - (g - rg)
+        if room >= rem:
+            return True
+        g += room
+        rem -= room
+    return True
+
+
+def discard_segs_py(regs, segs, code, t):
+    """Twin of vub_discard_segs.  regs: [(gpa, size, hva, file_offset, fd,
+    page_size)], segs: [(addr, len, flags)], code: PUNCH_HOLE..FREE,
+    t: SegTotals (cursor in, totals accumulate)."""
+    nsegs = len(segs)
+    if code not in (PUNCH_HOLE, REMOVE, DONTNEED, FREE) or t.seg > nsegs:
+        return SEGS_EARG
+    for rg, size, hva, off, _fd, page in regs:
+        if page == 0 or page & (page - 1):
+            return SEGS_EARG
+        if size == 0:
+            continue
+        if rg + size > (1 << 64) or hva + size > _U64 or off + size > _U64:
+            return SEGS_EARG
+    if t.seg < nsegs and t.seg_done > segs[t.seg][1]:
+        return SEGS_EARG
+    while t.seg < nsegs:
+        addr, length, flags = segs[t.seg]
+        if not flags & SEG_WRITE:
+            t.seg += 1
+            t.seg_done = 0
+            continue
+        if t.seg_done == 0:
+            t.nsegs += 1
+            t.reported += length
+            if length == 0:
+                t.seg += 1
+                continue
+            if not _covered(regs, addr, length):
+                t.skipped_out_of_range += length
+                t.ev_seg = t.seg
+                t.seg += 1
+                t.seg_done = 0
+                return SEGS_OUT_OF_RANGE
+        g = addr + t.seg_done
+        rem = length - t.seg_done
+        while rem > 0:
+            k = _find_region(regs, g)
+            if k == len(regs):
+                return SEGS_EARG
+            rg, size, rhva, roff, fd, page = regs[k]
+            rel = g - rg
+            n = min(size - rel, rem)
+            off = roff + rel
+            hva = rhva + rel
+            base = off if code == PUNCH_HOLE else hva
+            mask = page - 1
+            m, lo = 0, base
+            if base <= _U64 - mask:
+                lo = (base + mask) & ~mask
+                hi = (base + n) & ~mask
+                if hi > lo:
+                    m = hi - lo
+            t.skipped_unaligned += n - m
+            g += n
+            rem -= n
+            t.seg_done += n
+            if m == 0:
+                continue
+            delta = lo - base
+            t.ranges += 1
+            err = _py_one(code, fd, off + delta, hva + delta, m)
+            if err == 0:
+                t.discarded += m
+                continue
+            t.failed += m
+            if t.first_errno == 0:
+                t.first_errno = err
+                t.first_err_seg = t.seg
+            t.ev_seg, t.ev_region, t.ev_errno = t.seg, k, err
+            t.ev_gpa, t.ev_len, t.ev_offset = g - n + delta, m, off + delta
+            if rem == 0:
+                t.seg += 1
+                t.seg_done = 0
+            return SEGS_FAILED
+        t.seg += 1
+        t.seg_done = 0
+    return SEGS_DONE
+
+
+@dataclass
+class ChainResult(DiscardResult):
+    """DiscardResult of a whole chain, plus what the split used to count."""
+    reported: int = 0            # bytes of the device-writable segments
+    nsegs: int = 0               # device-writable segments
+    skipped_out_of_range: int = 0
+    out_of_range: list = field(default_factory=list)  # [(addr, len)] skipped whole
+
+
+class _RegionTable:
+    """One memory-table generation, flattened for discard_segs."""
+    __slots__ = ("memory", "generation", "regions", "code", "mode",
+                 "tuples", "c_regs", "nregs")
+
+    def __init__(self, memory, regions, code, mode, tuples, c_regs):
+        self.memory = memory
+        self.generation = memory.generation
+        self.regions = regions
+        self.code = code
+        self.mode = mode
+        self.tuples = tuples
+        self.c_regs = c_regs
+        self.nregs = len(tuples)
 
 
 # --------------------------------------------------------------------------

@@ -120,3 +120,158 @@ int vub_punch_loop(int fd, uint64_t offset, uint64_t piece, uint64_t count,
         *done = i;
     return rc;
 }
+
+/* ---- whole reporting chains (see discard.h) ---------------------------- */
+
+static int discard_one(int mode, int fd, uint64_t offset, uint64_t hva,
+                       uint64_t len)
+{
+    switch (mode) {
+    case VUB_PUNCH_HOLE:
+        return punch(fd, offset, len);
+    case VUB_REMOVE:
+        return advise(hva, len, MADV_REMOVE);
+    case VUB_DONTNEED:
+        return advise(hva, len, MADV_DONTNEED);
+    default:
+        return advise(hva, len, MADV_FREE);
+    }
+}
+
+/* Index of the region holding gpa, or nregs.  Size-0 regions hold nothing. */
+static uint32_t find_region(const struct vub_region *regs, uint32_t nregs,
+                            uint64_t gpa)
+{
+    uint32_t i;
+
+    for (i = 0; i < nregs; i++)
+        if (regs[i].size && regs[i].gpa <= gpa && gpa - regs[i].gpa < regs[i].size)
+            return i;
+    return nregs;
+}
+
+/* 1 if every byte of [addr, addr+len) is in some region (len > 0). */
+static int covered(const struct vub_region *regs, uint32_t nregs,
+                   uint64_t addr, uint64_t len)
+{
+    uint64_t g = addr, rem = len, room;
+    uint32_t k;
+
+    if (addr > UINT64_MAX - (len - 1))      /* end beyond 2^64 */
+        return 0;
+    while (rem > 0) {
+        k = find_region(regs, nregs, g);
+        if (k == nregs)
+            return 0;
+        room = regs[k].size - (g - regs[k].gpa);
+        if (room >= rem)
+            return 1;
+        g += room;
+        rem -= room;
+    }
+    return 1;
+}
+
+int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
+                     const struct vub_seg *segs, uint32_t nsegs, int mode,
+                     struct vub_totals *t)
+{
+    uint32_t i;
+
+    if (mode < VUB_PUNCH_HOLE || mode > VUB_FREE || t->seg > nsegs)
+        return VUB_SEGS_EARG;
+    for (i = 0; i < nregs; i++) {
+        const struct vub_region *r = &regs[i];
+        uint64_t page = r->page_size;
+
+        if (page == 0 || (page & (page - 1)) != 0)
+            return VUB_SEGS_EARG;
+        if (r->size == 0)
+            continue;
+        if (r->gpa > UINT64_MAX - (r->size - 1) ||   /* gpa end <= 2^64 */
+            r->hva > UINT64_MAX - r->size ||         /* hva end < 2^64 */
+            r->file_offset > UINT64_MAX - r->size)   /* offset end < 2^64 */
+            return VUB_SEGS_EARG;
+    }
+    if (t->seg < nsegs && t->seg_done > segs[t->seg].len)
+        return VUB_SEGS_EARG;
+
+    for (; t->seg < nsegs; t->seg++, t->seg_done = 0) {
+        const struct vub_seg *s = &segs[t->seg];
+        uint64_t g, rem;
+
+        if (!(s->flags & VUB_SEG_WRITE))
+            continue;
+        if (t->seg_done == 0) {
+            t->nsegs++;
+            t->reported += s->len;
+            if (s->len == 0)
+                continue;
+            if (!covered(regs, nregs, s->addr, s->len)) {
+                t->skipped_out_of_range += s->len;
+                t->ev_seg = t->seg;
+                t->seg++;
+                t->seg_done = 0;
+                return VUB_SEGS_OUT_OF_RANGE;
+            }
+        }
+        g = s->addr + t->seg_done;
+        rem = s->len - t->seg_done;
+        while (rem > 0) {
+            uint32_t k = find_region(regs, nregs, g);
+            const struct vub_region *r;
+            uint64_t rel, n, off, hva, base, mask, lo, hi, m, delta;
+            int rc;
+
+            if (k == nregs)        /* cannot happen: covered() said so */
+                return VUB_SEGS_EARG;
+            r = &regs[k];
+            rel = g - r->gpa;
+            n = r->size - rel;
+            if (n > rem)
+                n = rem;
+            off = r->file_offset + rel;
+            hva = r->hva + rel;
+            base = mode == VUB_PUNCH_HOLE ? off : hva;
+            mask = (uint64_t)r->page_size - 1;
+            m = 0;
+            lo = base;
+            if (base <= UINT64_MAX - mask) {
+                lo = (base + mask) & ~mask;
+                hi = (base + n) & ~mask;
+                if (hi > lo)
+                    m = hi - lo;
+            }
+            t->skipped_unaligned += n - m;
+            g += n;
+            rem -= n;
+            t->seg_done += n;
+            if (m == 0)
+                continue;
+            delta = lo - base;
+            t->ranges++;
+            rc = discard_one(mode, r->fd, off + delta, hva + delta, m);
+            if (rc == 0) {
+                t->discarded += m;
+                continue;
+            }
+            t->failed += m;
+            if (t->first_errno == 0) {
+                t->first_errno = (uint32_t)-rc;
+                t->first_err_seg = t->seg;
+            }
+            t->ev_seg = t->seg;
+            t->ev_region = k;
+            t->ev_errno = -rc;
+            t->ev_gpa = g - n + delta;
+            t->ev_len = m;
+            t->ev_offset = off + delta;
+            if (rem == 0) {
+                t->seg++;
+                t->seg_done = 0;
+            }
+            return VUB_SEGS_FAILED;
+        }
+    }
+    return VUB_SEGS_DONE;
+}

@@ -110,13 +110,18 @@ def test_32_ranges_per_chain_like_linux():
 def test_completion_only_after_discard(rig):
     dq = rig.q["reporting"]
     seen = []
-    real = rig.dev.engine.discard
+    engine = rig.dev.engine
 
-    def spy(pieces):
-        seen.append(dq.used_idx)  # used idx the guest sees while we discard
-        return real(pieces)
+    def spy(real):
+        def wrapped(*args):
+            seen.append(dq.used_idx)  # used idx the guest sees while we discard
+            return real(*args)
+        return wrapped
 
-    rig.dev.engine.discard = spy
+    # reporting chains go through discard_chain (whole chain in one call),
+    # or discard (per piece) when the memory table needs the general path
+    engine.discard = spy(engine.discard)
+    engine.discard_chain = spy(engine.discard_chain)
     start = dq.used_idx
     rig.post("reporting", [], [(rig.data[0], 2 * MiB)])
     assert seen == [start], "the chain was completed before its memory was discarded"
@@ -282,3 +287,40 @@ def test_disconnect_releases_memory_and_status():
     assert len(backend.memory) == 0 and backend.backend_channel is None
     r.fe.sock = r.fe.sock  # closed already; Rig.close tolerates it
     r.mem.close()
+
+
+@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
+def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
+    """discard_chain (one engine call per chain) and the per-piece path
+    (split + discard) give the same counters, logs and memory."""
+    lo = 0x1_0000_0000
+    layout = [(lo, 48 * MiB), (lo + 48 * MiB, 48 * MiB)]
+    bufs = [(lo + 47 * MiB + 123, 2 * MiB),          # straddles the regions, unaligned
+            (lo + 10 * MiB, 4096), (lo + 11 * MiB + 1, 4095),   # whole page, nothing
+            (lo + 96 * MiB - 4096 - 17, 4096 + 17),   # last page, unaligned start
+            (lo + 20 * MiB, 64 * 1024)]
+    # (out-of-range buffers never get this far: the ring refuses the chain;
+    # tests/test_discard_segs.py covers them at the engine level)
+    outcome = []
+    for fast in (True, False):
+        r = Rig(regions=layout, use_c=use_c)
+        try:
+            if not fast:
+                r.dev.engine.discard_chain = lambda memory, raw: None
+            r.mem.fill(lo, 96 * MiB, CANARY)
+            caplog.clear()
+            r.post("reporting", [], bufs)
+            assert len(r.used("reporting")) == 1
+            logs = [(rec.levelname, rec.getMessage()) for rec in caplog.records
+                    if rec.name.startswith("balloon_device")]
+            outcome.append((dict(r.dev.counters), logs, blocks(r.mem.fd),
+                            r.mem.read(lo, 96 * MiB)))
+        finally:
+            r.close()
+    assert outcome[0] == outcome[1]
+    counters, logs = outcome[0][:2]
+    assert counters["report_ranges"] == len(bufs)
+    assert counters["bytes_reported"] == sum(n for _, n in bufs)
+    assert counters["bytes_discarded"] == 2 * MiB - 4096 + 4096 + 4096 + 64 * 1024
+    assert counters["bytes_discarded"] + counters["skipped_unaligned"] == counters["bytes_reported"]
+    assert logs == []

@@ -94,13 +94,30 @@ class Chain:
     error: None, or why the chain was malformed; then segments == [] and
     the caller must complete it with push(head, 0).
     """
-    __slots__ = ("head", "segments", "error", "_split")
+    __slots__ = ("head", "_segments", "error", "_split", "raw")
 
-    def __init__(self, head, segments, error=None):
+    def __init__(self, head, segments, error=None, raw=None):
+        """segments: a list of Segment; or None with raw (decoded on first use)."""
         self.head = head
-        self.segments = segments
+        self._segments = segments
         self.error = error
         self._split = None
+        # The segments as packed struct vu_seg records (<QII: addr, len,
+        # flags), when the C pop produced them; None otherwise.
+        self.raw = raw
+
+    @property
+    def segments(self):
+        segs = self._segments
+        if segs is None:
+            new = tuple.__new__
+            segs = self._segments = [new(Segment, (a, ln, f == 1))
+                                     for a, ln, f in _SEG_ITER(self.raw)]
+        return segs
+
+    @segments.setter
+    def segments(self, value):
+        self._segments = value
 
     def _split_at(self):
         if self._split is None:
@@ -133,6 +150,11 @@ class Chain:
         if self.error:
             return f"Chain(head={self.head}, error={self.error!r})"
         return f"Chain(head={self.head}, segments={self.segments!r})"
+
+
+def pack_segments(segments):
+    """Segments as packed struct vu_seg records (the layout of Chain.raw)."""
+    return b"".join([_SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
 
 
 def _pow2(n):
@@ -329,10 +351,8 @@ class VirtQueue:
         if rc == 0:
             self.last_avail_idx = la[0]
             self._in_flight += 1
-            new = tuple.__new__
-            return Chain(self._c_head[0], [
-                new(Segment, (a, ln, f == 1)) for a, ln, f in
-                _SEG_ITER(self._c_segbuf[:16 * self._c_nout[0]])])
+            # segments are decoded from raw only if someone asks for them
+            return Chain(self._c_head[0], None, raw=self._c_segbuf[:16 * self._c_nout[0]])
         if rc == 1:
             return None
         if rc in RING_ERRORS:

@@ -32,7 +32,7 @@ import time
 from balloon_device import features as F
 from balloon_device.device import BalloonDevice
 from driver import DriverQueue, GuestMemory
-from vhostuser.errors import VringError
+from vhostuser.errors import GuestMemoryError, VringError
 
 MiB = 1 << 20
 PAGE = 4096
@@ -92,6 +92,25 @@ class HostileGuest:
             self._oracle_time += time.monotonic() - t  # not the device's time
             return real(pieces)
         self.dev.engine.discard = spy
+        real_chain = self.dev.engine.discard_chain
+
+        def spy_chain(memory, raw):
+            # The pieces a whole-chain discard is about to release: each
+            # device-writable segment split at region ends (skipped whole if
+            # some byte is outside guest memory).  What the engine really
+            # released is checked independently (blocks, canaries).
+            t = time.monotonic()
+            pieces = []
+            for addr, ln, flags in struct.iter_unpack("<QII", raw):
+                if flags & 1:
+                    try:
+                        pieces += memory.split(addr, ln)
+                    except GuestMemoryError:
+                        pass
+            self._check_discard(pieces)
+            self._oracle_time += time.monotonic() - t
+            return real_chain(memory, raw)
+        self.dev.engine.discard_chain = spy_chain
         self._q = None
         self._step_pages = set()
 
