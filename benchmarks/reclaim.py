@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MIB, Results, Sampler, accel_default, env_lines, environment, f,  # noqa: E402
                     md_table, median, mib, provisioned, pyplot, ratio)
 
-from tests.harness import Guest, MemCgroup  # noqa: E402
+from tests.harness import Guest, MemCgroup, alloc_steps  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
 
 CONFIGS = ("ours", "builtin", "noreport")
@@ -57,7 +57,7 @@ def run_one(cfg, rnd, ns, accel):
         else:
             kw = dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport")
         g = Guest(name=f"reclaim-{cfg}", mem_mib=ns.guest_mib, accel=accel, cgroup_parent=parent,
-                  steps=[("settle", "sleep 4"), ("alloc", f"alloc_touch {ns.alloc_mib}")], **kw)
+                  steps=alloc_steps(ns.alloc_mib), **kw)
         g.start()
         g.wait_marker("booted", timeout=120)
         info = g.wait_marker("balloon", timeout=30)

@@ -21,7 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest, GuestError, format_samples  # noqa: E402
+from tests.harness import (MIB, Guest, GuestError, alloc_steps, baseline_then_free,  # noqa: E402
+                           format_samples)
 from tests.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -72,17 +73,10 @@ def test_driver_binds_and_negotiates_reporting(provisioned, daemon):
 
 
 def _reclaim_run(d, name):
-    g = vhost_guest(d, name, steps=[("settle", "sleep 4"), ("alloc", f"alloc_touch {ALLOC_MIB}")])
+    g = vhost_guest(d, name, steps=alloc_steps(ALLOC_MIB))
     g.start()
     try:
-        g.wait_marker("booted", timeout=60)
-        g.wait_marker("step-start", timeout=30, name="settle")
-        time.sleep(2.0)
-        base = g.sample_memory()
-        g.wait_step("alloc", timeout=120)
-        t_free = time.monotonic()
-        after = g.sample_memory()
-        return g, base, after, t_free
+        return (g, *baseline_then_free(g))
     except BaseException:
         g.close(failed=True)
         raise
@@ -145,11 +139,8 @@ def test_inflate_deflate_through_control(provisioned, daemon):
         target = 512 * MIB
         daemon.set_target(target)
         t0 = time.monotonic()
-        deadline = t0 + 60
-        while time.monotonic() < deadline and daemon.status()["actual_bytes"] < target:
-            time.sleep(0.25)
+        st = daemon.wait_actual(target)
         took = time.monotonic() - t0
-        st = daemon.status()
         inflated = g.sample_memory()
         print(f"\n[inflate] actual={st['actual_bytes'] / MIB:.0f} MiB after {took:.1f} s; memfd "
               f"{after['memfd_allocated'] / MIB:.0f} -> {inflated['memfd_allocated'] / MIB:.0f} MiB; "
@@ -159,10 +150,7 @@ def test_inflate_deflate_through_control(provisioned, daemon):
         assert after["memfd_allocated"] - inflated["memfd_allocated"] >= 300 * MIB, \
             "host memory did not follow the inflated balloon"
         daemon.set_target(0)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and daemon.status()["actual_bytes"] > 0:
-            time.sleep(0.25)
-        st = daemon.status()
+        st = daemon.wait_actual(0)
         print(f"[deflate] actual={st['actual_bytes']} deflate_pages={st['counters']['deflate_pages']}")
         assert st["actual_bytes"] == 0 and st["counters"]["deflate_pages"] >= target // 4096
         failed = False

@@ -29,15 +29,6 @@ ROUND_MIB = 256
 BALLOON = 256 * MIB
 
 
-def wait_actual(d, target, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if d.status()["actual_bytes"] == target:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_integrity_under_reporting_and_balloon_churn(provisioned, tmp_path):
     rounds = max(2, int(SOAK_GIB * 1024 // ROUND_MIB))
     d = Daemon(tmp_path, log_level="info").start()
@@ -52,9 +43,9 @@ def test_integrity_under_reporting_and_balloon_churn(provisioned, tmp_path):
                 assert g.alive(), "QEMU died"
                 assert time.monotonic() - t0 < 60 + rounds * 30, "the checker does not finish"
                 d.set_target(BALLOON)
-                inflated = wait_actual(d, BALLOON)
+                inflated = d.wait_actual(BALLOON)["actual_bytes"] == BALLOON
                 d.set_target(0)
-                deflated = wait_actual(d, 0)
+                deflated = d.wait_actual(0)["actual_bytes"] == 0
                 if inflated and deflated:
                     cycles += 1
             done = g.wait_step("integrity", timeout=30, check_rc=False)

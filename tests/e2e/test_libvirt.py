@@ -53,7 +53,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, MarkerReader, encode_steps, find_memfd,  # noqa: E402
+from tests.harness import (MIB, MarkerReader, alloc_steps, encode_steps, find_memfd,  # noqa: E402
                            memfd_allocated, pid_alive, start_process, stop_process)
 from tests.harness.daemon import Daemon  # noqa: E402
 
@@ -261,7 +261,7 @@ def test_libvirt_domain_from_example(provisioned, libvirtd, tmp_path):
     accel = "kvm" if os.environ.get("VUB_ACCEL") == "kvm" else "qemu"
     serial = tmp_path / "serial.log"
     cmdline = " ".join(["console=ttyS0", "quiet", "panic=-1", *encode_steps(
-        [("settle", "sleep 4"), ("alloc", f"alloc_touch {ALLOC_MIB}")])])
+        alloc_steps(ALLOC_MIB))])
     # The example itself (with our emulator) is a valid domain, and libvirt keeps
     # its qemu:commandline.
     raw = EXAMPLE.read_text()

@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest, GuestError, MemCgroup, format_samples, pid_alive  # noqa: E402
+from tests.harness import (MIB, Guest, GuestError, MemCgroup, alloc_steps,  # noqa: E402
+                           baseline_then_free, format_samples, pid_alive)
 
 pytestmark = pytest.mark.e2e
 
@@ -99,15 +100,10 @@ def _alloc_then_idle(mode: str):
     """Boot a 1 GiB guest, take a baseline, let it touch and free ALLOC_MIB;
     return (guest, baseline sample, sample right after the free)."""
     g = Guest(name=f"ref-{mode}", mem_mib=GUEST_MIB, balloon=mode, accel="tcg", cpu="max",
-              steps=[("settle", "sleep 4"), ("alloc", f"alloc_touch {ALLOC_MIB}")])
+              steps=alloc_steps(ALLOC_MIB))
     g.start()
     try:
-        g.wait_marker("booted", timeout=60)
-        g.wait_marker("step-start", timeout=30, name="settle")
-        time.sleep(2.0)
-        base = g.sample_memory()
-        g.wait_step("alloc", timeout=90)
-        after = g.sample_memory()
+        base, after, _ = baseline_then_free(g, alloc_timeout=90)
         print(f"\n[{mode}] accel={g.accel} baseline usage={base['cgroup_usage'] / MIB:.1f} MiB "
               f"memfd={base['memfd_allocated'] / MIB:.1f} MiB; right after free "
               f"usage={after['cgroup_usage'] / MIB:.1f} MiB memfd={after['memfd_allocated'] / MIB:.1f} MiB")

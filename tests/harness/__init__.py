@@ -60,6 +60,7 @@ from .cgroup import CGROUP_MEMORY_ROOT, CgroupError, MemCgroup
 from .markers import Marker, MarkerReader, num, parse_line
 from .memory import find_memfd, memfd_allocated, smaps_rollup
 from .proc import pid_alive, start_process, stop_process
+from .scenario import alloc_steps, baseline_then_free
 from .qemu import (MIB, PROBE_INFO, REPO, Guest, GuestError, HarnessError, cache_dir,
                    encode_steps, find_guest, find_qemu, format_samples, probe_accel)
 
@@ -68,5 +69,5 @@ __all__ = [
     "parse_line", "find_memfd", "memfd_allocated", "smaps_rollup", "pid_alive",
     "start_process", "stop_process", "MIB", "PROBE_INFO", "REPO", "Guest", "GuestError",
     "HarnessError", "cache_dir", "encode_steps", "find_guest", "find_qemu",
-    "format_samples", "probe_accel",
+    "format_samples", "probe_accel", "alloc_steps", "baseline_then_free",
 ]

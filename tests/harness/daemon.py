@@ -80,6 +80,15 @@ class Daemon:
     def set_target(self, nbytes):
         return self.ctl({"cmd": "target", "bytes": int(nbytes)})
 
+    def wait_actual(self, nbytes, timeout=60):
+        """Wait until the guest's balloon holds exactly nbytes; returns the last status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st["actual_bytes"] == nbytes or time.monotonic() >= deadline:
+                return st
+            time.sleep(0.2)
+
     def wait_exit(self, timeout=10):
         try:
             return self.proc.wait(timeout=timeout)
