@@ -59,10 +59,11 @@ class RealFrontend:
             os.close(fd)
 
 
-def report_once(path, mem_size=32 * MiB, report=4 * MiB):
-    """Handshake, one reporting chain of `report` bytes; returns bytes released (memfd blocks)."""
+def report_once(path, mem_size=32 * MiB, report=4 * MiB, timeout=10):
+    """Handshake, one reporting chain of `report` bytes; returns bytes released (memfd blocks).
+    `timeout` bounds each reply and the chain (a socket-activated daemon starts first)."""
     mem = GuestMemory(mem_size, guard=False)
-    fe = RealFrontend(path)
+    fe = RealFrontend(path, timeout)
     try:
         features = fe.u64(R.GET_FEATURES)
         fe.u64(R.GET_PROTOCOL_FEATURES)
@@ -102,7 +103,7 @@ def report_once(path, mem_size=32 * MiB, report=4 * MiB):
         rq.add([], [(gpa, report)])
         rq.kick()
         os.eventfd_write(kick, 1)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + timeout
         while rq.used_idx == 0:
             if time.monotonic() > deadline:
                 raise TimeoutError("the daemon did not complete the reporting chain")
