@@ -9,7 +9,8 @@ readiness (Type=notify: "activating" until READY=1, with a control service
 that never sends it), serving under the hardening options (memory released,
 uid, no capabilities, seccomp), restart after SIGKILL, socket activation, the
 multi-guest unit past WatchdogSec=30s (pinging, NRestarts=0, guests a and b,
-metrics), ``systemd-analyze security`` scores, a clean stop.
+metrics), its watchdog restarting it when hung (SIGSTOP), ``systemd-analyze
+security`` scores, a clean stop.
 
 Fails (never skips) when the image cannot be built or QEMU is missing.
 Run: python -m pytest tests/e2e/test_systemd.py -v -s
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 STEPS = ["multi_start", "notify_control", "template_ready", "template_serve",
          "restart_on_sigkill", "socket_activation", "multi_serve", "multi_watchdog",
+         "multi_watchdog_fires",
          "security:vhost-user-balloon@t1.service",
          "security:vhost-user-balloon-activated@s1.service",
          "security:vhost-user-balloon.service", "clean_stop"]
@@ -96,4 +98,4 @@ def test_units_under_real_systemd(provisioned):
     assert done.num("fail") == 0 and done.num("pass") == len(STEPS), done.line
     released = {f"{n}.{k}": int(v) for n, m in steps.items() for k, v in m.values.items()
                 if k.startswith("released")}
-    assert len(released) == 8 and min(released.values()) > 0, released
+    assert len(released) == 10 and min(released.values()) > 0, released

@@ -257,6 +257,36 @@ def _():
             "released_a": rel["a"], "released_b": rel["b"]}
 
 
+@step("multi_watchdog_fires", [MULTI])
+def _():
+    # A hung daemon (SIGSTOP: no more pings) is stopped by the watchdog
+    # (Result=watchdog within WatchdogSec of its last ping) and restarted.
+    pid = int(show(MULTI, "MainPID")["MainPID"])
+    check(pid > 0, "no main PID")
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: show(MULTI, "Result")["Result"] == "watchdog", 90,
+                 "the watchdog timeout", interval=0.5)
+        fired = time.monotonic() - t0
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)    # systemd sends SIGCONT after SIGABRT itself
+        except ProcessLookupError:
+            pass
+    check(fired <= 45, f"fired {fired:.0f} s after the last possible ping")
+
+    def back():
+        s = show(MULTI, "ActiveState", "MainPID", "NRestarts")
+        return s if s["ActiveState"] == "active" and int(s["MainPID"]) not in (0, pid) else None
+
+    s = wait_for(back, 90, "the restarted daemon")
+    check(s["NRestarts"] == "1", f"NRestarts={s['NRestarts']}")
+    rel = {g: served(f"{RUN}/{g}.sock") for g in ("a", "b")}
+    return {"fired_after": f"{fired:.0f}", "old_pid": pid, "new_pid": s["MainPID"],
+            "nrestarts": s["NRestarts"], "released_a": rel["a"], "released_b": rel["b"]}
+
+
 for unit in (TEMPLATE, ACTIVATED, MULTI):
     @step(f"security:{unit}")
     def _(unit=unit):
