@@ -14,8 +14,9 @@
 #   base.cpio.gz     mmdebstrap tree (stamp: build_base below, the mirror)
 #   initramfs.cpio.gz = base.cpio.gz + overlay (stamp: this script, the units,
 #                     the package sources, the check files)
-# Needs root (mmdebstrap --mode=root) and Python 3.11 ($VUB_PYTHON, default
-# python3) to build the wheel for bookworm's python3.11.
+# Needs root (mmdebstrap --mode=root), Python 3.11 ($VUB_PYTHON, default
+# python3) to build the wheel for bookworm's python3.11, and pip's index for
+# prometheus_client (bookworm's 0.16 is older than the package needs).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 
@@ -123,9 +124,11 @@ find "$WORK/src" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} 
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/wheel" "$WORK/src" >&2 \
   || die "pip wheel failed"
 # prometheus_client (pure Python) at the version of $PY's environment.
-prom="$("$PY" -c 'import importlib.metadata as m; print(m.version("prometheus_client"))' 2>/dev/null || true)"
-"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d "$WORK/deps" \
-  "prometheus_client$( [ -n "$prom" ] && echo "==$prom" || echo ">=0.17")" >&2 || die "pip download prometheus_client failed"
+prom="$("$PY" -c 'import importlib.metadata as m; print(m.version("prometheus_client"))' \
+        2>/dev/null || true)"
+if [ -n "$prom" ]; then prom="==$prom"; else prom=">=0.17"; fi
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  -d "$WORK/deps" "prometheus_client$prom" >&2 || die "pip download prometheus_client failed"
 O="$WORK/overlay"
 SITE="$O/usr/lib/python3/dist-packages"
 mkdir -p "$SITE" "$O/usr/bin" "$O/etc/default" "$O/etc/systemd/system/multi-user.target.wants" \
