@@ -163,6 +163,14 @@ def _daemon_parser():
                      help=f"seconds between policy decisions (default {d.interval:g})")
     pol.add_argument("--policy-cgroup", metavar="DIR",
                      help="read host memory as this memory cgroup's limit - usage (v1 or v2)")
+    pol.add_argument("--policy-sweep", default="128MiB", metavar="SIZE",
+                     help="raise a quiet guest's balloon by SIZE and lower it again, so the guest "
+                          "hands back free memory reporting cannot see (default 128MiB; 0 = off)")
+    pol.add_argument("--policy-sweep-quiet", type=float, default=d.sweep_quiet, metavar="S",
+                     help="a guest is swept after S seconds without allocating "
+                          f"(default {d.sweep_quiet:g})")
+    pol.add_argument("--policy-sweep-every", type=float, default=d.sweep_every, metavar="S",
+                     help=f"sweep a quiet guest again after S seconds (default {d.sweep_every:g})")
     return p
 
 
@@ -183,7 +191,9 @@ def _policy_from_args(ns):
         margin_bytes=parse_size(ns.policy_margin),
         hysteresis_bytes=parse_size(ns.policy_hysteresis), psi_threshold=ns.policy_psi,
         psi_step_bytes=parse_size(ns.policy_psi_step), interval=ns.policy_interval,
-        stats_max_age=max(30.0, 3 * ns.policy_interval), cgroup=ns.policy_cgroup)
+        stats_max_age=max(30.0, 3 * ns.policy_interval), cgroup=ns.policy_cgroup,
+        sweep_bytes=parse_size(ns.policy_sweep), sweep_quiet=ns.policy_sweep_quiet,
+        sweep_every=ns.policy_sweep_every)
 
 
 def config_from_args(ns):

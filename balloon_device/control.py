@@ -123,8 +123,8 @@ class ControlServer:
 
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
-            return {"guests": {name: g.status() for name, g in self.guests.items()}}
-        return {"status": self._guest(req).status()}
+            return {"guests": {name: g.status(rings=True) for name, g in self.guests.items()}}
+        return {"status": self._guest(req).status(rings=True)}
 
     def _cmd_list(self, req):
         return {"guests": [g.status() for g in self.guests.values()]}

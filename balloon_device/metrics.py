@@ -12,6 +12,8 @@ daemon runs without it when --metrics-port is not given.
 
 import bisect
 import logging
+import socket
+import threading
 
 from .errors import BalloonError
 
@@ -98,6 +100,10 @@ def _collect(guests, policy=None):
             []).add_metric([name], st.get("sessions", 0))
         fam(GaugeMetricFamily, "connected", "1 while a frontend (QEMU) is connected",
             []).add_metric([name], 1 if st.get("connected") else 0)
+        if st.get("ram_backed_bytes") is not None:
+            fam(GaugeMetricFamily, "guest_ram_backed_bytes",
+                "Host memory allocated to the guest's RAM files now (memfd/hugetlbfs st_blocks)",
+                []).add_metric([name], st["ram_backed_bytes"])
         fam(GaugeMetricFamily, "target_bytes", "Balloon target (memory asked from the guest)",
             []).add_metric([name], st["target_bytes"])
         fam(GaugeMetricFamily, "actual_bytes", "Balloon size the guest reports", []).add_metric(
@@ -136,6 +142,12 @@ def _collect(guests, policy=None):
                               "1 if the policy saw host memory pressure on its last tick")
         g.add_metric([], 1 if last["pressure"] else 0)
         yield g
+        c = CounterMetricFamily(PREFIX + "policy_sweeps",
+                                "Sweeps the policy completed (balloon raised and lowered to "
+                                "flush a quiet guest's per-CPU free lists)", labels=["guest"])
+        for name, n in sorted(last.get("sweeps", {}).items()):
+            c.add_metric([name], n)
+        yield c
 
 
 class BalloonCollector:
@@ -153,23 +165,49 @@ class BalloonCollector:
 
 
 class MetricsServer:
-    """The HTTP endpoint (/metrics) in prometheus_client's own thread."""
+    """The HTTP endpoint (/metrics) in its own thread; works with any prometheus_client
+    that has generate_latest (Debian 12 ships 0.16)."""
 
     def __init__(self, guests, address="127.0.0.1", port=9000, policy=None):
         try:
-            from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+            from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry,
+                                           ProcessCollector, generate_latest)
         except ImportError as e:
             raise MetricsError("--metrics-port needs the prometheus_client package "
                                "(pip install prometheus_client)") from e
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(BalloonCollector(guests, policy))
-        ProcessCollector(registry=self.registry)
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        registry.register(BalloonCollector(guests, policy))
+        ProcessCollector(registry=registry)
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?", 1)[0] not in ("/", "/metrics"):
+                    self.send_error(404, "only /metrics here")
+                    return
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
         try:
-            self.httpd, self.thread = start_http_server(port, addr=address,
-                                                        registry=self.registry)
+            self.httpd = Server((address, port), Handler)
         except OSError as e:
             raise MetricsError(f"cannot serve metrics on {address}:{port}: "
                                f"{e.strerror or e}") from e
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
+                                       daemon=True)
+        self.thread.start()
         self.address = address
         self.port = self.httpd.server_port
         log.info("metrics on http://%s:%d/metrics", address, self.port)

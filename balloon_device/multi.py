@@ -124,8 +124,9 @@ class Guest:
         except Exception:
             log.exception("guest %s: closing the connection failed too", self.name)
 
-    def status(self):
-        """A snapshot; safe to call from the metrics thread (only copies and reads)."""
+    def status(self, rings=False):
+        """A snapshot; safe to call from the metrics thread (only copies and reads)
+        unless rings=True (ring indices read from guest memory: loop thread only)."""
         st = self.device.status()
         server = self.server
         backend = server.backend
@@ -133,7 +134,12 @@ class Guest:
             name=self.name, socket=self.socket_path, connected=server.connected,
             sessions=server.sessions, protocol=dict(backend.counters),
             protocol_errors=getattr(server, "protocol_errors", 0), internal_errors=self.internal_errors,
-            memory_bytes=sum(r.size for r in list(backend.memory.regions)))
+            memory_bytes=sum(r.size for r in list(backend.memory.regions)),
+            ram_backed_bytes=backend.memory.backed_bytes())
+        if rings:
+            roles = st.get("queues") or []
+            st["rings"] = [dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
+                           for i, q in enumerate(backend.queues)]
         return st
 
     def call(self, fn, *args):

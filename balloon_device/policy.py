@@ -28,6 +28,10 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   floor - hysteresis; lower targets by up to surplus in total, in proportion to
   their size, down to 0 (all memory returned once the surplus covers the balloons).
 * in between: hold.
+
+Sweeps (sweep.py): while the host is within floor + hysteresis, one quiet guest at a
+time gets its balloon raised by sweep_bytes and lowered again at once, which makes the
+guest release free memory that reporting cannot see.
 """
 
 import logging
@@ -36,6 +40,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError
+from .sweep import Sweeper
 
 log = logging.getLogger("vhost-user-balloon.policy")
 
@@ -56,16 +61,23 @@ class PolicyConfig:
     stats_max_age: float = 30.0   # older guest stats count as no stats
     cgroup: str = None
     busy_hold: float = 30.0       # a guest stays busy this long after its memory use grew
+    sweep_bytes: int = 128 * MiB  # 0 = no sweeps (sweep.py)
+    sweep_quiet: float = 10.0     # a guest must be quiet this long before a sweep
+    sweep_timeout: float = 20.0   # give up a sweep the balloon does not complete in this time
+    sweep_every: float = 600.0    # sweep a quiet guest again after this long
 
     def __post_init__(self):
         for name in ("floor_bytes", "guest_min_bytes", "margin_bytes", "hysteresis_bytes",
-                     "psi_step_bytes"):
+                     "psi_step_bytes", "sweep_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--policy-{name[:-6].replace('_', '-')} must be >= 0")
         if self.interval <= 0:
             raise ConfigError("--policy-interval must be > 0 seconds")
         if self.busy_hold < 0:
             raise ConfigError("busy_hold must be >= 0 seconds")
+        for name in ("sweep_quiet", "sweep_timeout", "sweep_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--policy-{name.replace('_', '-')} must be > 0 seconds")
         if not 0 <= self.psi_threshold <= 100:
             raise ConfigError("--policy-psi is a percentage of time stalled: 0 to 100 "
                               "(0 = ignore pressure stall information)")
@@ -87,6 +99,7 @@ class GuestView:
     memory_bytes: int = 0          # guest RAM (0: unknown)
     available_bytes: int = None    # guest's available_memory stat (None: no fresh stats)
     busy: bool = False             # allocating: give its balloon back, do not inflate it
+    reporting: bool = True         # free page reporting negotiated (sweeps need it)
 
 
 def _cap(g, cfg):
@@ -216,7 +229,8 @@ def view_of(status, cfg):
     fresh = age is not None and age <= cfg.stats_max_age
     available = stats.get("available_memory") if fresh else None
     return GuestView(target_pages=status["target_pages"], actual_pages=status["actual_pages"],
-                     memory_bytes=status.get("memory_bytes", 0), available_bytes=available)
+                     memory_bytes=status.get("memory_bytes", 0), available_bytes=available,
+                     reporting="REPORTING" in status.get("features_acked", ()))
 
 
 class PolicyLoop:
@@ -232,6 +246,8 @@ class PolicyLoop:
         self._was_pressure = False
         self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
         self._busy_until = {}     # name -> monotonic time its busy state ends
+        self._last_fall = {}      # name -> monotonic time its available memory last fell
+        self.sweeper = Sweeper(cfg)
 
     def start(self):
         log.info("memory policy on: keep %d MiB available on the host, guests keep at least "
@@ -265,6 +281,7 @@ class PolicyLoop:
         else:
             taken = 0
         if taken > self.cfg.margin_bytes:
+            self._last_fall[name] = now
             if now >= self._busy_until.get(name, 0):
                 log.info("policy: guest %s is allocating (%d MiB taken since the last check): "
                          "its balloon is given back and it is left alone for %gs", name,
@@ -276,16 +293,26 @@ class PolicyLoop:
 
     def tick(self):
         host = self.read_host()
-        views = {}
+        views, current = {}, {}   # current: the targets the devices hold now
         now = time.monotonic()
         for name, guest in self.guests.items():
             st = guest.status()
             if st["connected"] and st["features_acked"]:
-                views[name] = self._mark_busy(name, view_of(st, self.cfg), now)
+                v = self._mark_busy(name, view_of(st, self.cfg), now)
+                current[name] = v.target_pages
+                v = replace(v, target_pages=self.sweeper.base_target(name, v.target_pages))
+                self.sweeper.observe(name, v, self._last_fall.get(name), now)
+                views[name] = v
             else:
                 self._hist.pop(name, None)
                 self._busy_until.pop(name, None)
+                self._last_fall.pop(name, None)
+                self.sweeper.forget(name)
         targets = decide(host, views, self.cfg)
+        short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
+        headroom = {n: _cap(replace(v, busy=False), self.cfg) - targets[n]
+                    for n, v in views.items()}
+        targets = self.sweeper.apply(views, targets, headroom, short, now)
         under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
@@ -294,7 +321,7 @@ class PolicyLoop:
                      "n/a" if host.psi_some_avg10 is None else f"{host.psi_some_avg10:.1f}%")
             self._was_pressure = under
         for name, pages in targets.items():
-            old = views[name].target_pages
+            old = current[name]
             if pages != old:
                 log.info("policy: guest %s balloon target %d MiB -> %d MiB (host has %d MiB "
                          "available, floor %d MiB)", name, old >> 8, pages >> 8,
@@ -304,5 +331,7 @@ class PolicyLoop:
         self.last = {"time": time.time(), "host_available": host.available_bytes,
                      "psi_some_avg10": host.psi_some_avg10, "pressure": under,
                      "targets": dict(targets),
-                     "busy": sorted(n for n, v in views.items() if v.busy)}
+                     "busy": sorted(n for n, v in views.items() if v.busy),
+                     "sweeping": self.sweeper.active["name"] if self.sweeper.active else None,
+                     "sweeps": dict(self.sweeper.count)}
         return targets

@@ -12,7 +12,7 @@ import time
 from .control import request
 
 COLUMNS = ("GUEST", "STATE", "TARGET", "ACTUAL", "REPORTED", "RETURNED", "LAST REPORT",
-           "GUEST AVAIL", "SESSIONS")
+           "GUEST AVAIL", "HOST RAM", "SESSIONS")
 
 
 def human_bytes(n):
@@ -45,7 +45,7 @@ def row(st):
             human_bytes(st.get("actual_bytes")), human_bytes(c.get("bytes_reported", 0)),
             human_bytes(c.get("bytes_discarded", 0) + c.get("bytes_inflate_discarded", 0)),
             human_age(st.get("last_report_age")), human_bytes(avail),
-            str(st.get("sessions", 0)))
+            human_bytes(st.get("ram_backed_bytes")), str(st.get("sessions", 0)))
 
 
 def format_table(statuses):

@@ -113,7 +113,8 @@ def policy_args(ns, parent):
     return ["--stats-interval", "1", "--policy", "--policy-cgroup", str(parent.path),
             "--policy-floor", ns.policy_floor, "--policy-guest-min", ns.policy_guest_min,
             "--policy-margin", ns.policy_margin, "--policy-hysteresis", ns.policy_hysteresis,
-            "--policy-interval", str(ns.policy_interval), "--policy-psi", str(ns.policy_psi)]
+            "--policy-interval", str(ns.policy_interval), "--policy-psi", str(ns.policy_psi),
+            "--policy-sweep", ns.policy_sweep]
 
 
 def cgroup_breakdown(cg):
@@ -173,7 +174,8 @@ def run_config(cfg, ns, accel, t_global):
                 kw = dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport")
             daemons.append(d)
             g = Guest(name=f"dens-{cfg}-{i}", mem_mib=ns.guest_mib, accel=accel,
-                      cgroup_parent=child, steps=[("alloc", f"alloc_touch {ns.alloc_mib}")], **kw)
+                      cgroup_parent=child, steps=[("alloc", f"alloc_touch {ns.alloc_mib}")],
+                      stats=ns.guest_ticker, **kw)
             guests.append(g)
             g.start()
             pids_seen.append(g.pid)
@@ -340,6 +342,10 @@ def main():
     ap.add_argument("--guest-mib", type=int, default=1024)
     ap.add_argument("--alloc-mib", type=int, default=800)
     ap.add_argument("--cap", type=int, default=14)
+    ap.add_argument("--guest-ticker", type=int, default=5, metavar="S",
+                    help="the idle guest runs a small process every S seconds (its meminfo "
+                         "marker), like the timers of any real guest; 0 = a silent guest "
+                         "(default 5)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     pol = ap.add_argument_group("the policy configuration (passed to the daemon's --policy-*)")
     pol.add_argument("--policy-floor", default="1GiB",
@@ -349,6 +355,8 @@ def main():
     pol.add_argument("--policy-margin", default="32MiB")
     pol.add_argument("--policy-hysteresis", default="256MiB")
     pol.add_argument("--policy-interval", type=float, default=1.0)
+    pol.add_argument("--policy-sweep", default="128MiB",
+                     help="--policy-sweep of the daemon (0 = no sweeps; see balloon_device/sweep.py)")
     pol.add_argument("--policy-psi", type=float, default=0.0,
                      help="0: ignore the system-wide PSI (the host here is the cgroup, and "
                           "other work on the machine would move /proc/pressure/memory)")

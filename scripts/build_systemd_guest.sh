@@ -15,8 +15,7 @@
 #   initramfs.cpio.gz = base.cpio.gz + overlay (stamp: this script, the units,
 #                     the package sources, the check files)
 # Needs root (mmdebstrap --mode=root), Python 3.11 ($VUB_PYTHON, default
-# python3) to build the wheel for bookworm's python3.11, and pip's index for
-# prometheus_client (bookworm's 0.16 is older than the package needs).
+# python3) to build the wheel for bookworm's python3.11.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 
@@ -35,9 +34,8 @@ die() { echo "build_systemd_guest: ERROR: $*" >&2; exit 1; }
 KERNEL="$(bash "$HERE/build_guest.sh" | tail -n2 | head -n1)"
 [ -s "$KERNEL" ] || die "build_guest.sh gave no kernel"
 
-# No python3-prometheus-client: bookworm has 0.16, the package needs >= 0.17
-# (start_http_server returns the server); the overlay gets it from PyPI.
-PKGS=systemd,systemd-sysv,python3,python3-cffi-backend
+# Bookworm's own prometheus_client (0.16): --metrics-port must work with it.
+PKGS=systemd,systemd-sysv,python3,python3-cffi-backend,python3-prometheus-client
 
 # build_base DIR MIRROR: the bookworm tree (its text is part of the base stamp).
 build_base() {
@@ -123,20 +121,12 @@ cp -a "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/README.md" "$REPO/vhostuser
 find "$WORK/src" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 "$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/wheel" "$WORK/src" >&2 \
   || die "pip wheel failed"
-# prometheus_client (pure Python) at the version of $PY's environment.
-prom="$("$PY" -c 'import importlib.metadata as m; print(m.version("prometheus_client"))' \
-        2>/dev/null || true)"
-if [ -n "$prom" ]; then prom="==$prom"; else prom=">=0.17"; fi
-"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-  -d "$WORK/deps" "prometheus_client$prom" >&2 || die "pip download prometheus_client failed"
 O="$WORK/overlay"
 SITE="$O/usr/lib/python3/dist-packages"
 mkdir -p "$SITE" "$O/usr/bin" "$O/etc/default" "$O/etc/systemd/system/multi-user.target.wants" \
          "$O/usr/lib/vub-check" "$O/dev"
 "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
   "$(ls "$WORK"/wheel/vhost_user_balloon-*.whl)" "$SITE"
-"$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
-  "$(ls "$WORK"/deps/prometheus_client-*.whl)" "$SITE"
 cat > "$O/usr/bin/vhost-user-balloon" <<'EOF'
 #!/usr/bin/python3
 import sys

@@ -369,3 +369,16 @@ def test_dontneed_frees_anonymous(use_c):
         assert mem[16 * PAGE:] == b"\x5a" * (48 * PAGE)
     finally:
         anon.close()
+
+
+def test_backed_bytes_counts_each_file_once():
+    """Two regions from one memfd (QEMU splits RAM below/above 4 GiB like this):
+    the host memory behind them is the file's allocation, counted once."""
+    MiB = 1 << 20
+    with MemfdTable(8 * MiB, [(0, 4 * MiB, 0), (1 << 32, 4 * MiB, 4 * MiB)]) as mt:
+        assert mt.table.backed_bytes() == mt.allocated() == 8 * MiB
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        assert libc.fallocate(mt.fd, 0x02 | 0x01, 0, 3 * MiB) == 0   # PUNCH_HOLE | KEEP_SIZE
+        assert mt.table.backed_bytes() == mt.allocated() == 5 * MiB
+    assert MemoryTable().backed_bytes() is None

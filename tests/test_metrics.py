@@ -1,6 +1,7 @@
 """Prometheus endpoint: scraped over HTTP on 127.0.0.1 (ephemeral port) from a
 daemon serving two guests; values come from the devices at scrape time."""
 
+import os
 import threading
 import urllib.request
 
@@ -67,6 +68,9 @@ def test_scrape_per_guest(daemon):
         assert value(s, P + "connected", guest="b") == 0
         assert value(s, P + "sessions_total", guest="a") == 1
         assert value(s, P + "guest_memory_bytes", guest="a") == 64 * MiB
+        backed = os.fstat(a.mem.fd).st_blocks * 512      # the rig's memfd, as the host sees it
+        assert 0 < value(s, P + "guest_ram_backed_bytes", guest="a") == backed
+        assert (P + "guest_ram_backed_bytes", (("guest", "b"),)) not in s   # no memory table
         assert value(s, P + "skipped_bytes_total", guest="a", reason="poison") == 0
         assert value(s, P + "errors_total", guest="a", kind="disconnect") == 0
         a.fe.send_raw(b"\xff" * 12)  # protocol error: counted as a disconnect error

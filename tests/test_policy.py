@@ -168,10 +168,14 @@ class FakeGuest:
         self.stats_age = stats_age
         self.set_calls = []
         self.stats_requests = 0
+        self.actual = None          # None: the balloon follows the target at once
+        self.features = ["REPORTING"]
 
     def status(self):
-        return {"connected": self.connected, "features_acked": ["REPORTING"] if self.connected else [],
-                "target_pages": self.target, "actual_pages": self.target,
+        return {"connected": self.connected,
+                "features_acked": self.features if self.connected else [],
+                "target_pages": self.target,
+                "actual_pages": self.target if self.actual is None else self.actual,
                 "memory_bytes": 4 * GiB, "stats_age": self.stats_age,
                 "stats": {} if self.avail is None else {"available_memory": self.avail * MiB}}
 
@@ -245,6 +249,106 @@ def test_loop_marks_an_allocating_guest_busy(monkeypatch):
     host[0] = H(2048 - 512)
     tick(3)                                      # hold over: an idle guest again
     assert pol.last["busy"] == [] and guests["new"].target > 0
+
+
+# ---- sweeps ------------------------------------------------------------------------
+
+SWEEP_CFG = PolicyConfig(floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_bytes=128 * MiB,
+                         hysteresis_bytes=512 * MiB, psi_threshold=0, sweep_bytes=128 * MiB,
+                         sweep_quiet=15.0, sweep_timeout=20.0, sweep_every=600.0)
+
+
+class Clock:
+    def __init__(self, monkeypatch):
+        import balloon_device.policy as policy
+        self.now = 1000.0
+        monkeypatch.setattr(policy.time, "monotonic", lambda: self.now)
+
+
+def sweep_rig(monkeypatch, guests, host_mib, cfg=SWEEP_CFG):
+    clock = Clock(monkeypatch)
+    loop = FakeLoop()
+    host = [H(host_mib)]
+    pol = PolicyLoop(cfg, guests, loop, host_reader=lambda: host[0])
+    pol.start()
+
+    def tick(dt=1.0):
+        clock.now += dt
+        loop.timers.pop()[1]()
+        return pol.last
+    return pol, host, tick
+
+
+def test_sweep_raises_a_quiet_guests_balloon_and_gives_it_back(monkeypatch):
+    g = FakeGuest(target=100, avail=900)
+    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)   # short, not under the floor
+    tick(0)
+    for _ in range(14):                                    # quiet for < 15 s: nothing yet
+        assert tick()["sweeping"] is None and g.target == 100 * PG
+    assert tick()["sweeping"] == "a"                       # 15 s quiet: 100 + 128 MiB
+    assert g.set_calls == [228 * PG]
+    last = tick()                                          # the balloon got there: back to 100
+    assert last["sweeping"] is None and last["sweeps"] == {"a": 1}
+    assert g.set_calls == [228 * PG, 100 * PG]
+    for _ in range(100):                                   # once per quiet spell
+        assert tick()["sweeping"] is None
+    assert tick(600)["sweeping"] == "a"                    # ... and again after sweep_every
+
+
+def test_sweep_waits_for_the_balloon_and_gives_up_after_the_timeout(monkeypatch):
+    g = FakeGuest(target=0, avail=900)
+    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    tick(0)
+    g.actual = 0                                           # the balloon does not move
+    assert tick(15)["sweeping"] == "a" and g.target == 128 * PG
+    assert tick(10)["sweeping"] == "a"                     # still waiting
+    last = tick(10)                                        # 20 s: given up, memory given back
+    assert last["sweeping"] is None and last["sweeps"] == {} and g.target == 0
+    assert tick(100)["sweeping"] is None                   # not retried before sweep_every
+
+
+def test_sweep_stops_when_the_guest_allocates(monkeypatch):
+    g = FakeGuest(target=0, avail=900)
+    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    tick(0)
+    g.actual = 0
+    assert tick(15)["sweeping"] == "a"
+    g.avail -= 400                                         # it allocates
+    last = tick()
+    assert last["busy"] == ["a"] and last["sweeping"] is None and g.target == 0
+
+
+@pytest.mark.parametrize("host_mib,avail,sweep,feats,why", [
+    (2048 + 512 + 100, 900, 128 * MiB, ["REPORTING"], "the host has plenty: no sweeping"),
+    (2048 + 100, 128 + 100, 128 * MiB, ["REPORTING"], "no room above the guest's margin"),
+    (2048 + 100, 900, 0, ["REPORTING"], "--policy-sweep 0"),
+    (2048 + 100, 900, 128 * MiB, ["STATS_VQ"], "no free page reporting: nothing to flush to"),
+])
+def test_no_sweep(monkeypatch, host_mib, avail, sweep, feats, why):
+    from dataclasses import replace
+    g = FakeGuest(target=0, avail=avail)
+    g.features = feats
+    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, host_mib, replace(SWEEP_CFG, sweep_bytes=sweep))
+    tick(0)
+    for _ in range(40):
+        assert tick()["sweeping"] is None, why
+    assert g.set_calls == [] or g.set_calls[-1] == 0, why
+
+
+def test_sweep_leaves_decide_its_own_targets(monkeypatch):
+    """Under the floor during a sweep, the policy's inflation adds to the base, and the
+    sweep ends at the new base, not at the old one."""
+    g = FakeGuest(target=0, avail=1500)
+    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    tick(0)
+    g.actual = 0
+    assert tick(15)["sweeping"] == "a" and g.target == 128 * PG
+    host[0] = H(2048 - 64)                                 # 64 MiB short: base 0 -> 64
+    assert tick()["targets"]["a"] == 128 * PG              # max(base 64, sweep 128)
+    g.actual = None
+    host[0] = H(2048 + 100)
+    last = tick()
+    assert last["sweeping"] is None and g.target == 64 * PG
 
 
 def test_loop_survives_a_failing_reader():

@@ -171,6 +171,21 @@ class MemoryTable:
             self.generation += 1
         self.regions = []
 
+    def backed_bytes(self):
+        """Host memory allocated to the files behind the regions (st_blocks), each
+        file counted once; None without regions.  For a memfd or hugetlbfs file that
+        holds only guest RAM, this is what the guest's RAM costs the host now."""
+        seen, total = set(), 0
+        for r in list(self.regions):
+            try:
+                st = os.fstat(r.fd)
+            except (OSError, ValueError):
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+        return total if seen else None
+
     def find(self, gpa):
         for r in self.regions:
             if r.gpa <= gpa < r.end:

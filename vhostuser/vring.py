@@ -454,6 +454,18 @@ class VirtQueue:
                 pass  # the eventfd counter is saturated: already signalled
         return True
 
+    def diagnostics(self):
+        """Ring indices for troubleshooting; reads the driver's fields, so call it
+        on the loop's thread only (the ring may be unmapped under another thread)."""
+        d = {"index": self.index, "size": self.size, "enabled": self.enabled,
+             "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
+             "in_flight": self._in_flight, "broken": self.broken}
+        if self._mapped:
+            d["driver_avail_idx"] = self.avail_idx()
+            if self.event_idx:  # the driver's used_event: its last used idx seen
+                d["driver_used_event"] = _py._ld16(self._avail_hva + 4 + 2 * self.size)
+        return d
+
     def avail_idx(self):
         """The driver's current avail idx (for diagnostics), or None."""
         if not self._mapped:
