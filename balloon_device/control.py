@@ -30,13 +30,14 @@ class ControlError(BalloonError):
 
 class ControlServer:
     def __init__(self, path, device=None, server=None, *, guests=None, loop=None,
-                 name="default"):
+                 name="default", policy=None):
         if guests is None:  # one device on one Server
             from .multi import Guest
             guest = Guest(name, device)
             guest.server = server
             guests, loop = {name: guest}, server
         self.guests = guests  # name -> multi.Guest
+        self.policy = policy  # policy.PolicyLoop or None
         self.server = loop    # anything with add_reader / remove_reader
         try:
             self.listener = Listener.at_path(path)
@@ -127,7 +128,10 @@ class ControlServer:
         return {"status": self._guest(req).status(rings=True)}
 
     def _cmd_list(self, req):
-        return {"guests": [g.status() for g in self.guests.values()]}
+        out = {"guests": [g.status() for g in self.guests.values()]}
+        if self.policy is not None:
+            out["policy"] = self.policy.last or {}   # {} until its first tick
+        return out
 
     def _cmd_target(self, req):
         if "pages" in req:

@@ -178,12 +178,13 @@ class Daemon:
         try:
             for name, path, fd in specs:
                 self.add_guest(name, path, fd)
-            if cfg.control_path:
-                from .control import ControlServer
-                self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop)
             if cfg.policy is not None:
                 from .policy import PolicyLoop
                 self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
+            if cfg.control_path:
+                from .control import ControlServer
+                self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop,
+                                             policy=self.policy)
             if cfg.metrics_port is not None:
                 from .metrics import MetricsServer
                 self.metrics = MetricsServer(self.guests, cfg.metrics_address,

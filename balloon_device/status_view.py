@@ -62,10 +62,25 @@ def format_table(statuses):
 
 
 def fetch(path):
+    """(guest statuses, policy snapshot or None)."""
     reply = request(path, {"cmd": "list"})
     if not reply.get("ok"):
         raise RuntimeError(reply.get("error", "daemon refused the request"))
-    return reply["guests"]
+    return reply["guests"], reply.get("policy")
+
+
+def policy_line(last):
+    """One line on the host memory policy's last decision."""
+    if not last:
+        return "policy: on, no decision yet"
+    words = [f"policy: host {human_bytes(last['host_available'])} available",
+             "under pressure" if last.get("pressure") else "no pressure"]
+    if last.get("busy"):
+        words.append("allocating: " + ", ".join(last["busy"]))
+    if last.get("sweeping"):
+        words.append("sweeping " + last["sweeping"])
+    words.append(f"sweeps done: {sum(last.get('sweeps', {}).values())}")
+    return "; ".join(words)
 
 
 def main(argv, out=None):
@@ -83,11 +98,16 @@ def main(argv, out=None):
     try:
         while True:
             try:
-                guests = fetch(path)
+                guests, policy = fetch(path)
             except RuntimeError as e:
                 print(f"vhost-user-balloon: error: {e}", file=sys.stderr)
                 return 1
-            text = json.dumps(guests, indent=2, sort_keys=True) if ns.json else format_table(guests)
+            if ns.json:
+                text = json.dumps(guests, indent=2, sort_keys=True)
+            else:
+                text = format_table(guests)
+                if policy is not None:
+                    text += "\n" + policy_line(policy)
             if ns.watch:
                 if out.isatty():
                     out.write("\033[H\033[2J")

@@ -204,6 +204,37 @@ def test_status_subcommand(capsys, running):
     assert [g["name"] for g in json.loads(out)] == ["a", "b"]
 
 
+def test_status_shows_the_policy(capsys, tmp_path):
+    from balloon_device.policy import HostMemory, PolicyConfig
+    cfg = DaemonConfig(guests=(("a", str(tmp_path / "a.sock")),), policy=PolicyConfig())
+    d = Daemon(cfg, host_reader=lambda: HostMemory(1536 << 20))
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            d.loop.run_once(timeout=0.02)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        rc, out, _ = run_cli(capsys, "status", "--control-socket", cfg.control_path)
+        assert rc == 0 and out.splitlines()[-1] == "policy: on, no decision yet"
+        d.policy.tick()
+        rc, out, _ = run_cli(capsys, "status", "--control-socket", cfg.control_path)
+        assert out.splitlines()[-1] == ("policy: host 1.5 GiB available; under pressure; "
+                                        "sweeps done: 0")
+    finally:
+        stop.set()
+        t.join()
+        d.close()
+
+
+def test_policy_line():
+    last = {"host_available": 900 << 20, "pressure": False, "busy": ["g2"],
+            "sweeping": "g1", "sweeps": {"g0": 2, "g1": 1}}
+    assert status_view.policy_line(last) == ("policy: host 900.0 MiB available; no pressure; "
+                                             "allocating: g2; sweeping g1; sweeps done: 3")
+
+
 def test_ctl_with_guest(capsys, running):
     d, ctl = running
     rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "--guest", "b", "target", "8MiB")
