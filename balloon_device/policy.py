@@ -307,12 +307,13 @@ class PolicyLoop:
                 self._hist.pop(name, None)
                 self._busy_until.pop(name, None)
                 self._last_fall.pop(name, None)
-                self.sweeper.forget(name)
+                base = self.sweeper.forget(name)
+                if base is not None:
+                    guest.set_target(base)
         targets = decide(host, views, self.cfg)
         short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
-        headroom = {n: _cap(replace(v, busy=False), self.cfg) - targets[n]
-                    for n, v in views.items()}
-        targets = self.sweeper.apply(views, targets, headroom, short, now)
+        caps = {n: _cap(replace(v, busy=False), self.cfg) for n, v in views.items()}
+        targets = self.sweeper.apply(views, targets, caps, short, now)
         under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",

@@ -16,11 +16,16 @@ guest RAM backed on the host 141-149 MiB -> 105 MiB. A guest that runs no proces
 all keeps its lists until something runs (docs/operations.md).
 
 Who is swept: a guest with fresh stats whose available memory has not fallen (it has
-not allocated, see "busy" in policy.py) for --policy-sweep-quiet seconds, with room for
-the sweep above its minimums, while the host is within floor + hysteresis. Once after
-each allocation, and again every --policy-sweep-every seconds. One guest at a time; a
-sweep stops as soon as the guest allocates again. Only guests that negotiated free page
-reporting are swept (without it the flushed pages would stay on the host anyway).
+not allocated, see "busy" in policy.py) for --policy-sweep-quiet seconds, whose balloon
+has been at its target since the last tick (so its stats count it), with room for the
+sweep within its limits (guest_min, available - margin), while the host is within
+floor + hysteresis. Once after each allocation, and again every --policy-sweep-every
+seconds. One guest at a time. This may be within the 30 s a busy guest is otherwise
+left alone: the sweep takes only what the guest's margin allows and ends at once when
+the guest allocates again, when its limits shrink below the sweep, when the guest goes
+away (its old target is restored) or after --policy-sweep-timeout. Only guests that
+negotiated free page reporting are swept (without it the flushed pages would stay on
+the host anyway).
 """
 
 import logging
@@ -39,16 +44,24 @@ class Sweeper:
         self.due = {}             # name -> a sweep is wanted
         self.last_sweep = {}      # name -> monotonic time of its last sweep
         self.count = {}           # name -> sweeps done
+        self.settled = {}         # name -> (actual pages last tick, balloon settled now)
 
     @property
     def enabled(self):
         return self.pages > 0
 
     def forget(self, name):
-        for d in (self.quiet_since, self.due, self.last_sweep):
+        """The guest went away. Returns the target its device must get back if it was
+        being swept (the device keeps its target across a reconnect), else None."""
+        for d in (self.quiet_since, self.due, self.last_sweep, self.settled):
             d.pop(name, None)
         if self.active and self.active["name"] == name:
+            base = self.active["base"]
             self.active = None
+            log.info("policy: sweep of guest %s stopped (the guest went away); its balloon "
+                     "target goes back to %d MiB", name, base >> 8)
+            return base
+        return None
 
     def base_target(self, name, target_pages):
         """The target decide() should see: without the sweep's extra pages."""
@@ -61,6 +74,9 @@ class Sweeper:
         (it allocated; None: never seen). A guest that allocated needs a sweep once it
         has been quiet for sweep_quiet seconds - the memory it freed since is likely
         to sit on its per-CPU lists."""
+        prev = self.settled.get(name, (None, False))[0]
+        self.settled[name] = (view.actual_pages,
+                              prev == view.actual_pages == view.target_pages)
         if view.available_bytes is None:
             self.quiet_since.pop(name, None)
             return
@@ -72,9 +88,9 @@ class Sweeper:
         if now - self.last_sweep.get(name, now) >= self.cfg.sweep_every:
             self.due[name] = True
 
-    def apply(self, views, targets, headroom, short, now):
+    def apply(self, views, targets, caps, short, now):
         """Adjust decide()'s targets for a sweep in progress or one to start.
-        headroom: pages each guest's balloon may still grow by (ignoring "busy")."""
+        caps: the most each guest's balloon may hold (policy._cap, ignoring "busy")."""
         if not self.enabled:
             return targets
         act = self.active
@@ -86,6 +102,8 @@ class Sweeper:
                 self._finish(name, "the guest went away", now)
             elif self.quiet_since.get(name, now) > act["started"]:
                 self._finish(name, "the guest is allocating", now, due=True)
+            elif caps.get(name, 0) < act["target"]:
+                self._finish(name, "the guest needs its memory", now, due=True)
             elif v.actual_pages >= act["target"]:
                 self.count[name] = self.count.get(name, 0) + 1
                 self._finish(name, None, now)
@@ -99,8 +117,9 @@ class Sweeper:
             return targets
         for name in sorted(views, key=lambda n: self.quiet_since.get(n, now)):
             if (self.due.get(name) and views[name].reporting
+                    and self.settled.get(name, (0, False))[1]
                     and now - self.quiet_since.get(name, now) >= self.cfg.sweep_quiet
-                    and headroom.get(name, 0) >= self.pages):
+                    and caps.get(name, 0) - targets[name] >= self.pages):
                 base = targets[name]
                 self.active = {"name": name, "base": base, "target": base + self.pages,
                                "started": now}
