@@ -329,3 +329,23 @@ def provisioned() -> str:
 
 def accel_default() -> str:
     return os.environ.get("VUB_ACCEL") or "tcg"
+
+
+def start_run(name: str, ns: Any) -> "tuple[Results, str]":
+    """Provision QEMU and the guest, open results/<name> (or ns.out) and record the
+    environment and the parameters: (Results, accelerator)."""
+    qemu = provisioned()
+    accel = accel_default()
+    res = Results(name, ns.out)
+    res.data["environment"] = environment(qemu, accel)
+    res.data["params"] = vars(ns)
+    return res, accel
+
+
+def rotated(configs: List[str], rounds: int):
+    """(round, config) for every round, the order rotated each round so that no
+    configuration always runs first on a machine that warms up or gets busier."""
+    for rnd in range(rounds):
+        k = rnd % len(configs)
+        for cfg in configs[k:] + configs[:k]:
+            yield rnd, cfg

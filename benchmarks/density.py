@@ -41,9 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GIB, MIB, ROOT, Results, Sampler, accel_default, dmesg_len,  # noqa: E402
-                    dmesg_tail, env_lines, environment, md_table, median, mib, proc_memory,
-                    provisioned, pyplot)
+from common import (GIB, MIB, ROOT, Results, Sampler, dmesg_len, dmesg_tail,  # noqa: E402
+                    env_lines, md_table, median, mib, proc_memory, pyplot, start_run)
 
 from tests.harness import Guest, MemCgroup, start_process, stop_process  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
@@ -373,11 +372,7 @@ def main():
         render(res, ns)
         return 0
     configs = [c for c in ns.configs.split(",") if c]
-    qemu = provisioned()
-    accel = accel_default()
-    res = Results("density", ns.out)
-    res.data["environment"] = environment(qemu, accel)
-    res.data["params"] = vars(ns)
+    res, accel = start_run("density", ns)
     t0 = time.monotonic()
     results = []
     for cfg in configs:

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MIB, Results, accel_default, cpu_seconds, env_lines, environment, f,  # noqa: E402
-                    md_table, mib, proc_memory, provisioned)
+from common import (MIB, cpu_seconds, env_lines, f, md_table, mib, proc_memory,  # noqa: E402
+                    start_run)
 
 from tests.harness import Guest  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
@@ -59,11 +59,7 @@ def main():
                     help="daemon --stats-interval (0 = default, off)")
     ap.add_argument("--out", help="results folder (default benchmarks/results/footprint)")
     ns = ap.parse_args()
-    qemu = provisioned()
-    accel = accel_default()
-    res = Results("footprint", ns.out)
-    res.data["environment"] = environment(qemu, accel)
-    res.data["params"] = vars(ns)
+    res, accel = start_run("footprint", ns)
     args = ["--stats-interval", str(ns.stats_interval)] if ns.stats_interval else []
     phases = {}
     wait = int(10 + ns.idle + 5)

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (Results, accel_default, env_lines, environment, f, md_table,  # noqa: E402
-                    median, mib, provisioned, pyplot, ratio, spread)
+from common import (env_lines, f, md_table, median, mib, pyplot, ratio, rotated,  # noqa: E402
+                    spread, start_run)
 
 from tests.harness import Guest  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
@@ -88,22 +88,16 @@ def main():
     ap.add_argument("--out", help="results folder (default benchmarks/results/overhead)")
     ns = ap.parse_args()
     configs = [c for c in ns.configs.split(",") if c]
-    qemu = provisioned()
-    accel = accel_default()
-    res = Results("overhead", ns.out)
-    res.data["environment"] = environment(qemu, accel)
-    res.data["params"] = vars(ns)
+    res, accel = start_run("overhead", ns)
     runs = []
     t0 = time.monotonic()
-    for rnd in range(ns.rounds):
-        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
-        for cfg in order:
-            r = run_one(cfg, rnd, ns, accel)
-            runs.append(r)
-            print(f"[{time.monotonic() - t0:5.0f}s] round {rnd} {cfg:9s} passes ms {r['passes_ms']} "
-                  f"(memfd before each: {[mib(x) for x in r['memfd_before_pass']]} MiB); immediate "
-                  f"reuse rounds ms {r['imm_rounds_ms']}", flush=True)
-            res.data["runs"] = runs
+    for rnd, cfg in rotated(configs, ns.rounds):
+        r = run_one(cfg, rnd, ns, accel)
+        runs.append(r)
+        print(f"[{time.monotonic() - t0:5.0f}s] round {rnd} {cfg:9s} passes ms {r['passes_ms']} "
+              f"(memfd before each: {[mib(x) for x in r['memfd_before_pass']]} MiB); immediate "
+              f"reuse rounds ms {r['imm_rounds_ms']}", flush=True)
+        res.data["runs"] = runs
     summary = {}
     for cfg in configs:
         rs = [r for r in runs if r["config"] == cfg]

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MIB, Results, Sampler, accel_default, env_lines, environment, f,  # noqa: E402
-                    md_table, median, mib, provisioned, pyplot, ratio)
+from common import (MIB, Sampler, env_lines, f, md_table, median, mib, pyplot,  # noqa: E402
+                    ratio, rotated, start_run)
 
 from tests.harness import Guest, MemCgroup, alloc_steps  # noqa: E402
 from tests.harness.daemon import Daemon  # noqa: E402
@@ -160,26 +160,20 @@ def main():
     ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
     ns = ap.parse_args()
     configs = [c for c in ns.configs.split(",") if c]
-    qemu = provisioned()
-    accel = accel_default()
-    res = Results("reclaim", ns.out)
-    res.data["environment"] = environment(qemu, accel)
-    res.data["params"] = vars(ns)
+    res, accel = start_run("reclaim", ns)
     runs = []
     t0 = time.monotonic()
-    for rnd in range(ns.rounds):
-        order = configs[rnd % len(configs):] + configs[:rnd % len(configs)]
-        for cfg in order:
-            r = run_one(cfg, rnd, ns, accel)
-            m = r["memfd"]
-            print(f"[{time.monotonic() - t0:6.0f}s] round {rnd} {cfg:9s} baseline {mib(m['baseline'])} "
-                  f"peak {mib(m['peak'])} after {mib(m['after'])} MiB; first drop "
-                  f"{f(m['t_first_drop'], '{:.1f}')} s, 50% {f(m['t50'], '{:.1f}')} s, "
-                  f"90% {f(m['t90'], '{:.1f}')} s; never returned {mib(m['never_returned'])} MiB"
-                  + (f"; daemon {r['daemon_counters']['bytes_discarded'] // MIB} MiB discarded in "
-                     f"{r['daemon_counters']['report_chains']} chains" if r["daemon_counters"] else ""),
-                  flush=True)
-            runs.append(r)
+    for rnd, cfg in rotated(configs, ns.rounds):
+        r = run_one(cfg, rnd, ns, accel)
+        m = r["memfd"]
+        print(f"[{time.monotonic() - t0:6.0f}s] round {rnd} {cfg:9s} baseline {mib(m['baseline'])} "
+              f"peak {mib(m['peak'])} after {mib(m['after'])} MiB; first drop "
+              f"{f(m['t_first_drop'], '{:.1f}')} s, 50% {f(m['t50'], '{:.1f}')} s, "
+              f"90% {f(m['t90'], '{:.1f}')} s; never returned {mib(m['never_returned'])} MiB"
+              + (f"; daemon {r['daemon_counters']['bytes_discarded'] // MIB} MiB discarded in "
+                 f"{r['daemon_counters']['report_chains']} chains" if r["daemon_counters"] else ""),
+              flush=True)
+        runs.append(r)
     res.data["runs"] = runs
 
     summary = {}

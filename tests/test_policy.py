@@ -210,24 +210,30 @@ def test_loop_applies_changed_targets_only():
     assert not pol.last["pressure"]
 
 
+def loop_rig(monkeypatch, guests, host_mib, cfg=CFG):
+    """A started PolicyLoop on a fake loop and clock: (pol, [host memory], tick(dt))."""
+    import balloon_device.policy as policy
+    now = [1000.0]
+    monkeypatch.setattr(policy.time, "monotonic", lambda: now[0])
+    loop = FakeLoop()
+    host = [H(host_mib)]
+    pol = PolicyLoop(cfg, guests, loop, host_reader=lambda: host[0])
+    pol.start()
+
+    def tick(dt=1.0):
+        now[0] += dt
+        loop.timers.pop()[1]()
+        return pol.last
+    return pol, host, tick
+
+
 def test_loop_marks_an_allocating_guest_busy(monkeypatch):
     """available falling by more than the margin plus the balloon's growth between ticks
     = allocating: the guest's balloon goes back to 0 and stays there for busy_hold
     seconds. A fall explained by a growing balloon (the policy's own inflation, seen in
     the stats a tick late) is not."""
-    import balloon_device.policy as policy
-    now = [1000.0]
-    monkeypatch.setattr(policy.time, "monotonic", lambda: now[0])
     guests = {"new": FakeGuest(avail=2048), "idle": FakeGuest(avail=600)}
-    loop = FakeLoop()
-    host = [H(2048 - 512)]
-    pol = PolicyLoop(CFG, guests, loop, host_reader=lambda: host[0])
-
-    def tick(dt=1.0):
-        now[0] += dt
-        loop.timers.pop()[1]()
-
-    pol.start()
+    pol, host, tick = loop_rig(monkeypatch, guests, 2048 - 512)
     tick(0)                                      # deficit 512 MiB, shared by headroom
     assert guests["new"].target > 0 and guests["idle"].target > 0
     host[0] = H(2048 + 100)                      # floor reached: hold
@@ -258,30 +264,10 @@ SWEEP_CFG = PolicyConfig(floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_
                          sweep_quiet=15.0, sweep_timeout=20.0, sweep_every=600.0)
 
 
-class Clock:
-    def __init__(self, monkeypatch):
-        import balloon_device.policy as policy
-        self.now = 1000.0
-        monkeypatch.setattr(policy.time, "monotonic", lambda: self.now)
-
-
-def sweep_rig(monkeypatch, guests, host_mib, cfg=SWEEP_CFG):
-    clock = Clock(monkeypatch)
-    loop = FakeLoop()
-    host = [H(host_mib)]
-    pol = PolicyLoop(cfg, guests, loop, host_reader=lambda: host[0])
-    pol.start()
-
-    def tick(dt=1.0):
-        clock.now += dt
-        loop.timers.pop()[1]()
-        return pol.last
-    return pol, host, tick
-
-
 def test_sweep_raises_a_quiet_guests_balloon_and_gives_it_back(monkeypatch):
     g = FakeGuest(target=100, avail=900)
-    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)   # short, not under the floor
+    # the host is short (within floor + hysteresis) but not under the floor
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, SWEEP_CFG)
     tick(0)
     for _ in range(14):                                    # quiet for < 15 s: nothing yet
         assert tick()["sweeping"] is None and g.target == 100 * PG
@@ -297,7 +283,7 @@ def test_sweep_raises_a_quiet_guests_balloon_and_gives_it_back(monkeypatch):
 
 def test_sweep_waits_for_the_balloon_and_gives_up_after_the_timeout(monkeypatch):
     g = FakeGuest(target=0, avail=900)
-    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, SWEEP_CFG)
     tick(0)
     g.actual = 0                                           # the balloon does not move
     assert tick(15)["sweeping"] == "a" and g.target == 128 * PG
@@ -309,7 +295,7 @@ def test_sweep_waits_for_the_balloon_and_gives_up_after_the_timeout(monkeypatch)
 
 def test_sweep_stops_when_the_guest_allocates(monkeypatch):
     g = FakeGuest(target=0, avail=900)
-    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, SWEEP_CFG)
     tick(0)
     g.actual = 0
     assert tick(15)["sweeping"] == "a"
@@ -328,7 +314,8 @@ def test_no_sweep(monkeypatch, host_mib, avail, sweep, feats, why):
     from dataclasses import replace
     g = FakeGuest(target=0, avail=avail)
     g.features = feats
-    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, host_mib, replace(SWEEP_CFG, sweep_bytes=sweep))
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, host_mib,
+                               replace(SWEEP_CFG, sweep_bytes=sweep))
     tick(0)
     for _ in range(40):
         assert tick()["sweeping"] is None, why
@@ -339,7 +326,7 @@ def test_sweep_leaves_decide_its_own_targets(monkeypatch):
     """Under the floor during a sweep, the policy's inflation adds to the base, and the
     sweep ends at the new base, not at the old one."""
     g = FakeGuest(target=0, avail=1500)
-    pol, host, tick = sweep_rig(monkeypatch, {"a": g}, 2048 + 100)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, SWEEP_CFG)
     tick(0)
     g.actual = 0
     assert tick(15)["sweeping"] == "a" and g.target == 128 * PG

@@ -17,8 +17,6 @@ Run: python -m pytest tests/e2e/test_systemd.py -v -s
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import REPO, Guest, GuestError  # noqa: E402
+from tests.harness import Guest, GuestError, HarnessError, build_systemd_guest  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -43,19 +41,10 @@ BOOT_TIMEOUT = 600      # TCG on a loaded 2-core host; a normal run takes ~1 min
 def build_image():
     """(vmlinuz, initramfs) from scripts/build_systemd_guest.sh (cached)."""
     t0 = time.monotonic()
-    env = dict(os.environ, VUB_PYTHON=sys.executable)
     try:
-        cp = subprocess.run(["bash", str(REPO / "scripts" / "build_systemd_guest.sh")],
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                            env=env, timeout=1500)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"build_systemd_guest.sh timed out:\n{e.stderr}", pytrace=False)
-    if cp.returncode != 0:
-        pytest.fail(f"build_systemd_guest.sh failed (rc={cp.returncode}):\n{cp.stderr[-4000:]}",
-                    pytrace=False)
-    kernel, initrd = (Path(p) for p in cp.stdout.split()[-2:])
-    for f in (kernel, initrd):
-        assert f.is_file() and f.stat().st_size > 0, f
+        kernel, initrd = build_systemd_guest()
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
     print(f"\nsystemd image: {initrd} ({initrd.stat().st_size >> 20} MiB), "
           f"built/checked in {time.monotonic() - t0:.1f} s")
     return kernel, initrd

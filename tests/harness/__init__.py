@@ -6,6 +6,7 @@ uses qemu.qmp's sync shim, ``pip install qemu.qmp``).
 Provisioning (each cached per process; failures raise HarnessError):
   find_qemu() -> str            scripts/provision_qemu.sh; $VUB_QEMU overrides
   find_guest() -> (vmlinuz, initramfs)   scripts/build_guest.sh
+  build_systemd_guest() -> (vmlinuz, initramfs)   scripts/build_systemd_guest.sh
   probe_accel(qemu=None, timeout=15) -> "kvm" | "tcg"
       short KVM boot that must print ``VUB-MARK booted``; $VUB_ACCEL forces;
       the reason is in PROBE_INFO.
@@ -61,13 +62,14 @@ from .markers import Marker, MarkerReader, num, parse_line
 from .memory import find_memfd, memfd_allocated, smaps_rollup
 from .proc import pid_alive, start_process, stop_process
 from .scenario import alloc_steps, baseline_then_free
-from .qemu import (MIB, PROBE_INFO, REPO, Guest, GuestError, HarnessError, cache_dir,
-                   encode_steps, find_guest, find_qemu, format_samples, probe_accel)
+from .qemu import (MIB, PROBE_INFO, REPO, Guest, GuestError, HarnessError,
+                   build_systemd_guest, cache_dir, encode_steps, find_guest, find_qemu,
+                   format_samples, probe_accel)
 
 __all__ = [
     "CGROUP_MEMORY_ROOT", "CgroupError", "MemCgroup", "Marker", "MarkerReader", "num",
     "parse_line", "find_memfd", "memfd_allocated", "smaps_rollup", "pid_alive",
     "start_process", "stop_process", "MIB", "PROBE_INFO", "REPO", "Guest", "GuestError",
-    "HarnessError", "cache_dir", "encode_steps", "find_guest", "find_qemu",
+    "HarnessError", "build_systemd_guest", "cache_dir", "encode_steps", "find_guest", "find_qemu",
     "format_samples", "probe_accel", "alloc_steps", "baseline_then_free",
 ]

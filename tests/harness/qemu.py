@@ -46,11 +46,12 @@ _accel: Dict[str, str] = {}
 PROBE_INFO: Dict[str, Any] = {}
 
 
-def _run_script(script: str, timeout: float) -> List[str]:
+def _run_script(script: str, timeout: float,
+                env: Optional[Dict[str, str]] = None) -> List[str]:
     path = SCRIPTS / script
     try:
         cp = subprocess.run(["bash", str(path)], stdin=subprocess.DEVNULL, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise HarnessError(f"{script} timed out after {timeout} s:\n{e.stderr or ''}") from e
     if cp.returncode != 0:
@@ -75,20 +76,33 @@ def find_qemu(timeout: float = 900) -> str:
         return _qemu_path
 
 
+def _kernel_and_initrd(script: str, timeout: float,
+                       env: Optional[Dict[str, str]] = None) -> Tuple[Path, Path]:
+    """(vmlinuz, initramfs): the last two lines a build script prints, checked."""
+    lines = _run_script(script, timeout, env)
+    if len(lines) < 2:
+        raise HarnessError(f"{script} printed {lines!r}")
+    k, i = Path(lines[-2]), Path(lines[-1])
+    for f in (k, i):
+        if not f.is_file() or f.stat().st_size == 0:
+            raise HarnessError(f"guest file {f} missing")
+    return k, i
+
+
 def find_guest(timeout: float = 900) -> Tuple[Path, Path]:
     """(vmlinuz, initramfs.cpio.gz), built by scripts/build_guest.sh once per process."""
     global _guest_files
     with _lock:
         if _guest_files is None:
-            lines = _run_script("build_guest.sh", timeout)
-            if len(lines) < 2:
-                raise HarnessError(f"build_guest.sh printed {lines!r}")
-            k, i = Path(lines[-2]), Path(lines[-1])
-            for f in (k, i):
-                if not f.is_file() or f.stat().st_size == 0:
-                    raise HarnessError(f"guest file {f} missing")
-            _guest_files = (k, i)
+            _guest_files = _kernel_and_initrd("build_guest.sh", timeout)
         return _guest_files
+
+
+def build_systemd_guest(timeout: float = 1500) -> Tuple[Path, Path]:
+    """(vmlinuz, initramfs) of the systemd VM, from scripts/build_systemd_guest.sh
+    (cached by the script), built with this Python for the wheel."""
+    env = dict(os.environ, VUB_PYTHON=sys.executable)
+    return _kernel_and_initrd("build_systemd_guest.sh", timeout, env)
 
 
 def probe_accel(qemu: Optional[str] = None, timeout: float = 15.0) -> str:
