@@ -171,6 +171,9 @@ def _daemon_parser():
                           f"(default {d.sweep_quiet:g})")
     pol.add_argument("--policy-sweep-every", type=float, default=d.sweep_every, metavar="S",
                      help=f"sweep a quiet guest again after S seconds (default {d.sweep_every:g})")
+    pol.add_argument("--policy-sweep-timeout", type=float, default=d.sweep_timeout, metavar="S",
+                     help="give a sweep up (and the guest its memory back) when the balloon has "
+                          f"not got there after S seconds (default {d.sweep_timeout:g})")
     return p
 
 
@@ -193,7 +196,7 @@ def _policy_from_args(ns):
         psi_step_bytes=parse_size(ns.policy_psi_step), interval=ns.policy_interval,
         stats_max_age=max(30.0, 3 * ns.policy_interval), cgroup=ns.policy_cgroup,
         sweep_bytes=parse_size(ns.policy_sweep), sweep_quiet=ns.policy_sweep_quiet,
-        sweep_every=ns.policy_sweep_every)
+        sweep_every=ns.policy_sweep_every, sweep_timeout=ns.policy_sweep_timeout)
 
 
 def config_from_args(ns):

@@ -92,6 +92,22 @@ def test_bad_policy_config(kw):
         PolicyConfig(**kw)
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--policy-sweep", "-1"], "cannot read size"),
+    (["--policy-sweep-quiet", "0"], "--policy-sweep-quiet must be > 0 seconds"),
+    (["--policy-sweep-every", "-5"], "--policy-sweep-every must be > 0 seconds"),
+    (["--policy-sweep-timeout", "0"], "--policy-sweep-timeout must be > 0 seconds"),
+])
+def test_bad_sweep_options_name_the_option(args, words):
+    from balloon_device.cli import _daemon_parser, _policy_from_args
+    ns = _daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", "--policy", *args])
+    with pytest.raises(ConfigError, match=words):
+        _policy_from_args(ns)
+    assert PolicyConfig(sweep_bytes=0).sweep_bytes == 0     # 0 = sweeps off, accepted
+    with pytest.raises(ConfigError, match="--policy-sweep must be >= 0"):
+        PolicyConfig(sweep_bytes=-1)
+
+
 def test_policy_needs_stats(tmp_path):
     with pytest.raises(ConfigError, match="no-stats"):
         DaemonConfig(socket_path=str(tmp_path / "x.sock"), stats=False, policy=PolicyConfig())
