@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
 "$PY" -c 'import matplotlib' 2>/dev/null || { echo "matplotlib missing: pip install -e '.[bench]'" >&2; exit 2; }
 status=0
-for b in hotpath footprint reclaim overhead density; do
+for b in hotpath footprint reclaim overhead density sweep; do
     echo "=== benchmarks/$b.py $(date +%T)"
     "$PY" "benchmarks/$b.py" || { echo "!!! $b failed" >&2; status=1; }
 done
