@@ -17,7 +17,7 @@ from vhostuser.vring import pack_segments
 from . import features as F
 from . import stats as stats_mod
 from .discard import DiscardEngine
-from .metrics import LatencyHistogram
+from .latency import LatencyHistogram
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ def qemu_version(qemu: str) -> str:
 
 
 def guest_kernel() -> str:
-    from tests.harness import cache_dir
+    from balloon_device.host.harness import cache_dir
     p = cache_dir() / "guest" / "kernel-version"
     return p.read_text().strip() if p.exists() else "?"
 
@@ -219,7 +219,7 @@ def proc_memory(pid: int) -> Dict[str, int]:
     (guest RAM the process maps; its pages belong to the guest);
     rss_own = rss - guest_ram_rss: the process's own anon + code + other files.
     """
-    from tests.harness import smaps_rollup
+    from balloon_device.host.harness import smaps_rollup
     out = {k.lower(): v for k, v in smaps_rollup(pid).items()
            if k in ("Rss", "Pss", "RssAnon", "RssFile", "RssShmem", "VmHWM", "Anonymous",
                     "Pss_Anon", "Pss_File", "Pss_Shmem")}
@@ -318,7 +318,7 @@ class Sampler:
 
 def provisioned() -> str:
     """QEMU path; provisions QEMU and the guest (cached) or exits with a message."""
-    from tests.harness import HarnessError, find_guest, find_qemu
+    from balloon_device.host.harness import HarnessError, find_guest, find_qemu
     try:
         q = find_qemu()
         find_guest()

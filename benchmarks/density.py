@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GIB, MIB, ROOT, Results, Sampler, dmesg_len, dmesg_tail,  # noqa: E402
                     env_lines, md_table, median, mib, proc_memory, pyplot, start_run)
 
-from tests.harness import Guest, MemCgroup, start_process, stop_process  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
-from balloon_device.control import request as control_request  # noqa: E402
+from balloon_device.host.harness import Guest, MemCgroup, start_process, stop_process  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.control import request as control_request  # noqa: E402
 
 CONFIGS = ("noreport", "builtin", "ours", "shared", "policy")
 LABELS = {"noreport": "no reporting", "builtin": "QEMU built-in reporting",
@@ -71,7 +71,7 @@ class SharedDaemon:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.proc = start_process(
-            [sys.executable, "-m", "balloon_device.cli", "--socket-dir", str(self.dir),
+            [sys.executable, "-m", "balloon_device.host.cli", "--socket-dir", str(self.dir),
              "--guests", ",".join(names), "--log-level", "info", *self.args],
             cgroup=cgroup, log_path=self.log, env=env, cwd=ROOT)
         deadline = time.monotonic() + 20

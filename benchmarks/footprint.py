@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MIB, cpu_seconds, env_lines, f, md_table, mib, proc_memory,  # noqa: E402
                     start_run)
 
-from tests.harness import Guest  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import Guest  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 
 def ctx_switches(pid):

@@ -4,7 +4,7 @@
     python benchmarks/hotpath.py [--mem-gib 4] [--refill touch|fallocate]
 
 No guest.  This script is the frontend: it starts the daemon as a subprocess
-(`python -m balloon_device.cli --socket-path ...`), connects to its Unix
+(`python -m balloon_device.host.cli --socket-path ...`), connects to its Unix
 socket and speaks vhost-user as QEMU does (features incl. REPORTING and
 EVENT_IDX, protocol features with REPLY_ACK, SET_MEM_TABLE with a --mem-gib
 GiB memfd mapped MAP_SHARED, the reporting queue (index 3, 64 entries) with
@@ -51,8 +51,8 @@ from common import (GIB, MIB, Results, cpu_seconds, env_lines, environment, f,  
 
 from balloon_device import discard as D  # noqa: E402
 from balloon_device import features as F  # noqa: E402
-from tests.driver import DriverQueue, GuestMemory  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from vhostuser.testing.driver import DriverQueue, GuestMemory  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 from vhostuser import messages as m  # noqa: E402
 from vhostuser.device import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX  # noqa: E402
 from vhostuser.messages import ProtocolFeature as PF  # noqa: E402

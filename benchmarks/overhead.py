@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (env_lines, f, md_table, median, mib, pyplot, ratio, rotated,  # noqa: E402
                     spread, start_run)
 
-from tests.harness import Guest  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import Guest  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 CONFIGS = ("ours", "builtin", "noreport")
 LABELS = {"ours": "ours (reporting on)", "builtin": "built-in (reporting on)",

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (MIB, Sampler, env_lines, f, md_table, median, mib, pyplot,  # noqa: E402
                     ratio, rotated, start_run)
 
-from tests.harness import Guest, MemCgroup, alloc_steps  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import Guest, MemCgroup, alloc_steps  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 CONFIGS = ("ours", "builtin", "noreport")
 LABELS = {"ours": "ours (vhost-user daemon)", "builtin": "QEMU built-in, reporting on",

@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import env_lines, md_table, median, mib, rotated, start_run  # noqa: E402
 
-from tests.harness import Guest  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import Guest  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 CONFIGS = ("ticking", "silent")
 ARGS = ["--stats-interval", "1", "--policy", "--policy-floor", "0", "--policy-hysteresis",

@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from driver import MiB, DriverQueue, GuestMemory  # noqa: E402
+from vhostuser.testing.driver import MiB, DriverQueue, GuestMemory  # noqa: E402
 
 SIZE = 256
 

@@ -64,7 +64,7 @@ pack() {
 hash_files() { local f; for f in "$@"; do echo "== ${f#"$REPO"/}"; cat "$f"; done | sha256sum | cut -d' ' -f1; }
 
 SRC_FILES=("$HERE/build_systemd_guest.sh" "$REPO/pyproject.toml" "$REPO/setup.py"
-           "$REPO"/contrib/systemd/* "$REPO/tests/driver.py" "$REPO/tests/fuzz/real_session.py")
+           "$REPO"/contrib/systemd/* "$REPO/vhostuser/testing/driver.py" "$REPO/tests/fuzz/real_session.py")
 while IFS= read -r f; do SRC_FILES+=("$f"); done < <(
   find "$REPO/vhostuser" "$REPO/balloon_device" "$REPO/c_ext" "$VMDIR" -type f \
        \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name '*.json' -o -name '*.service' \) \
@@ -130,7 +130,7 @@ mkdir -p "$SITE" "$O/usr/bin" "$O/etc/default" "$O/etc/systemd/system/multi-user
 cat > "$O/usr/bin/vhost-user-balloon" <<'EOF'
 #!/usr/bin/python3
 import sys
-from balloon_device.cli import main
+from balloon_device.host.cli import main
 sys.exit(main())
 EOF
 chmod 0755 "$O/usr/bin/vhost-user-balloon"
@@ -138,7 +138,7 @@ chmod 0755 "$O/usr/bin/vhost-user-balloon"
 mkdir -p "$SDIR/base/tmp/vubchk"
 cp -a "$SITE/." "$SDIR/base/tmp/vubchk/"
 chroot "$SDIR/base" python3 -c 'import sys; sys.path.insert(0, "/tmp/vubchk")
-import vhostuser._vring_c, balloon_device._discard_c, balloon_device.cli, prometheus_client' \
+import vhostuser._vring_c, balloon_device._discard_c, balloon_device.host.cli, prometheus_client' \
   || { rm -rf "$SDIR/base/tmp/vubchk"; die "the wheel does not import in the bookworm rootfs"; }
 rm -rf "$SDIR/base/tmp/vubchk"
 
@@ -149,7 +149,7 @@ sed 's/^VUB_GUESTS=.*/VUB_GUESTS=a,b/' "$REPO/contrib/systemd/vhost-user-balloon
 install -m 0644 "$VMDIR/vub-systemd-check.service" "$O/etc/systemd/system/"
 ln -s ../vub-systemd-check.service "$O/etc/systemd/system/multi-user.target.wants/"
 install -m 0755 "$VMDIR/check.py" "$O/usr/lib/vub-check/check.py"
-install -m 0644 "$REPO/tests/driver.py" "$REPO/tests/fuzz/real_session.py" "$O/usr/lib/vub-check/"
+install -m 0644 "$REPO/vhostuser/testing/driver.py" "$REPO/tests/fuzz/real_session.py" "$O/usr/lib/vub-check/"
 mknod -m 600 "$O/dev/console" c 5 1
 pack "$O" "$WORK/overlay.cpio.gz" -R 0:0
 

@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.harness import MIB, Guest, HarnessError, find_guest, find_qemu  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import MIB, Guest, HarnessError, find_guest, find_qemu  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 
 def main():

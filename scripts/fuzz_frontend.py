@@ -3,7 +3,7 @@
 
     python scripts/fuzz_frontend.py --messages 1000000 [--seed N] [--minutes M]
 
-Starts `python -m balloon_device.cli --socket-path S --keep-listening` and
+Starts `python -m balloon_device.host.cli --socket-path S --keep-listening` and
 plays random sessions (tests/fuzz/vhost_gen.py: valid, nearly valid and
 hostile messages, fds of every kind, rings over random guest memory) until
 --messages fuzzed messages were sent (GET_FEATURES probes not counted).

@@ -9,8 +9,8 @@ import pytest
 
 from balloon_device import features as F
 from balloon_device.device import BalloonDevice
-from driver import DriverQueue, GuestMemory
-from frontend import Frontend
+from vhostuser.testing.driver import DriverQueue, GuestMemory
+from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 

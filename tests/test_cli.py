@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from balloon_device import cli, notify, status_view
-from balloon_device.config import DaemonConfig
-from balloon_device.multi import Daemon
+from balloon_device.host import cli, notify, status_view
+from balloon_device.host.config import DaemonConfig
+from balloon_device.host.multi import Daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_contrib_domain_example_is_valid_xml():
 
 
 def test_backend_json(capsys):
-    packaged = json.loads((ROOT / "balloon_device/vhost-user-balloon.json").read_text())
+    packaged = json.loads((ROOT / "balloon_device/host/vhost-user-balloon.json").read_text())
     assert set(packaged) == {"description", "type", "binary"} and packaged["type"] == "balloon"
     rc, out, _ = run_cli(capsys, "backend-json", "--binary", "/opt/vub/bin/vhost-user-balloon")
     desc = json.loads(out)
@@ -136,7 +136,7 @@ def test_notify_without_systemd_is_a_no_op(tmp_path):
 def test_daemon_tells_systemd_ready_and_stopping(notify_socket, tmp_path):
     s, path = notify_socket
     env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "balloon_device.cli", "--guest",
+    proc = subprocess.Popen([sys.executable, "-m", "balloon_device.host.cli", "--guest",
                              f"a={tmp_path}/a.sock", "--guest", f"b={tmp_path}/b.sock"],
                             env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
@@ -205,7 +205,7 @@ def test_status_subcommand(capsys, running):
 
 
 def test_status_shows_the_policy(capsys, tmp_path):
-    from balloon_device.policy import HostMemory, PolicyConfig
+    from balloon_device.host.policy import HostMemory, PolicyConfig
     cfg = DaemonConfig(guests=(("a", str(tmp_path / "a.sock")),), policy=PolicyConfig())
     d = Daemon(cfg, host_reader=lambda: HostMemory(1536 << 20))
     stop = threading.Event()

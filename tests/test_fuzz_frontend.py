@@ -3,7 +3,7 @@
 A Hypothesis-driven frontend sends sessions of valid, nearly valid and
 hostile messages (tests/fuzz/vhost_gen.py) to
 
-* a RUNNING daemon process (``python -m balloon_device.cli --socket-path S
+* a RUNNING daemon process (``python -m balloon_device.host.cli --socket-path S
   --keep-listening --log-level warning``) over a real Unix socket, and
 * an in-process Server over a socketpair (faster, and any exception that
   escapes the event loop fails the test with its traceback).

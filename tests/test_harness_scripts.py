@@ -5,8 +5,8 @@ build_systemd_guest.sh."""
 
 import pytest
 
-from tests.harness import HarnessError
-from tests.harness import qemu as hq
+from balloon_device.host.harness import HarnessError
+from balloon_device.host.harness import qemu as hq
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ and the marks survive in the shared area (what a restarted backend reads)."""
 
 import mmap
 
-from driver import DriverQueue, GuestMemory
+from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.inflight import InflightArea, queue_region_size
 
 

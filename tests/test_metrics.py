@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from balloon_device.metrics import LatencyHistogram
+from balloon_device.latency import LatencyHistogram
 from test_multi import GuestRig, make_daemon
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -119,7 +119,7 @@ def test_scraping_while_the_loop_works(daemon):
 
 def test_port_in_use_is_a_clear_error(tmp_path):
     import socket
-    from balloon_device.metrics import MetricsError
+    from balloon_device.host.metrics import MetricsError
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()

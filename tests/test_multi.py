@@ -1,4 +1,4 @@
-"""Many guests, one daemon (balloon_device.multi): real Unix sockets, one shared
+"""Many guests, one daemon (balloon_device.host.multi): real Unix sockets, one shared
 event loop stepped by the test; each guest's frontend plays QEMU's side.
 
 What these prove: a guest whose frontend breaks the protocol, or whose callback
@@ -14,12 +14,12 @@ import struct
 import pytest
 
 from balloon_device import features as F
-from balloon_device.config import DaemonConfig
-from balloon_device.control import request
+from balloon_device.host.config import DaemonConfig
+from balloon_device.host.control import request
 from balloon_device.errors import ConfigError
-from balloon_device.multi import Daemon, parse_guest_arg, socket_dir_guests
-from driver import DriverQueue, GuestMemory
-from frontend import Frontend
+from balloon_device.host.multi import Daemon, parse_guest_arg, socket_dir_guests
+from vhostuser.testing.driver import DriverQueue, GuestMemory
+from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 

@@ -5,9 +5,9 @@ import struct
 
 import pytest
 
-from balloon_device.config import DaemonConfig
+from balloon_device.host.config import DaemonConfig
 from balloon_device.errors import ConfigError
-from balloon_device.policy import (GuestView, HostMemory, HostReader, PolicyConfig, PolicyLoop,
+from balloon_device.host.policy import (GuestView, HostMemory, HostReader, PolicyConfig, PolicyLoop,
                                    decide, parse_meminfo, parse_psi, view_of)
 
 MiB = 1 << 20
@@ -99,7 +99,7 @@ def test_bad_policy_config(kw):
     (["--policy-sweep-timeout", "0"], "--policy-sweep-timeout must be > 0 seconds"),
 ])
 def test_bad_sweep_options_name_the_option(args, words):
-    from balloon_device.cli import _daemon_parser, _policy_from_args
+    from balloon_device.host.cli import _daemon_parser, _policy_from_args
     ns = _daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", "--policy", *args])
     with pytest.raises(ConfigError, match=words):
         _policy_from_args(ns)
@@ -228,7 +228,7 @@ def test_loop_applies_changed_targets_only():
 
 def loop_rig(monkeypatch, guests, host_mib, cfg=CFG):
     """A started PolicyLoop on a fake loop and clock: (pol, [host memory], tick(dt))."""
-    import balloon_device.policy as policy
+    import balloon_device.host.policy as policy
     now = [1000.0]
     monkeypatch.setattr(policy.time, "monotonic", lambda: now[0])
     loop = FakeLoop()

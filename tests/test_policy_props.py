@@ -34,8 +34,8 @@ import pytest
 from hypothesis import event, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
-import balloon_device.policy as policy
-from balloon_device.policy import HostMemory, PolicyConfig, PolicyLoop
+import balloon_device.host.policy as policy
+from balloon_device.host.policy import HostMemory, PolicyConfig, PolicyLoop
 
 MiB = 1 << 20
 PAGE = 4096

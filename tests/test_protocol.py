@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from balloon_device.device import BalloonDevice
-from frontend import Frontend
+from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.connection import Listener
 from vhostuser.errors import SetupError

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from balloon_device import sandbox
+from balloon_device.host import sandbox
 from fuzz.real_session import report_once
 from fuzz.source import RandomSource
 from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon
@@ -147,7 +147,7 @@ def test_unknown_architecture_is_refused():
 CHILD = textwrap.dedent(r"""
     import errno, os, socket, sys, threading, mmap
     sys.path.insert(0, {root!r})
-    from balloon_device import sandbox
+    from balloon_device.host import sandbox
     sandbox.apply_seccomp({mode!r})
     out = []
     def check(name, fn):
@@ -196,7 +196,7 @@ def test_seccomp_kill_mode_kills_on_execve(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {ROOT!r})
-        from balloon_device import sandbox
+        from balloon_device.host import sandbox
         sandbox.apply_seccomp("kill")
         os.execv("/bin/true", ["true"])
     """)
@@ -217,7 +217,7 @@ def test_daemon_serves_under_seccomp(tmp_path, extra):
         assert report_once(d.path) == 4 * MiB
         with open(f"/proc/{d.pid}/status") as f:
             assert "Seccomp:\t2" in f.read()
-        from balloon_device.control import request
+        from balloon_device.host.control import request
         assert request(d.path + ".ctl", {"cmd": "status"})["ok"]
     finally:
         rc = d.stop()
@@ -251,7 +251,7 @@ def test_daemon_drops_privileges_and_still_frees_memory(tmp_path):
 
 
 def test_unknown_user_is_a_clean_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "balloon_device.cli", "--socket-path",
+    r = subprocess.run([sys.executable, "-m", "balloon_device.host.cli", "--socket-path",
                         str(tmp_path / "s.sock"), "--user", "no-such-user-xyz"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "no such user" in r.stderr

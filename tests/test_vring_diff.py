@@ -11,7 +11,7 @@ Examples per test: the conftest profile (ci: 2000).
 import pytest
 from hypothesis import event, given, strategies as st
 
-from driver import GuestMemory
+from vhostuser.testing.driver import GuestMemory
 from vhostuser import vring_py as py
 
 c = pytest.importorskip("vhostuser._vring_c")

@@ -2,7 +2,7 @@
 access outside guest memory.
 
 Guest memory regions are mapped with PROT_NONE guard pages around them
-(tests/driver.py GuardedRegion) and the rings and tables sit at the very
+(vhostuser/testing/driver.py GuardedRegion) and the rings and tables sit at the very
 end of a region, so any read past what was validated faults the test
 process.  Every test runs on the C hot path and on the Python twin.
 """
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from driver import (DEFAULT_GPA, MiB, VIRTQ_DESC_F_INDIRECT as IND, VIRTQ_DESC_F_NEXT as NEXT,
+from vhostuser.testing.driver import (DEFAULT_GPA, MiB, VIRTQ_DESC_F_INDIRECT as IND, VIRTQ_DESC_F_NEXT as NEXT,
                     VIRTQ_DESC_F_WRITE as WRITE, DriverQueue, GuestMemory)
 from vhostuser.errors import GuestMemoryError, RequestError, VringError
 from vhostuser.vring import VirtQueue

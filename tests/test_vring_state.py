@@ -25,7 +25,7 @@ from hypothesis import event, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
-from driver import DEFAULT_GPA, MiB, DriverQueue, GuestMemory, QueueFull
+from vhostuser.testing.driver import DEFAULT_GPA, MiB, DriverQueue, GuestMemory, QueueFull
 
 STEPS = 30
 REGION = 2 * MiB

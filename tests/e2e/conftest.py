@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import HarnessError, find_guest, find_qemu  # noqa: E402
+from balloon_device.host.harness import HarnessError, find_guest, find_qemu  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, Guest, GuestError, alloc_steps, baseline_then_free,  # noqa: E402
+from balloon_device.host.harness import (MIB, Guest, GuestError, alloc_steps, baseline_then_free,  # noqa: E402
                            format_samples)
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -203,7 +203,7 @@ def test_qemu_fails_clearly_without_daemon(provisioned, tmp_path):
 
 def test_qemu_args_helper_attaches_a_guest(provisioned, daemon):
     """The arguments `vhost-user-balloon qemu-args` prints really attach a guest."""
-    out = subprocess.run([sys.executable, "-m", "balloon_device.cli", "qemu-args",
+    out = subprocess.run([sys.executable, "-m", "balloon_device.host.cli", "qemu-args",
                           "--socket-path", daemon.socket_path, "--memory", f"{GUEST_MIB}M"],
                          capture_output=True, text=True, check=True).stdout.split()
     pairs = list(zip(out[::2], out[1::2]))

@@ -17,8 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest, MemCgroup  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import MIB, Guest, MemCgroup  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 LIMIT = 2048 * MIB
@@ -35,7 +35,7 @@ class MultiDaemon(Daemon):
         self.socket_path = str(Path(workdir) / "a.sock")
 
     def argv(self):
-        return [sys.executable, "-m", "balloon_device.cli", "--socket-dir", str(self.workdir),
+        return [sys.executable, "-m", "balloon_device.host.cli", "--socket-dir", str(self.workdir),
                 "--guests", ",".join(GUESTS), "--log-level", self.log_level, *self.args]
 
     def guest_status(self, name):

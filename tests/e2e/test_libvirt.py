@@ -53,9 +53,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, MarkerReader, alloc_steps, encode_steps, find_memfd,  # noqa: E402
+from balloon_device.host.harness import (MIB, MarkerReader, alloc_steps, encode_steps, find_memfd,  # noqa: E402
                            memfd_allocated, pid_alive, start_process, stop_process)
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

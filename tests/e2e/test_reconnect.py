@@ -23,8 +23,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import MIB, Guest  # noqa: E402
-from tests.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness import MIB, Guest  # noqa: E402
+from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 CYCLES = int(os.environ.get("VUB_CRASH_CYCLES", "3"))

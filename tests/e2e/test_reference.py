@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import (MIB, Guest, GuestError, MemCgroup, alloc_steps,  # noqa: E402
+from balloon_device.host.harness import (MIB, Guest, GuestError, MemCgroup, alloc_steps,  # noqa: E402
                            baseline_then_free, format_samples, pid_alive)
 
 pytestmark = pytest.mark.e2e

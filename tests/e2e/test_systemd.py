@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness import Guest, GuestError, HarnessError, build_systemd_guest  # noqa: E402
+from balloon_device.host.harness import Guest, GuestError, HarnessError, build_systemd_guest  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

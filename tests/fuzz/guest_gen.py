@@ -1,7 +1,7 @@
 """A malicious guest driver against the balloon device, with a memory oracle.
 
 ``HostileGuest`` lays out the four balloon queues (inflate, deflate, stats,
-reporting) in a guarded memfd (tests/driver.py: PROT_NONE guard pages around
+reporting) in a guarded memfd (vhostuser/testing/driver.py: PROT_NONE guard pages around
 every region, so any device access outside guest memory faults at once),
 fills the rest of guest memory with canaries (a different byte per 4 KiB
 page), and lets a generator write raw descriptors, indirect tables, PFN
@@ -31,7 +31,7 @@ import time
 
 from balloon_device import features as F
 from balloon_device.device import BalloonDevice
-from driver import DriverQueue, GuestMemory
+from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.errors import GuestMemoryError, VringError
 
 MiB = 1 << 20

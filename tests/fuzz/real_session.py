@@ -11,7 +11,7 @@ import select
 import socket
 import time
 
-from driver import DriverQueue, GuestMemory
+from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser import messages as m
 from vhostuser.handler import SUPPORTED_PROTOCOL_FEATURES
 from vhostuser.messages import Request as R

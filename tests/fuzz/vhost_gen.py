@@ -525,7 +525,7 @@ def fd_targets(pid):
 
 
 class DaemonProcess:
-    """`python -m balloon_device.cli --socket-path S --keep-listening` as a subprocess."""
+    """`python -m balloon_device.host.cli --socket-path S --keep-listening` as a subprocess."""
 
     def __init__(self, workdir=None, log_level="warning", log_path=None, extra=()):
         self.workdir = workdir or tempfile.mkdtemp(prefix="vub-fuzz-")
@@ -542,7 +542,7 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "balloon_device.cli", "--socket-path", self.path,
+                [sys.executable, "-m", "balloon_device.host.cli", "--socket-path", self.path,
                  "--keep-listening", "--log-level", self.log_level, *self.extra],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                 cwd=ROOT, start_new_session=True)

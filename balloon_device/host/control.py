@@ -17,15 +17,12 @@ import socket
 from vhostuser.connection import Listener
 from vhostuser.errors import SetupError
 
-from .errors import BalloonError
+from .errors import BalloonError, ControlError
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
 
-
-class ControlError(BalloonError):
-    """The control socket could not be reached or answered with an error."""
 
 
 class ControlServer:

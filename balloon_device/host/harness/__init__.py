@@ -54,8 +54,6 @@ Generic utilities for other processes (e.g. the daemon):
   smaps_rollup(pid), find_memfd(pid, names=MEMFD_NAMES), memfd_allocated(pid, fd=None)
   format_samples(samples, keys) -> text table in MiB
 
-pytest: ``from tests.harness.fixtures import guest_factory`` gives a factory
-fixture ``guest_factory(**options) -> started Guest`` closed at teardown.
 """
 from .cgroup import CGROUP_MEMORY_ROOT, CgroupError, MemCgroup
 from .markers import Marker, MarkerReader, num, parse_line

@@ -4,9 +4,9 @@ import os
 import re
 from dataclasses import dataclass
 
-from .discard import MODES
+from ..discard import MODES
 from .errors import ConfigError
-from .features import MIN_REPORTING_QUEUE
+from ..features import MIN_REPORTING_QUEUE
 from .policy import PolicyConfig
 
 GUEST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -22,7 +22,7 @@ import os
 from vhostuser.loop import EventLoop, Server, open_listener
 
 from . import notify
-from .device import BalloonDevice
+from ..device import BalloonDevice
 from .errors import ConfigError
 
 log = logging.getLogger("vhost-user-balloon")

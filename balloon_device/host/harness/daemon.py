@@ -14,11 +14,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from balloon_device.control import request as control_request
+from balloon_device.host.control import request as control_request
 
 from .proc import pid_alive, start_process, stop_process
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 class DaemonError(RuntimeError):
@@ -38,7 +38,7 @@ class Daemon:
         self.proc = None
 
     def argv(self):
-        return [sys.executable, "-m", "balloon_device.cli", "--socket-path", self.socket_path,
+        return [sys.executable, "-m", "balloon_device.host.cli", "--socket-path", self.socket_path,
                 "--log-level", self.log_level, *self.args]
 
     def start(self, timeout=20):

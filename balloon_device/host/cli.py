@@ -19,11 +19,11 @@ from importlib import resources
 
 from vhostuser.errors import SetupError
 
-from . import features as F
+from .. import features as F
 from . import status_view
 from .config import LOG_LEVELS, DaemonConfig, parse_size
 from .control import request
-from .discard import MODES
+from ..discard import MODES
 from .errors import BalloonError
 from .multi import Daemon, GuestLogFilter, parse_guest_arg, socket_dir_guests
 from .policy import PolicyConfig

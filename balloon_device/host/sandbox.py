@@ -42,7 +42,7 @@ import platform
 import pwd
 import struct
 
-from .errors import BalloonError
+from .errors import SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +137,6 @@ _AARCH64 = {
 }
 TABLES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 
-
-class SandboxError(BalloonError):
-    pass
 
 
 class _sock_filter(ctypes.Structure):

@@ -19,7 +19,7 @@ from .markers import Marker, MarkerReader
 from .memory import find_memfd, memfd_allocated, smaps_rollup
 from .proc import start_process, stop_process
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPTS = REPO / "scripts"
 MIB = 1024 * 1024
 

@@ -10,41 +10,16 @@ prometheus_client is imported only when the endpoint is started, so the
 daemon runs without it when --metrics-port is not given.
 """
 
-import bisect
 import logging
 import socket
 import threading
 
-from .errors import BalloonError
+from ..latency import DISCARD_BUCKETS  # noqa: F401  (re-exported for the collector)
+from .errors import MetricsError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "vhost_user_balloon_"
-# discard calls take ~10 us (one 2 MiB punch) to tens of ms (a 256 MiB pass)
-DISCARD_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                   0.025, 0.05, 0.1, 0.25, 1.0)
-
-
-class MetricsError(BalloonError):
-    """The metrics endpoint cannot start."""
-
-
-class LatencyHistogram:
-    """Fixed buckets, plain counts; observe() runs in the event loop thread only."""
-
-    def __init__(self, buckets=DISCARD_BUCKETS):
-        self.buckets = tuple(buckets)
-        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
-        self.sum = 0.0
-
-    def observe(self, seconds):
-        self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
-        self.sum += seconds
-
-    def snapshot(self):
-        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum}
-
-
 # counter name in device.status()["counters"] -> (metric, help, extra labels)
 _COUNTERS = {
     "bytes_reported": ("reported_bytes", "Bytes the guest reported free", {}),
