@@ -135,6 +135,22 @@ class BalloonDevice(Device):
             return
         handler(queue, memory)
 
+    def save_state(self):
+        return {"target_pages": self.target_pages, "actual": self.actual,
+                "poison_val": self.poison_val, "inhibited": self.inhibited,
+                "counters": dict(self.counters)}
+
+    def restore_state(self, state):
+        if not state:
+            return
+        self.target_pages = state["target_pages"]
+        self.actual = state["actual"]
+        self.poison_val = state["poison_val"]
+        self.inhibited = state["inhibited"]
+        for k, v in state.get("counters", {}).items():
+            if k in self.counters:
+                self.counters[k] = v
+
     # ---- control -----------------------------------------------------------
 
     def set_target(self, pages):
@@ -142,6 +158,8 @@ class BalloonDevice(Device):
             raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
         self.target_pages = pages
         log.info("balloon target set to %d pages (%d MiB)", pages, pages >> 8)
+        if self.ctx is not None and hasattr(self.ctx, "state_changed"):
+            self.ctx.state_changed()  # the target survives a restart from here on
         if not self.acked:
             log.info("no guest driver is running yet: it reads the target when it starts")
             return False

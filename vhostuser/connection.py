@@ -2,10 +2,14 @@
 
 import array
 import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
+import struct
+import termios
+import time
 
 from . import messages
 from .errors import ConnectionClosed, ProtocolError, SetupError
@@ -13,6 +17,7 @@ from .errors import ConnectionClosed, ProtocolError, SetupError
 log = logging.getLogger(__name__)
 
 _FD_SPACE = socket.CMSG_SPACE(messages.MAX_FDS * array.array("i").itemsize)
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 RECV_TIMEOUT = 5.0  # a frontend that stops inside a message is dropped
 
 
@@ -155,6 +160,83 @@ class Connection:
             _close_all(fds)
             raise ProtocolError(f"{len(fds)} fds attached to one message")
         return messages.Message(header, payload, fds)
+
+    # ---- peek, then consume: a process killed while handling a message leaves it
+    # in the socket for its successor (see docs/operations.md, restarts) --------
+
+    def queued(self):
+        """Bytes waiting in the socket (FIONREAD)."""
+        return struct.unpack("i", fcntl.ioctl(self.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+    def _peek(self, n, wait=True):
+        """The first n bytes in the socket (and the fds attached to them), left there."""
+        deadline = time.monotonic() + RECV_TIMEOUT
+        while True:
+            flags = socket.MSG_PEEK | (0 if wait else socket.MSG_DONTWAIT)
+            try:
+                data, anc, mflags, _ = self.sock.recvmsg(n, _FD_SPACE, flags)
+            except InterruptedError:
+                continue
+            except (BlockingIOError, socket.timeout):
+                if not wait:
+                    return b"", []
+                raise ProtocolError("peer stopped in the middle of a message") from None
+            except ConnectionResetError as e:
+                raise ConnectionClosed("peer reset the connection") from e
+            fds = _take_fds(anc, mflags)
+            if not data:
+                raise ConnectionClosed("peer closed the connection")
+            if len(data) >= n:
+                return data[:n], fds
+            if self.queued() >= n:  # the kernel stops a peek at a buffer carrying fds
+                rest = self._peek_from(len(data), n - len(data))
+                return data + rest, fds
+            _close_all(fds)
+            if not wait:
+                return data, []
+            if time.monotonic() > deadline:
+                raise ProtocolError("peer stopped in the middle of a message")
+            time.sleep(0.001)
+
+    def _peek_from(self, offset, n):
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, offset)
+        try:
+            buf = b""
+            while len(buf) < n:
+                data, anc, mflags, _ = self.sock.recvmsg(n - len(buf), _FD_SPACE, socket.MSG_PEEK)
+                _close_all(_take_fds(anc, mflags))
+                if not data:
+                    raise ConnectionClosed("peer closed the connection inside a message")
+                buf += data
+            return buf
+        finally:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
+
+    def peek_message(self):
+        """Read one message without taking it out of the socket: (Message, raw bytes).
+        The caller owns the message's fds; consume(len(raw)) takes it out."""
+        head, fds = self._peek(messages.HEADER.size)
+        _close_all(fds)
+        header = messages.parse_header(head)
+        raw, fds = self._peek(messages.HEADER.size + header.size)
+        if len(fds) > messages.MAX_FDS:
+            _close_all(fds)
+            raise ProtocolError(f"{len(fds)} fds attached to one message")
+        return messages.Message(header, raw[messages.HEADER.size:], fds), raw
+
+    def peek_raw(self, n):
+        """Up to n bytes waiting in the socket, without waiting and without taking them."""
+        data, fds = self._peek(n, wait=False)
+        _close_all(fds)
+        return data
+
+    def consume(self, n):
+        """Take n peeked bytes out of the socket; their fds (copies) are closed."""
+        fds = []
+        try:
+            self._recv(n, fds)
+        finally:
+            _close_all(fds)
 
     def send(self, data, fds=()):
         try:

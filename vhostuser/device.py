@@ -18,6 +18,9 @@ class DeviceContext:
     def notify_config_change(self):  # pragma: no cover - interface
         """Send BACKEND_CONFIG_CHANGE_MSG so that the guest re-reads config."""
 
+    def state_changed(self):
+        """Persist the device's state now (write-ahead), if the host keeps it."""
+
 
 class Device(abc.ABC):
     """A virtio device served over vhost-user."""
@@ -64,6 +67,13 @@ class Device(abc.ABC):
 
     def reset(self):
         """Device reset (RESET_DEVICE, RESET_OWNER, disconnect)."""
+
+    def save_state(self):
+        """Device state (plain data, JSON-able) a successor process needs to go on."""
+        return None
+
+    def restore_state(self, state):
+        """Take back what save_state() returned, before the session is restored."""
 
     def timers(self):
         """List of (fd, callback) the event loop should also watch."""

@@ -5,6 +5,7 @@ reply to send (or None). It knows nothing about any particular device:
 device work goes through the ``Device`` interface.
 """
 
+import itertools
 import logging
 import os
 import socket
@@ -43,9 +44,14 @@ class Reply:
 class Backend:
     """One device served over one frontend connection at a time."""
 
-    def __init__(self, device, use_c=True):
+    def __init__(self, device, use_c=True, observer=None, track_inflight=False):
         self.device = device
         self.use_c = use_c
+        self.observer = observer          # FdObserver (vhostuser/restart.py) or None
+        self.track_inflight = track_inflight  # keep our own inflight area if the frontend gives none
+        self._own_inflight = False
+        self._kept = {}                   # (kind, index) -> fd the observer was told about
+        self._region_keys = itertools.count(1)
         self.memory = MemoryTable(max_regions=MAX_MEM_SLOTS)
         self.queues = [VirtQueue(i, size, use_c=use_c) for i, size in enumerate(device.queue_sizes())]
         self.backend_channel = None
@@ -201,6 +207,7 @@ class Backend:
         except OSError as e:
             raise RequestError(f"unusable memory region fd: {e}") from e
         msg.fds.remove(fd)
+        region.key = next(self._region_keys)
         return region
 
     def _set_mem_table(self, msg):
@@ -276,6 +283,8 @@ class Backend:
         if self._running(q):
             raise RequestError(f"SET_VRING_BASE on running queue {index}; GET_VRING_BASE first")
         q.set_base(base)
+        if self._own_inflight and q.inflight is not None:
+            q.inflight.reset()  # chains of an earlier run of this ring are not ours to redo
 
     def _get_vring_base(self, msg):
         index, _ = m.decode_vring_state(msg)
@@ -327,6 +336,10 @@ class Backend:
     def _start_queue(self, q):
         if q.size == 0 or q.desc_uva is None:
             raise RequestError(f"queue {q.index} kicked before SET_VRING_NUM/SET_VRING_ADDR")
+        if self.inflight is None and self.track_inflight:
+            sizes = [x.max_size for x in self.queues]
+            self._install_inflight(InflightArea.create(len(self.queues), max(sizes)))
+            self._own_inflight = True
         q.map(self.memory)
         self.started[q.index] = True
         if q.enabled:
@@ -474,6 +487,7 @@ class Backend:
         if self.inflight is not None:
             self.inflight.close()
         self.inflight = area
+        self._own_inflight = False
         for q in self.queues:
             q.inflight = area.queue(q.index) if q.index < area.num_queues else None
 
@@ -496,9 +510,130 @@ class Backend:
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
+        self._own_inflight = False
         for q in self.queues:
             q.inflight = None
         self._init_session_state()
+        self.sync_fds()
+
+    # ---- restart support (vhostuser/restart.py) ------------------------------
+
+    def kept_fds(self):
+        """{(kind, index): fd} of every fd this session holds."""
+        out = {("mem", r.key if r.key is not None else id(r)): r.fd for r in self.memory.regions}
+        for q in self.queues:
+            for kind in ("kick", "call", "err"):
+                fd = getattr(q, kind + "_fd")
+                if fd is not None:
+                    out[(kind, q.index)] = fd
+        if self.backend_channel is not None:
+            out[("backend", 0)] = self.backend_channel.fileno()
+        if self.inflight is not None:
+            out[("inflight", 0)] = self.inflight.fd
+        return out
+
+    def sync_fds(self):
+        """Tell the observer which fds came and went since the last call."""
+        if self.observer is None:
+            return
+        now = self.kept_fds()
+        for key, fd in self._kept.items():
+            if now.get(key) != fd:
+                self.observer.fd_removed(*key)
+        for key, fd in now.items():
+            if self._kept.get(key) != fd:
+                self.observer.fd_added(key[0], key[1], fd)
+        self._kept = now
+
+    def snapshot(self):
+        """The protocol state as plain data (fds are referred to by (kind, index))."""
+        area = self.inflight
+        return {
+            "owner": self.owner, "acked_features": self.acked_features,
+            "protocol_features": self.protocol_features, "started": list(self.started),
+            "regions": [[r.key, r.gpa, r.size, r.uaddr, r.mmap_offset]
+                        for r in self.memory.regions],
+            "queues": [{"size": q.size, "enabled": q.enabled, "flags": q.addr_flags,
+                        "desc": q.desc_uva, "used": q.used_uva, "avail": q.avail_uva,
+                        "log": q.log_addr, "event_idx": q.event_idx, "broken": q.broken}
+                       for q in self.queues],
+            "inflight": None if area is None else {
+                "size": area.size, "offset": area.offset, "num_queues": area.num_queues,
+                "queue_size": area.queue_size, "own": self._own_inflight},
+        }
+
+    def restore(self, snap, fds):
+        """Rebuild a session from snapshot() and its fds {(kind, index): fd} (all taken).
+        Started rings continue from their used ring and inflight area: chains popped
+        and not completed before the restart are popped again first."""
+        fds = dict(fds)
+        try:
+            self._restore(snap, fds)
+        finally:
+            for fd in fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._kept = self.kept_fds()
+        self.fds_changed = True
+
+    def _restore(self, snap, fds):
+        self.owner = snap["owner"]
+        self.protocol_features = snap["protocol_features"]
+        self.acked_features = snap["acked_features"]
+        regions = []
+        for key, gpa, size, uaddr, offset in snap["regions"]:
+            fd = fds.pop(("mem", key))
+            region = Region(gpa, size, uaddr, offset, fd)
+            region.key = key
+            regions.append(region)
+        if regions:
+            self._region_keys = itertools.count(max(r.key for r in regions) + 1)
+            self.memory.replace(regions)
+        if self.acked_features is not None:
+            for q in self.queues:
+                q.event_idx = bool(self.acked_features & VIRTIO_RING_F_EVENT_IDX)
+            self.device.set_features(self.acked_features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        if len(self.memory):
+            self.device.memory_changed(self.memory)
+        area = snap.get("inflight")
+        if area is not None and ("inflight", 0) in fds:
+            self._install_inflight(InflightArea.attach(
+                fds.pop(("inflight", 0)), area["size"], area["offset"], area["num_queues"],
+                area["queue_size"], max_queues=len(self.queues)))
+            self._own_inflight = area["own"]
+        if ("backend", 0) in fds:
+            sock = socket.socket(fileno=fds.pop(("backend", 0)))
+            self.backend_channel = Connection(sock)
+            self.backend_channel.sock.settimeout(1.0)
+        for q, qs in zip(self.queues, snap["queues"]):
+            if qs["size"]:
+                q.set_num(qs["size"])
+            q.set_addr(qs["flags"], qs["desc"], qs["used"], qs["avail"], qs["log"])
+            for kind in ("kick", "call", "err"):
+                setattr(q, kind + "_fd", fds.pop((kind, q.index), None))
+            q.enabled = qs["enabled"]
+            q.event_idx = qs["event_idx"]
+            self.started[q.index] = snap["started"][q.index]
+            if self.started[q.index]:
+                try:
+                    heads = q.recover(self.memory)
+                except (GuestMemoryError, RequestError) as e:
+                    log.error("queue %d: cannot resume after the restart: %s", q.index, e)
+                    self.started[q.index] = False
+                    continue
+                if heads:
+                    log.info("queue %d: %d chain(s) in flight at the restart are redone",
+                             q.index, len(heads))
+                q.broken = qs["broken"]
+                if q.call_fd is not None:  # an interrupt lost in the restart is sent now
+                    try:
+                        os.write(q.call_fd, (1).to_bytes(8, "little"))
+                    except OSError:
+                        pass
+                if q.enabled:
+                    self.device.queue_started(q)
 
     def watched_fds(self):
         """fds the event loop should read: kick fds and the backend channel."""

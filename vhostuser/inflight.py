@@ -36,6 +36,12 @@ class InflightQueue:
             self.counter = max((DESC.unpack_from(buf, self._desc(i))[2]
                                 for i in range(queue_size)), default=0)
 
+    def reset(self):
+        """Forget every mark (the ring starts again from a new base)."""
+        self.buf[self.offset + HEAD.size:self.offset + HEAD.size + DESC.size * self.queue_size] = \
+            bytes(DESC.size * self.queue_size)
+        self.counter = 0
+
     def _desc(self, head):
         return self.offset + HEAD.size + DESC.size * head
 
@@ -44,10 +50,27 @@ class InflightQueue:
             self.counter += 1
             DESC.pack_into(self.buf, self._desc(head), 1, 0, self.counter)
 
+    def pre_put(self, head):
+        """Before the used ring is written: remember which head is being completed."""
+        struct.pack_into("<H", self.buf, self.offset + 12, head & 0xFFFF)
+
     def clear(self, head, used_idx):
         if head < self.queue_size:
             DESC.pack_into(self.buf, self._desc(head), 0, 0, 0)
         struct.pack_into("<H", self.buf, self.offset + 14, used_idx & 0xFFFF)
+
+    @property
+    def used_idx(self):
+        return struct.unpack_from("<H", self.buf, self.offset + 14)[0]
+
+    def recover(self, ring_used_idx):
+        """After a restart: if the used ring moved past our record, the last
+        completion was published but not cleared here; clear it now."""
+        if self.used_idx != ring_used_idx & 0xFFFF:
+            head = struct.unpack_from("<H", self.buf, self.offset + 12)[0]
+            if head < self.queue_size:
+                DESC.pack_into(self.buf, self._desc(head), 0, 0, 0)
+            struct.pack_into("<H", self.buf, self.offset + 14, ring_used_idx & 0xFFFF)
 
     def pending(self):
         """Heads marked inflight, oldest first."""
@@ -60,8 +83,9 @@ class InflightQueue:
 
 
 class InflightArea:
-    def __init__(self, fd, buf, size, num_queues, queue_size):
+    def __init__(self, fd, buf, size, num_queues, queue_size, offset=0):
         self.fd = fd
+        self.offset = offset
         self.buf = buf
         self.size = size
         self.num_queues = num_queues
@@ -93,7 +117,7 @@ class InflightArea:
             if isinstance(e, RequestError):
                 raise
             raise RequestError(f"cannot map the inflight area: {e}") from e
-        return cls(fd, buf, need, num_queues, queue_size)
+        return cls(fd, buf, need, num_queues, queue_size, offset)
 
     def queue(self, index):
         return self._queues[index]

@@ -118,20 +118,29 @@ class EventLoop:
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
-    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True):
+    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True,
+                 observer=None, accept=True):
+        """observer: an FdObserver (vhostuser/restart.py) that keeps the session's fds
+        and state outside the process; then each message is peeked, handled, checkpointed,
+        and only then taken out of the socket and answered. accept=False: a connected
+        socket in `listener` is not opened here (restore() does it)."""
         self.device = device
         self.listener = listener
         self.loop = loop or EventLoop()
         self.keep_listening = keep_listening
-        self.backend = Backend(device, use_c=use_c)
+        self.observer = observer
+        self.backend = Backend(device, use_c=use_c, observer=observer,
+                               track_inflight=observer is not None)
         self.conn = None
         self.sessions = 0
         self._watched = {}
         self._runnable = set()
         device.attach(self)
-        if listener.is_listening:
+        if listener is None:
+            pass
+        elif listener.is_listening:
             self.loop.add_reader(listener.fileno(), self._on_accept)
-        else:
+        elif accept:
             self._open(self._wrap(listener.sock))
 
     @staticmethod
@@ -142,6 +151,11 @@ class Server(DeviceContext):
     # DeviceContext
     def notify_config_change(self):
         return self.backend.notify_config_change()
+
+    def state_changed(self):
+        """The device changed state it must not lose: persist it before acting."""
+        if self.observer is not None:
+            self.observer.checkpoint()
 
     def call_later(self, delay, callback):
         return self.loop.call_later(delay, callback)
@@ -186,6 +200,37 @@ class Server(DeviceContext):
         self.sessions += 1
         log.info("frontend connected")
         self.loop.add_reader(conn.fileno(), self._on_message)
+        if self.observer is not None:
+            self.observer.fd_added("conn", 0, conn.fileno())
+            self.observer.checkpoint()
+
+    def restore(self, sock, snapshot, fds, pending=None):
+        """Carry on a session a killed process served: sock is the frontend socket it
+        held, snapshot/fds as from Backend.snapshot()/kept_fds(), pending the message
+        it was handling (see FdObserver.checkpoint)."""
+        self.backend.restore(snapshot, fds)
+        self.conn = self._wrap(sock)
+        self.sessions += 1
+        self.loop.add_reader(sock.fileno(), self._on_message)
+        log.info("frontend session restored after a restart")
+        if pending is not None:
+            self._finish_pending(pending)
+        self._sync()
+
+    def _finish_pending(self, pending):
+        msg = pending["msg"]
+        if pending["stage"] == "handled":
+            # killed before the message left the socket: it is the first thing there
+            # (its sender waits for the reply when one is due)
+            if self.conn.peek_raw(len(msg)) == msg:
+                self.conn.consume(len(msg))
+        if pending.get("reply") is not None:
+            fds = []
+            if pending.get("reply_fd") == "inflight" and self.backend.inflight is not None:
+                fds = [self.backend.inflight.fd]
+            log.info("answering the request the previous process was handling")
+            self.conn.send(pending["reply"], fds)
+        self.observer.progress(None)
 
     def _close(self, reason):
         if self.conn is None:
@@ -199,10 +244,15 @@ class Server(DeviceContext):
         self.backend.disconnect()
         self.conn.close()
         self.conn = None
+        if self.observer is not None:
+            self.observer.fd_removed("conn", 0)
+            self.observer.checkpoint()
         if not self.keep_listening or not self.listener.is_listening:
             self.loop.stop()
 
     def _on_message(self):
+        if self.observer is not None:
+            return self._on_message_journaled()
         try:
             msg = self.conn.recv_message()
             log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
@@ -214,6 +264,38 @@ class Server(DeviceContext):
                 finally:
                     for fd in reply.fds:
                         os.close(fd)
+        except ConnectionClosed as e:
+            self._close(str(e))
+            return
+        except ProtocolError as e:
+            log.error("protocol error, dropping the frontend: %s", e)
+            self._close(f"protocol error: {e}")
+            return
+        self._sync()
+
+    def _on_message_journaled(self):
+        """Peek, handle, checkpoint, consume, reply: a kill at any point leaves either
+        the message in the socket (and the state from before it) or the state after it
+        with the reply to send."""
+        try:
+            msg, raw = self.conn.peek_message()
+            log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
+                      msg.header.size, len(msg.fds))
+            reply = self.backend.handle(msg)
+            self.backend.sync_fds()
+            self.observer.checkpoint({
+                "msg": raw, "reply": None if reply is None else reply.data,
+                "reply_fd": "inflight" if reply is not None and reply.fds else None,
+                "stage": "handled"})
+            self.conn.consume(len(raw))
+            self.observer.progress("consumed")
+            if reply is not None:
+                try:
+                    self.conn.send(reply.data, reply.fds)
+                finally:
+                    for fd in reply.fds:
+                        os.close(fd)
+            self.observer.progress(None)
         except ConnectionClosed as e:
             self._close(str(e))
             return
@@ -262,6 +344,9 @@ class Server(DeviceContext):
     def _on_backend_channel(self):
         self.backend.read_backend_channel()
         if self.backend.fds_changed:
+            if self.observer is not None:
+                self.backend.sync_fds()
+                self.observer.checkpoint()
             self._sync()
 
     def process_queue(self, q):

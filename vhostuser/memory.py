@@ -52,6 +52,7 @@ class Region:
         self.uaddr = uaddr
         self.mmap_offset = mmap_offset
         self.fd = fd
+        self.key = None  # set by the protocol handler: names the region's fd across restarts
         self.hva = 0
         self._map_addr = 0
         self._map_len = 0

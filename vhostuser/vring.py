@@ -174,6 +174,7 @@ class VirtQueue:
         self.max_segments = max_segments
         self.kick_fd = None
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
+        self.resubmit = []    # heads popped by a previous process, to pop again first
         self.call_fd = None
         self.err_fd = None
         if self.use_c:
@@ -205,6 +206,7 @@ class VirtQueue:
         self.addr_flags = 0
         self._in_flight = 0
         self._signalled_used = 0
+        self.resubmit = []
         self._unmap()
 
     def _unmap(self):
@@ -241,6 +243,7 @@ class VirtQueue:
         self._in_flight = 0
         self._armed = None
         self.broken = None
+        self.resubmit = []
 
     def map(self, memory):
         """Translate the ring addresses through memory (frontend virtual
@@ -306,10 +309,42 @@ class VirtQueue:
 
     def pop(self, memory):
         """Next available chain, or None; marks it in the inflight area if any."""
+        if self.resubmit and self.enabled and self._mapped and self.broken is None:
+            return self._pop_resubmitted(memory)
         chain = self._pop(memory)
         if chain is not None and self.inflight is not None:
             self.inflight.mark(chain.head)
         return chain
+
+    def _pop_resubmitted(self, memory):
+        """A chain a killed process popped but never completed (already marked inflight)."""
+        head = self.resubmit.pop(0)
+        if memory is not self._memory or memory.generation != self._mem_gen:
+            self._check_mapping(memory)
+        self._in_flight += 1
+        w = _py._Walk(self._regions, self.max_segments)
+        rc = _py._walk_chain(w, self._desc_hva, self.size, head)
+        if rc != VU_OK:
+            return self._chain_error(rc, head)
+        return Chain(head, [Segment(a, ln, f == 1) for a, ln, f in w.segs])
+
+    def recover(self, memory):
+        """After a restart, for a started queue whose rings are mapped: take the
+        used index from the used ring and the chains popped but not completed
+        from the inflight area; they are popped again (resubmit) before new ones.
+        Returns the resubmitted heads."""
+        self.map(memory)
+        used = _py._ld16(self._used_hva + 2)
+        self.used_idx = self._signalled_used = used
+        heads = []
+        if self.inflight is not None:
+            self.inflight.recover(used)
+            heads = [h for h in self.inflight.pending() if h < self.size]
+        self.last_avail_idx = (used + len(heads)) & 0xFFFF
+        self.resubmit = list(heads)
+        self._in_flight = 0
+        self._armed = None
+        return heads
 
     def _pop(self, memory):
         """Next available chain, or None (empty, disabled, not ready, broken)."""
@@ -381,6 +416,8 @@ class VirtQueue:
         m = self._memory
         if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
             return False
+        if self.inflight is not None:
+            self.inflight.pre_put(head)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -404,6 +441,11 @@ class VirtQueue:
     def push_many(self, elems):
         """Complete several chains [(head, length), ...], one used idx update."""
         elems = list(elems)
+        if self.inflight is not None:  # one at a time: the inflight area records one put
+            done = False
+            for head, length in elems:
+                done = self.push(head, length) or done
+            return done
         m = self._memory
         if not elems or m is None or (m.generation != self._mem_gen
                                       and not self._check_mapping()):

@@ -123,6 +123,11 @@ def _daemon_parser():
     p.add_argument("--queue-size", type=int, default=64,
                    help="vq_size to use in QEMU (>= 32 with reporting); printed in the QEMU arguments")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--supervise", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the daemon under the built-in supervisor, which keeps every fd the "
+                        "frontends gave (systemd's fd store protocol) and restarts it without "
+                        "QEMU noticing (default: on, unless started by systemd (NOTIFY_SOCKET "
+                        "or LISTEN_FDS set) or given --fd)")
     p.add_argument("--python-hot-path", action="store_true", help=argparse.SUPPRESS)
     sec = p.add_argument_group("least privilege (applied once the sockets exist)")
     sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
@@ -208,6 +213,14 @@ def config_from_args(ns):
         use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
         metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
         policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group)
+
+
+def supervised(ns, env=None):
+    """--supervise, or by default when nothing else keeps the fds (see --help)."""
+    if ns.supervise is not None:
+        return ns.supervise
+    env = os.environ if env is None else env
+    return ns.fd is None and not env.get("NOTIFY_SOCKET") and not env.get("LISTEN_FDS")
 
 
 def _sandbox(cfg, daemon):
@@ -336,6 +349,9 @@ def main(argv=None):
             return 0
         cfg = config_from_args(ns)
         _setup_logging(cfg)
+        if supervised(ns):
+            from . import supervisor
+            return supervisor.run(argv)
         return serve(cfg)
     except (BalloonError, SetupError) as e:
         print(f"vhost-user-balloon: error: {e}", file=sys.stderr)

@@ -18,10 +18,13 @@ and ``GuestLogFilter``).
 import contextvars
 import logging
 import os
+import time
 
+from vhostuser.connection import Listener
 from vhostuser.loop import EventLoop, Server, open_listener
 
 from . import notify
+from .fdstore import FdStore, fd_name, take_listen_fds
 from ..device import BalloonDevice
 from .errors import ConfigError
 
@@ -113,6 +116,7 @@ class Guest:
         self.device = device
         self.socket_path = socket_path
         self.server = None
+        self.session = None  # state.GuestSession when the fd store keeps this guest's fds
         self.internal_errors = 0
 
     def failed(self):
@@ -135,7 +139,11 @@ class Guest:
             sessions=server.sessions, protocol=dict(backend.counters),
             protocol_errors=getattr(server, "protocol_errors", 0), internal_errors=self.internal_errors,
             memory_bytes=sum(r.size for r in list(backend.memory.regions)),
-            ram_backed_bytes=backend.memory.backed_bytes())
+            ram_backed_bytes=backend.memory.backed_bytes(),
+            process={"pid": os.getpid(), "restarts": int(os.environ.get("VUB_RESTARTS", "0")),
+                     "restored": bool(self.session and self.session.restored),
+                     "fd_store": self.session is not None,
+                     "checkpoints": self.session.checkpoints if self.session else 0})
         if rings:
             roles = st.get("queues") or []
             st["rings"] = [dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
@@ -166,7 +174,7 @@ def make_device(cfg):
 class Daemon:
     """The whole daemon for a DaemonConfig: guests, control socket, metrics, policy."""
 
-    def __init__(self, cfg, loop=None, host_reader=None):
+    def __init__(self, cfg, loop=None, host_reader=None, env=None):
         self.cfg = cfg
         self._own_loop = loop is None
         self.loop = loop or EventLoop()
@@ -175,9 +183,14 @@ class Daemon:
         self._watchdog = None
         specs = cfg.guest_specs
         self.multi = len(specs) > 1 or bool(cfg.guests)
+        # An fd store (systemd's, or the built-in supervisor's) at $NOTIFY_SOCKET keeps the
+        # fds of every session, so that a restarted daemon carries on (docs/operations.md).
+        self.store = FdStore(env)
+        self.inherited = dict(take_listen_fds(env)) if self.store.enabled else {}
         try:
             for name, path, fd in specs:
                 self.add_guest(name, path, fd)
+            self._drop_unused_fds()
             if cfg.policy is not None:
                 from .policy import PolicyLoop
                 self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
@@ -197,20 +210,74 @@ class Daemon:
         if name in self.guests:
             raise ConfigError(f"guest {name!r} is given twice")
         guest = Guest(name, make_device(self.cfg), socket_path)
-        listener = open_listener(socket_path, fd)
         keep = self.cfg.keep_listening or self.multi
         gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
         token = current_guest.set(name)
         try:
-            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
-                                       use_c=self.cfg.use_c)
-        except BaseException:
-            listener.close()
-            raise
+            if self.store.enabled:
+                self._add_kept_guest(guest, socket_path, fd, gloop, keep)
+            else:
+                listener = open_listener(socket_path, fd)
+                try:
+                    guest.server = GuestServer(guest.device, listener, loop=gloop,
+                                               keep_listening=keep, use_c=self.cfg.use_c)
+                except BaseException:
+                    listener.close()
+                    raise
         finally:
             current_guest.reset(token)
         self.guests[name] = guest
         return guest
+
+    def _add_kept_guest(self, guest, socket_path, fd, gloop, keep):
+        """A guest whose fds and state live in the fd store: take them back if a
+        previous process left them there, else start afresh and push them."""
+        from .state import GuestSession, StateFile
+        t0 = time.monotonic()
+        listen_name = fd_name(guest.name, "listen")
+        kept = self.inherited.pop(listen_name, None)
+        if kept is not None:
+            listener = Listener.from_fd(kept)
+            listener.path = socket_path
+        else:
+            listener = open_listener(socket_path, fd)
+            self.store.push(listen_name, listener.fileno())
+        state_fd = self.inherited.pop(fd_name(guest.name, "state"), None)
+        state = StateFile(state_fd) if state_fd is not None else None
+        session = GuestSession(self.store, guest, state)
+        guest.session = session
+        connected = not listener.is_listening
+        try:
+            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
+                                       use_c=self.cfg.use_c, observer=session,
+                                       accept=state is None)
+        except BaseException:
+            listener.close()
+            raise
+        if state is None:
+            session.checkpoint()
+            return
+        if session.restore(self.inherited):
+            log.info("session restored from the fd store in %.1f ms",
+                     (time.monotonic() - t0) * 1e3)
+            if guest.device.acked:
+                guest.server.notify_config_change()  # in case one was lost in the restart
+        elif connected:
+            guest.server._open(guest.server._wrap(listener.sock))
+        else:
+            session.checkpoint()
+
+    def _drop_unused_fds(self):
+        """fds in the store that no guest claimed (left by a changed configuration or
+        by a process killed between two checkpoints): close them, drop them."""
+        for name, fd in self.inherited.items():
+            log.info("dropping fd %s from the fd store: nothing refers to it", name)
+            self.store.remove(name)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.inherited.clear()
 
     def describe(self):
         names = ", ".join(f"{n} on {g.socket_path or 'fd'}" for n, g in self.guests.items())

@@ -8,6 +8,7 @@ $NOTIFY_SOCKET (not started by systemd with Type=notify) every call is a no-op.
 Failures are logged and never raised: notification must not stop the daemon.
 """
 
+import array
 import logging
 import os
 import socket
@@ -38,6 +39,22 @@ def notify(message, env=None):
             s.sendall(message.encode())
     except OSError as e:
         log.warning("cannot notify systemd at %s: %s", addr.lstrip("\0"), e.strerror or e)
+        return False
+    return True
+
+
+def notify_fds(message, fds, env=None):
+    """Send message with fds attached (SCM_RIGHTS), e.g. 'FDSTORE=1\nFDNAME=x'.
+    True if sent; False without $NOTIFY_SOCKET or on failure (logged)."""
+    addr = _address(os.environ if env is None else env)
+    if addr is None:
+        return False
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendmsg([message.encode()], anc, 0, addr)
+    except OSError as e:
+        log.warning("cannot send fds to the fd store at %s: %s", addr.lstrip("\0"), e.strerror or e)
         return False
     return True
 

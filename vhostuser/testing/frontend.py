@@ -144,3 +144,37 @@ class Frontend:
         self.pump()
         self.server.close()
         self.server.loop.close()
+
+
+class RemoteFrontend(Frontend):
+    """The same frontend, connected to a backend in another process at `path`."""
+
+    def __init__(self, path, timeout=20):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.server = None
+        self.device = None
+        self.backend_sock = None
+        self.eventfds = []
+
+    def pump(self, rounds=3):
+        """The backend runs on its own."""
+
+    def close(self):
+        for fd in self.eventfds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.eventfds = []
+        if self.backend_sock:
+            self.backend_sock.close()
+        self.sock.close()
+
+    @property
+    def alive(self):
+        import select
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLRDHUP)
+        return not p.poll(0)

@@ -1,0 +1,186 @@
+"""State that survives the serving process: a memfd in the fd store.
+
+Layout: a 4 KiB header {magic, sequence, slot, length, crc32} and two slots of
+SLOT_SIZE bytes. A write goes to the slot not in use, then the header flips to it
+(one 32-byte pwrite), so a kill at any instruction leaves the old or the new state,
+never half of one.
+
+GuestSession is the FdObserver (vhostuser/restart.py) of one guest's Server: it
+pushes each fd the session keeps to the fd store under a name that says what it is,
+and writes the guest's state (protocol snapshot, device state, fd names, the message
+being handled) ahead of acting on it. Stale fds leave the store only after the
+checkpoint that stopped referring to them.
+"""
+
+import base64
+import itertools
+import json
+import logging
+import os
+import struct
+import zlib
+
+from .fdstore import fd_name
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"VUBSTATE"
+HEADER = struct.Struct("<8sQIII")
+HEADER_SIZE = 4096
+SLOT_SIZE = 1 << 20
+VERSION = 1
+
+
+class StateError(Exception):
+    pass
+
+
+class StateFile:
+    def __init__(self, fd):
+        self.fd = fd
+        self.seq, self.slot = 0, 1
+
+    @classmethod
+    def create(cls):
+        fd = os.memfd_create("vub-state", os.MFD_CLOEXEC)
+        os.ftruncate(fd, HEADER_SIZE + 2 * SLOT_SIZE)
+        return cls(fd)
+
+    def read(self):
+        """The last state written, or None if none was."""
+        magic, seq, slot, length, crc = HEADER.unpack(os.pread(self.fd, HEADER.size, 0))
+        if magic != MAGIC:
+            return None
+        if slot > 1 or length > SLOT_SIZE:
+            raise StateError(f"state header is damaged (slot {slot}, length {length})")
+        data = os.pread(self.fd, length, HEADER_SIZE + slot * SLOT_SIZE)
+        if zlib.crc32(data) != crc:
+            raise StateError("state slot does not match its checksum")
+        self.seq, self.slot = seq, slot
+        return json.loads(data)
+
+    def write(self, obj):
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        if len(data) > SLOT_SIZE:
+            raise StateError(f"state of {len(data)} bytes does not fit a {SLOT_SIZE}-byte slot")
+        slot = 1 - self.slot
+        os.pwrite(self.fd, data, HEADER_SIZE + slot * SLOT_SIZE)
+        os.pwrite(self.fd, HEADER.pack(MAGIC, self.seq + 1, slot, len(data), zlib.crc32(data)), 0)
+        self.seq, self.slot = self.seq + 1, slot
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _b(data):
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _unb(text):
+    return None if text is None else base64.b64decode(text)
+
+
+class GuestSession:
+    """FdObserver for one guest: fd store names + write-ahead state."""
+
+    def __init__(self, store, guest, state=None):
+        self.store = store
+        self.guest = guest            # host Guest (name, device, server)
+        self.state = state or StateFile.create()
+        self.names = {}               # (kind, index) -> name in the store
+        self._gen = itertools.count(1)
+        self._to_remove = []
+        self.pending = None
+        self.checkpoints = 0
+        self.restored = False
+        self.state_name = fd_name(guest.name, "state")
+        if state is None:
+            store.push(self.state_name, self.state.fd)
+
+    # FdObserver
+    def fd_added(self, kind, index, fd):
+        key = (kind, index)
+        name = fd_name(self.guest.name, kind, index, next(self._gen))
+        self.store.push(name, fd)
+        old = self.names.get(key)
+        if old is not None:
+            self._to_remove.append(old)
+        self.names[key] = name
+
+    def fd_removed(self, kind, index):
+        old = self.names.pop((kind, index), None)
+        if old is not None:
+            self._to_remove.append(old)
+
+    def checkpoint(self, pending=None):
+        if pending is not None:
+            self.pending = {"msg": _b(pending["msg"]), "reply": _b(pending["reply"]),
+                            "reply_fd": pending["reply_fd"], "stage": pending["stage"]}
+        self._write()
+        for name in self._to_remove:
+            self.store.remove(name)
+        self._to_remove = []
+
+    def progress(self, stage):
+        if self.pending is None:
+            return
+        if stage is None:
+            self.pending = None
+        else:
+            self.pending["stage"] = stage
+        self._write()
+
+    def _write(self):
+        server = self.guest.server
+        connected = server is not None and server.conn is not None
+        obj = {"version": VERSION, "connected": connected,
+               "fds": [[k, i, n] for (k, i), n in self.names.items()],
+               "backend": server.backend.snapshot() if connected else None,
+               "device": self.guest.device.save_state(),
+               "pending": self.pending}
+        self.state.write(obj)
+        self.checkpoints += 1
+
+    # restart
+    def restore(self, inherited):
+        """Carry on the session recorded in the state, with the fds in `inherited`
+        ({name: fd}, those used are taken out). False if there was none to restore."""
+        saved = self.state.read()
+        if saved is None:
+            return False
+        if saved.get("version") != VERSION:
+            raise StateError(f"state version {saved.get('version')} is not {VERSION}")
+        self.guest.device.restore_state(saved.get("device"))
+        if not saved["connected"]:
+            return False
+        fds, missing = {}, []
+        gens = [0]
+        for kind, index, name in saved["fds"]:
+            fd = inherited.pop(name, None)
+            if fd is None:
+                missing.append(name)
+                continue
+            fds[(kind, index)] = fd
+            self.names[(kind, index)] = name
+            gens.append(int(name.rsplit(".", 1)[1]))
+        self._gen = itertools.count(max(gens) + 1)
+        conn = fds.pop(("conn", 0), None)
+        if missing or conn is None:
+            for fd in fds.values():
+                os.close(fd)
+            if conn is not None:
+                os.close(conn)
+            self.names.clear()
+            log.error("cannot restore the session: fds %s are not in the store",
+                      ", ".join(missing) or "conn")
+            return False
+        pending = saved.get("pending")
+        if pending is not None:
+            pending = dict(pending, msg=_unb(pending["msg"]), reply=_unb(pending["reply"]))
+            self.pending = dict(saved["pending"])
+        import socket
+        self.guest.server.restore(socket.socket(fileno=conn), saved["backend"], fds, pending)
+        self.restored = True
+        return True
