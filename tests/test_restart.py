@@ -285,3 +285,28 @@ def test_config_error_is_not_restarted(tmp_path):
                          str(bad)], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cp.returncode == 2, cp.stderr
     assert "not restarting" in cp.stderr and "is not a socket" in cp.stderr
+
+
+def test_ctl_upgrade_hands_over_without_the_frontend_noticing(daemon):
+    g = Guest(daemon.sock)
+    try:
+        old = daemon.child()
+        from balloon_device.host.cli import main
+        assert main(["ctl", "--socket-path", daemon.sock, "upgrade"]) == 0
+        st = daemon.wait_serving(not_pid=old)
+        assert st["process"]["restored"] and st["connected"] and g.fe.alive
+        assert "handed over for an upgrade" in daemon.log_text()
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+    finally:
+        g.close()
+
+
+def test_ctl_upgrade_refused_without_an_fd_store(tmp_path):
+    d = Supervised(tmp_path, "--no-supervise")
+    try:
+        reply = control_request(d.ctl, {"cmd": "upgrade"})
+        assert not reply["ok"] and "no fd store" in reply["error"]
+        assert not d.status()["process"]["fd_store"]
+    finally:
+        assert d.stop() == 0

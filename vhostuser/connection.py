@@ -42,6 +42,20 @@ def _take_fds(ancdata, flags):
     return fds
 
 
+_FD_REQUESTS = {5, 7, 12, 13, 14, 21, 32, 37, 38}  # MEM_TABLE, LOG_FD, KICK/CALL/ERR,
+#                                                  BACKEND_REQ_FD, SET_INFLIGHT_FD, ADD/REM_MEM_REG
+_VRING_FD_REQUESTS = {12, 13, 14}
+_NOFD = 1 << 8
+
+
+def _may_carry_fds(request, payload):
+    if request not in _FD_REQUESTS:
+        return False
+    if request in _VRING_FD_REQUESTS and len(payload) >= 8:
+        return not struct.unpack_from("<Q", payload)[0] & _NOFD
+    return True
+
+
 class Listener:
     """A listening Unix socket at a path (mode 0600) or an inherited fd."""
 
@@ -219,6 +233,11 @@ class Connection:
         _close_all(fds)
         header = messages.parse_header(head)
         raw, fds = self._peek(messages.HEADER.size + header.size)
+        if fds and not _may_carry_fds(header.request, raw[messages.HEADER.size:]):
+            # A peek also picks up the fds of the *next* buffer in the socket (Linux
+            # unix_stream_read_generic); a message that carries none has none.
+            _close_all(fds)
+            fds = []
         if len(fds) > messages.MAX_FDS:
             _close_all(fds)
             raise ProtocolError(f"{len(fds)} fds attached to one message")

@@ -269,6 +269,8 @@ def _ctl(argv):
     t.add_argument("size", help="e.g. 512MiB, 1G, 0")
     i = sub.add_parser("inhibit", help="switch discarding off (on) or back on (off)")
     i.add_argument("state", choices=("on", "off"))
+    sub.add_parser("upgrade", help="hand every session over to a new daemon process started "
+                                   "from the installed program, without QEMU noticing")
     ns = p.parse_args(argv)
     path = ns.control_socket or ns.socket_path + ".ctl"
     if ns.cmd == "target":

@@ -5,6 +5,7 @@ Requests:  {"cmd": "status"}
            {"cmd": "target", "bytes": N}        (or "pages": N)
            {"cmd": "stats", "refresh": bool}
            {"cmd": "inhibit", "on": bool}
+           {"cmd": "upgrade"}                   (hand over to a new process: see below)
 Every request but list takes "guest": NAME; it is needed when the daemon serves
 several guests (then a status without it answers {"guests": {NAME: status}}).
 Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
@@ -12,6 +13,7 @@ Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
 
 import json
 import logging
+import os
 import socket
 
 from vhostuser.connection import Listener
@@ -97,14 +99,34 @@ class ControlServer:
             cmd = req.get("cmd")
             fn = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
             if fn is None:
-                raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats "
-                                 "or inhibit")
+                raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats, "
+                                 "inhibit or upgrade")
             return {"ok": True, **fn(req)}
         except (ValueError, TypeError, BalloonError) as e:
             return {"ok": False, "error": str(e)}
         except Exception as e:  # never let a request take the daemon down
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {e}"}
+
+    def _cmd_upgrade(self, req):
+        """Hand every session over to a new serving process started from the installed
+        program: the state is written, this process exits with EXIT_UPGRADE, and the
+        supervisor (or systemd, Restart=on-failure) starts the successor at once."""
+        from .supervisor import EXIT_UPGRADE
+        missing = [g.name for g in self.guests.values() if g.session is None]
+        if missing:
+            raise ValueError("no fd store keeps this daemon's sessions (run it under the "
+                             "built-in supervisor, or systemd with FileDescriptorStoreMax=): "
+                             "an upgrade would drop " + ", ".join(missing))
+        for g in self.guests.values():
+            g.session.checkpoint()
+        log.info("upgrade: handing over to a new process")
+
+        def leave():
+            logging.shutdown()
+            os._exit(EXIT_UPGRADE)
+        self.server.call_later(0.05, leave)
+        return {"upgrade": "handing over", "pid": os.getpid()}
 
     def _guest(self, req):
         name = req.get("guest")
@@ -156,6 +178,8 @@ class ControlServer:
             raise ValueError("inhibit needs 'on': true or false")
         guest = self._guest(req)
         guest.device.inhibited = on
+        if guest.session is not None:
+            guest.session.checkpoint()
         log.info("guest %s: discards %s", guest.name,
                  "inhibited: reported memory stays with QEMU" if on else "allowed again")
         return {"guest": guest.name, "inhibited": on}
