@@ -73,30 +73,37 @@ def test_take_listen_fds_checks_the_pid():
 # ---- the daemon under its supervisor -------------------------------------------
 
 class Supervised:
-    def __init__(self, tmp_path, *args):
+    def __init__(self, tmp_path, *args, guests=None):
         self.sock = str(tmp_path / "g.sock")
         self.ctl = self.sock + ".ctl"
         self.log = tmp_path / "daemon.log"
+        where = ["--socket-path", self.sock]
+        if guests:
+            where = [a for n in guests for a in ("--guest", f"{n}={tmp_path}/{n}.sock")]
+            self.ctl = str(tmp_path / "control.sock")
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(k, None)
         import subprocess
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "balloon_device.host.cli", "--socket-path", self.sock,
+            [sys.executable, "-m", "balloon_device.host.cli", *where,
              "--log-level", "debug", *args], env=env, stdout=open(self.log, "ab"),
             stderr=subprocess.STDOUT, cwd=ROOT)
-        self.wait_serving()
+        self.wait_serving(guest=guests[0] if guests else None)
 
-    def status(self):
-        reply = control_request(self.ctl, {"cmd": "status"}, timeout=5)
+    def status(self, guest=None):
+        req = {"cmd": "status"}
+        if guest:
+            req["guest"] = guest
+        reply = control_request(self.ctl, req, timeout=5)
         assert reply["ok"], reply
         return reply["status"]
 
-    def wait_serving(self, not_pid=None, timeout=60):
+    def wait_serving(self, not_pid=None, timeout=60, guest=None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                st = self.status()
+                st = self.status(guest)
                 if st["process"]["pid"] != not_pid:
                     return st
             except (OSError, AssertionError, ValueError, ControlError):
@@ -310,3 +317,23 @@ def test_ctl_upgrade_refused_without_an_fd_store(tmp_path):
         assert not d.status()["process"]["fd_store"]
     finally:
         assert d.stop() == 0
+
+
+def test_every_guest_of_a_shared_daemon_is_restored(tmp_path):
+    d = Supervised(tmp_path, guests=("a", "b"))
+    guests = {}
+    try:
+        for n in ("a", "b"):
+            d.wait_serving(guest=n)
+            guests[n] = Guest(str(tmp_path / f"{n}.sock"))
+        old = d.status("a")["process"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        for n, g in guests.items():
+            st = d.wait_serving(not_pid=old, guest=n)
+            assert st["process"]["restored"] and st["connected"] and g.fe.alive, n
+            h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+            assert [u.id for u in g.wait_used("reporting")] == [h], n
+    finally:
+        for g in guests.values():
+            g.close()
+        d.stop()

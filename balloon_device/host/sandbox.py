@@ -20,7 +20,7 @@ and cgroup reads by the policy), connect (sd_notify; sockets can only be
 created AF_UNIX), and a few with argument checks: socket() only AF_UNIX
 (sd_notify), clone() only for threads (CLONE_THREAD; clone3 gets
 ENOSYS so that glibc falls back to clone), ioctl() only FIONBIO/FIOCLEX/
-FIONCLEX/TCGETS.  Everything else -- execve, fork, ptrace, process_vm_*,
+FIONCLEX/TCGETS/FIONREAD (restart-safe message reads).  Everything else -- execve, fork, ptrace, process_vm_*,
 mount, setuid & co, open for writing, bind/listen, kexec, bpf,
 keyctl, ... -- gets the default action:
 
@@ -75,7 +75,7 @@ def _arg_lo(i):
 O_WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000 | 0o20000000  # WRONLY RDWR CREAT TRUNC APPEND TMPFILE
 CLONE_THREAD = 0x10000
 AF_UNIX = 1
-IOCTLS = (0x5421, 0x5451, 0x5450, 0x5401)  # FIONBIO FIOCLEX FIONCLEX TCGETS
+IOCTLS = (0x5421, 0x5451, 0x5450, 0x5401, 0x541B)  # FIONBIO FIOCLEX FIONCLEX TCGETS FIONREAD
 
 # Per architecture: audit arch, syscall numbers of the allowlist and of the checked calls.
 _X86_64 = {
