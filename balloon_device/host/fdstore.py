@@ -62,8 +62,10 @@ def take_listen_fds(env=None, unset=True):
     out = []
     for i in range(n):
         fd = LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        out.append((names[i] if i < len(names) else "unknown", fd))
+        name = names[i] if i < len(names) else "unknown"
+        if parse_name(name) is not None:
+            os.set_inheritable(fd, False)  # ours; others (socket activation) are left as given
+        out.append((name, fd))
     return out
 
 

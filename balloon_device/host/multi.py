@@ -24,7 +24,7 @@ from vhostuser.connection import Listener
 from vhostuser.loop import EventLoop, Server, open_listener
 
 from . import notify
-from .fdstore import FdStore, fd_name, take_listen_fds
+from .fdstore import FdStore, fd_name, parse_name, take_listen_fds
 from ..device import BalloonDevice
 from .errors import ConfigError
 
@@ -186,7 +186,9 @@ class Daemon:
         # An fd store (systemd's, or the built-in supervisor's) at $NOTIFY_SOCKET keeps the
         # fds of every session, so that a restarted daemon carries on (docs/operations.md).
         self.store = FdStore(env)
-        self.inherited = dict(take_listen_fds(env)) if self.store.enabled else {}
+        # only fds named by us (vub.*): socket activation passes its own (--fd 3) alongside
+        self.inherited = {n: fd for n, fd in take_listen_fds(env)
+                          if parse_name(n) is not None} if self.store.enabled else {}
         try:
             for name, path, fd in specs:
                 self.add_guest(name, path, fd)

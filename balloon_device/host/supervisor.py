@@ -7,7 +7,9 @@ parses guest data: it only keeps fds. It listens on a notify socket (the child's
 $NOTIFY_SOCKET) and speaks systemd's protocol: FDSTORE=1 + FDNAME=name with fds
 attached stores them, FDSTOREREMOVE=1 + FDNAME=name drops them. When the child
 dies it logs why, and starts a new one with the stored fds at 3, 4, ... and
-LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID, exactly as systemd does. Because it
+LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID, exactly as systemd does: at once if the
+dead one had served for STABLE_AFTER seconds after READY=1, else after a back-off
+that grows to 5 s (a crash loop). Because it
 holds a copy of every fd (the frontend's socket among them), QEMU never sees the
 connection close. It restarts with back-off, and stops when the child exits 0
 (a clean shutdown) or when the first child fails before it is ready (a
@@ -33,7 +35,7 @@ log = logging.getLogger("vhost-user-balloon.supervisor")
 EXIT_UPGRADE = 75          # the child asks to be replaced now (EX_TEMPFAIL)
 MAX_FDS = 4096             # systemd's FileDescriptorStoreMax= upper bound in our unit
 BACKOFF = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
-STABLE_AFTER = 10.0        # a child up this long resets the back-off
+STABLE_AFTER = 1.0         # a child that served this long after READY=1 resets the back-off
 _UCRED = struct.Struct("iII")
 _PR_SET_PDEATHSIG = 1
 
@@ -198,6 +200,7 @@ class Supervisor:
             self._spawn()
             status = self._wait_child()
             uptime = time.monotonic() - self.started_at
+            served = time.monotonic() - self.ready_times[-1] if self.child_ready else 0.0
             pid, self.child = self.child, None
             code = os.waitstatus_to_exitcode(status)
             if code == 0 or self.stopping:
@@ -217,7 +220,9 @@ class Supervisor:
                 log.info("serving process %d handed over for an upgrade; starting %s",
                          pid, self.argv[0])
             else:
-                failures = 0 if uptime > STABLE_AFTER else failures + 1
+                # a crash loop (dies before or right after READY=1) backs off; a process
+                # that served for a while is replaced at once
+                failures = 0 if served > STABLE_AFTER else failures + 1
                 delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
                 log.warning("serving process %d %s after %.1f s; restart %d in %.2f s "
                             "(%d fds kept)", pid, _describe(status), uptime, self.restarts + 1,
