@@ -73,7 +73,7 @@ def test_take_listen_fds_checks_the_pid():
 # ---- the daemon under its supervisor -------------------------------------------
 
 class Supervised:
-    def __init__(self, tmp_path, *args, guests=None):
+    def __init__(self, tmp_path, *args, guests=None, env=None):
         self.sock = str(tmp_path / "g.sock")
         self.ctl = self.sock + ".ctl"
         self.log = tmp_path / "daemon.log"
@@ -81,7 +81,7 @@ class Supervised:
         if guests:
             where = [a for n in guests for a in ("--guest", f"{n}={tmp_path}/{n}.sock")]
             self.ctl = str(tmp_path / "control.sock")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **(env or {}))
         for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(k, None)
         import subprocess
@@ -336,4 +336,76 @@ def test_every_guest_of_a_shared_daemon_is_restored(tmp_path):
     finally:
         for g in guests.values():
             g.close()
+        d.stop()
+
+
+@pytest.mark.parametrize("stage", ["handled", "consumed"])
+def test_kill_between_a_request_and_its_reply(tmp_path, stage):
+    """Killed after handling GET_CONFIG, before (handled) or after (consumed) the message
+    left the socket: the successor answers it, exactly once."""
+    d = Supervised(tmp_path, env={"VUB_CRASH_AT": f"{stage}:GET_CONFIG"})
+    g = Guest(d.sock)
+    try:
+        old = d.child()
+        hdr, payload, _ = g.fe.call(R.GET_CONFIG, m.encode_config(0, 0, bytes(16)),
+                                    need_reply=True)
+        assert hdr.request == R.GET_CONFIG and len(payload) == 12 + 16
+        st = d.wait_serving(not_pid=old)
+        assert st["process"]["restarts"] == 1 and st["process"]["restored"]
+        assert "killing myself" in d.log_text()
+        g.fe.sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            g.fe.recv()  # exactly one reply
+        g.fe.sock.settimeout(20)
+        assert g.fe.ack(R.SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1)) == 0  # in step
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+    finally:
+        g.close()
+        d.stop()
+
+
+def test_kill_while_handling_a_message_with_an_fd(tmp_path):
+    """The first SET_VRING_CALL of the handshake (an fd, NEED_REPLY) is handled, then the
+    process is killed before the message leaves the socket: the successor takes it (and
+    its fd) once and acks it once; every later ack of the handshake matches its request
+    (Frontend.ack checks), and the ring works."""
+    d = Supervised(tmp_path, env={"VUB_CRASH_AT": "handled:SET_VRING_CALL"})
+    g = None
+    try:
+        g = Guest(d.sock)
+        st = d.wait_serving()
+        assert st["process"]["restarts"] == 1 and "killing myself" in d.log_text()
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+        g.fe.sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            g.fe.recv()  # no stray reply
+    finally:
+        if g is not None:
+            g.close()
+        d.stop()
+
+
+def test_kill_after_discard_before_completion_completes_the_chain_once(tmp_path):
+    d = Supervised(tmp_path, env={"VUB_CRASH_AT": "discarded:reporting"})
+    g = Guest(d.sock)
+    try:
+        old = d.child()
+        before = g.blocks()
+        h = g.post("reporting", [], [(g.data[3], 2 * MiB)])
+        used = g.wait_used("reporting")
+        assert [u.id for u in used] == [h]
+        st = d.wait_serving(not_pid=old)
+        assert st["process"]["restarts"] == 1
+        log = d.log_text()
+        assert "killing myself after discarding chain" in log
+        assert "1 chain(s) in flight at the restart are redone" in log
+        assert g.wait_used("reporting", timeout=1) == []  # once, not twice
+        assert before - g.blocks() >= 2 * MiB - 64 * 1024  # (reading it back allocates it)
+        assert g.mem.read(g.data[3], 2 * MiB) == bytes(2 * MiB)
+        h2 = g.post("reporting", [], [(g.data[4], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h2]
+    finally:
+        g.close()
         d.stop()

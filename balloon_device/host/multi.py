@@ -234,7 +234,8 @@ class Daemon:
     def _add_kept_guest(self, guest, socket_path, fd, gloop, keep):
         """A guest whose fds and state live in the fd store: take them back if a
         previous process left them there, else start afresh and push them."""
-        from .state import GuestSession, StateFile
+        from .state import GuestSession, StateFile, install_crash_points
+        install_crash_points(guest.device)
         t0 = time.monotonic()
         listen_name = fd_name(guest.name, "listen")
         kept = self.inherited.pop(listen_name, None)

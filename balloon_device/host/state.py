@@ -24,11 +24,31 @@ from .fdstore import fd_name
 
 log = logging.getLogger(__name__)
 
+# Fault injection for tests: "<stage>:<REQUEST>" SIGKILLs the first serving process right
+# after the checkpoint of that stage ("handled", "consumed") of that request
+CRASH_AT = os.environ.get("VUB_CRASH_AT", "")
+
 MAGIC = b"VUBSTATE"
 HEADER = struct.Struct("<8sQIII")
 HEADER_SIZE = 4096
 SLOT_SIZE = 1 << 20
 VERSION = 1
+
+
+def install_crash_points(device):
+    """VUB_CRASH_AT=discarded:reporting (tests): SIGKILL the first serving process right
+    after a reported chain was discarded and before it is completed."""
+    if CRASH_AT != "discarded:reporting" or os.environ.get("VUB_RESTARTS", "0") != "0":
+        return
+    real = device._discard_chain
+
+    def discard_then_die(memory, chain):
+        done = real(memory, chain)
+        log.warning("VUB_CRASH_AT=%s: killing myself after discarding chain %d", CRASH_AT,
+                    chain.head)
+        os.kill(os.getpid(), 9)
+        return done
+    device._discard_chain = discard_then_die
 
 
 class StateError(Exception):
@@ -122,6 +142,8 @@ class GuestSession:
         for name in self._to_remove:
             self.store.remove(name)
         self._to_remove = []
+        if pending is not None:
+            self._crash_point("handled", pending["msg"])
 
     def progress(self, stage):
         if self.pending is None:
@@ -131,6 +153,21 @@ class GuestSession:
         else:
             self.pending["stage"] = stage
         self._write()
+        if stage is not None:
+            self._crash_point(stage, _unb(self.pending["msg"]))
+
+    @staticmethod
+    def _crash_point(stage, msg):
+        if not CRASH_AT or os.environ.get("VUB_RESTARTS", "0") != "0":
+            return
+        from vhostuser import messages
+        try:
+            name = messages.Request(struct.unpack_from("<I", msg)[0]).name
+        except ValueError:
+            return
+        if CRASH_AT == f"{stage}:{name}":
+            log.warning("VUB_CRASH_AT=%s: killing myself", CRASH_AT)
+            os.kill(os.getpid(), 9)
 
     def _write(self):
         server = self.guest.server
