@@ -409,3 +409,32 @@ def test_kill_after_discard_before_completion_completes_the_chain_once(tmp_path)
     finally:
         g.close()
         d.stop()
+
+
+def test_kill_with_a_config_change_in_flight(tmp_path):
+    """Killed right after sending CONFIG_CHANGE_MSG, before reading its ack: the target
+    survives, the stale ack is read by the successor, which signals the change again."""
+    d = Supervised(tmp_path, env={"VUB_CRASH_AT": "sent:CONFIG_CHANGE_MSG"})
+    g = Guest(d.sock)
+    try:
+        old = d.child()
+        try:
+            control_request(d.ctl, {"cmd": "target", "bytes": 32 * MiB}, timeout=5)
+        except ControlError:
+            pass  # the daemon died before answering
+        bs = g.fe.backend_sock
+        for _ in range(2):  # one from the killed process, one from its successor
+            hdr = m.HEADER.unpack(bs.recv(m.HEADER.size))
+            assert hdr[0] == m.BackendRequest.CONFIG_CHANGE_MSG
+            bs.sendall(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG, m.U64.pack(0),
+                                m.VERSION | m.FLAG_REPLY))
+        st = d.wait_serving(not_pid=old)
+        assert st["target_pages"] == 32 * MiB >> 12 and st["connected"]
+        hdr, payload, _ = g.fe.call(R.GET_CONFIG, m.encode_config(0, 0, bytes(16)),
+                                    need_reply=True)
+        assert struct.unpack("<I", payload[12:16])[0] == 32 * MiB >> 12
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+    finally:
+        g.close()
+        d.stop()

@@ -235,7 +235,6 @@ class Daemon:
         """A guest whose fds and state live in the fd store: take them back if a
         previous process left them there, else start afresh and push them."""
         from .state import GuestSession, StateFile, install_crash_points
-        install_crash_points(guest.device)
         t0 = time.monotonic()
         listen_name = fd_name(guest.name, "listen")
         kept = self.inherited.pop(listen_name, None)
@@ -257,6 +256,7 @@ class Daemon:
         except BaseException:
             listener.close()
             raise
+        install_crash_points(guest.device, guest.server.backend)
         if state is None:
             session.checkpoint()
             return

@@ -35,10 +35,22 @@ SLOT_SIZE = 1 << 20
 VERSION = 1
 
 
-def install_crash_points(device):
-    """VUB_CRASH_AT=discarded:reporting (tests): SIGKILL the first serving process right
-    after a reported chain was discarded and before it is completed."""
-    if CRASH_AT != "discarded:reporting" or os.environ.get("VUB_RESTARTS", "0") != "0":
+def install_crash_points(device, backend):
+    """Tests: SIGKILL the first serving process right after a reported chain was
+    discarded, before it is completed (VUB_CRASH_AT=discarded:reporting), or right after
+    a CONFIG_CHANGE_MSG was sent, before its ack is read (sent:CONFIG_CHANGE_MSG)."""
+    if os.environ.get("VUB_RESTARTS", "0") != "0":
+        return
+    if CRASH_AT == "sent:CONFIG_CHANGE_MSG":
+        send = backend.notify_config_change
+
+        def send_then_die():
+            ok = send()
+            log.warning("VUB_CRASH_AT=%s: killing myself", CRASH_AT)
+            os.kill(os.getpid(), 9)
+            return ok
+        backend.notify_config_change = send_then_die
+    if CRASH_AT != "discarded:reporting":
         return
     real = device._discard_chain
 
