@@ -438,3 +438,23 @@ def test_kill_with_a_config_change_in_flight(tmp_path):
     finally:
         g.close()
         d.stop()
+
+
+def test_a_session_that_cannot_be_restored_is_dropped_not_crash_looped(tmp_path):
+    """The frontend shrinks its memory file, then the daemon is killed: the successor
+    cannot map the region again, drops that frontend (QEMU would see the disconnect) and,
+    serving one guest, stops cleanly instead of dying on every restart."""
+    d = Supervised(tmp_path)
+    g = Guest(d.sock)
+    try:
+        pid = d.child()
+        os.ftruncate(g.mem.fd, 4096)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it may have met SIGBUS first: the supervisor restarts it all the same
+        assert d.proc.wait(60) == 0, d.log_text()
+        assert "cannot restore the session; dropping the frontend" in d.log_text()
+        assert not g.fe.alive
+    finally:
+        g.fe.close()

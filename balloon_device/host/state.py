@@ -230,6 +230,20 @@ class GuestSession:
             pending = dict(pending, msg=_unb(pending["msg"]), reply=_unb(pending["reply"]))
             self.pending = dict(saved["pending"])
         import socket
-        self.guest.server.restore(socket.socket(fileno=conn), saved["backend"], fds, pending)
+        sock = socket.socket(fileno=conn)
+        try:
+            self.guest.server.restore(sock, saved["backend"], fds, pending)
+        except Exception:
+            # e.g. a memory fd the frontend shrank: better one dropped session than a
+            # successor that dies the same way forever
+            log.exception("cannot restore the session; dropping the frontend")
+            for name in self.names.values():
+                self._to_remove.append(name)
+            self.names.clear()
+            server = self.guest.server
+            if server.conn is None:
+                server.conn = server._wrap(sock)
+            server._close("the session could not be restored")
+            return False
         self.restored = True
         return True
