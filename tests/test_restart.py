@@ -458,3 +458,17 @@ def test_a_session_that_cannot_be_restored_is_dropped_not_crash_looped(tmp_path)
         assert not g.fe.alive
     finally:
         g.fe.close()
+
+
+def test_counters_survive_a_kill(daemon):
+    g = Guest(daemon.sock)
+    try:
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+        time.sleep(3)  # > CHECKPOINT_EVERY
+        old = daemon.kill_child()
+        st = daemon.wait_serving(not_pid=old)
+        assert st["counters"]["bytes_discarded"] == 2 * MiB
+        assert st["counters"]["report_chains"] == 1
+    finally:
+        g.close()

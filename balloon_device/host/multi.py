@@ -30,6 +30,8 @@ from .errors import ConfigError
 
 log = logging.getLogger("vhost-user-balloon")
 
+CHECKPOINT_EVERY = 2.0
+
 current_guest = contextvars.ContextVar("current_guest", default=None)
 
 
@@ -290,10 +292,21 @@ class Daemon:
         """Everything is listening: tell systemd, start timers."""
         if self.policy is not None:
             self.policy.start()
+        if self.store.enabled:
+            self._checkpoint_tick()
         notify.notify(f"READY=1\nSTATUS={self.describe()}")
         interval = notify.watchdog_interval()
         if interval:
             self._watchdog_tick(interval)
+
+    def _checkpoint_tick(self):
+        """Counters move with every chain; keep them in the state every CHECKPOINT_EVERY s
+        (the rest of the state is written ahead of every change)."""
+        for guest in self.guests.values():
+            if guest.session is not None and guest.session.pending is None:
+                if guest.device.counters != guest.session.saved_counters:
+                    guest.call(guest.session.checkpoint)
+        self._checkpoints = self.loop.call_later(CHECKPOINT_EVERY, self._checkpoint_tick)
 
     def _watchdog_tick(self, interval):
         notify.notify("WATCHDOG=1")
@@ -321,6 +334,7 @@ class Daemon:
             except Exception:
                 log.exception("guest %s: error while closing", guest.name)
         self.loop.cancel(self._watchdog)
+        self.loop.cancel(getattr(self, "_checkpoints", None))
         if self._own_loop:
             self.loop.close()
             self._own_loop = False

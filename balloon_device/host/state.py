@@ -125,6 +125,7 @@ class GuestSession:
         self._gen = itertools.count(1)
         self._to_remove = []
         self.pending = None
+        self.saved_counters = None
         self.checkpoints = 0
         self.restored = False
         self.state_name = fd_name(guest.name, "state")
@@ -184,10 +185,12 @@ class GuestSession:
     def _write(self):
         server = self.guest.server
         connected = server is not None and server.conn is not None
+        device_state = self.guest.device.save_state()
+        self.saved_counters = dict(self.guest.device.counters)
         obj = {"version": VERSION, "connected": connected,
                "fds": [[k, i, n] for (k, i), n in self.names.items()],
                "backend": server.backend.snapshot() if connected else None,
-               "device": self.guest.device.save_state(),
+               "device": device_state,
                "pending": self.pending}
         self.state.write(obj)
         self.checkpoints += 1
