@@ -57,17 +57,19 @@ def test_sigkill_of_the_serving_process_goes_unnoticed(provisioned, tmp_path):
         assert d.pid == supervisor and d.alive()
         st = d.status()
         assert st["process"]["restarts"] == CYCLES and st["connected"]
-        # the freed memory comes back: after a round's free, the memfd shrinks again
-        d.set_target(0)
-        peak = max(r["memfd_mib"] for r in results)
-        low = None
-        deadline = time.monotonic() + 60
+        # the freed memory still comes back: a round's 256 MiB goes into the memfd and
+        # out again once the guest frees and reports it
+        high, drop = 0.0, None
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            low = g.memfd_allocated() / MIB
-            if low < peak - 128:
+            now = g.memfd_allocated() / MIB
+            high = max(high, now)
+            if now < high - 128:
+                drop = (high, now)
                 break
-            time.sleep(0.5)
-        assert low < peak - 128, f"memfd stays at {low:.0f} MiB (peak {peak:.0f} MiB)"
+            time.sleep(0.25)
+        assert drop, f"the guest-RAM memfd never dropped by 128 MiB (highest {high:.0f} MiB)"
+        print(f"memfd {drop[0]:.0f} -> {drop[1]:.0f} MiB after the kills")
         rounds = check_quiet(g)
         assert rounds > CYCLES // 2, "the guest's workload made too little progress"
         assert g.alive()

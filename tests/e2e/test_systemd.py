@@ -30,7 +30,7 @@ from balloon_device.host.harness import Guest, GuestError, HarnessError, build_s
 pytestmark = pytest.mark.e2e
 
 STEPS = ["multi_start", "notify_control", "template_ready", "template_serve",
-         "restart_on_sigkill", "socket_activation", "multi_serve", "multi_watchdog",
+         "restart_on_sigkill", "session_survives_sigkill", "socket_activation", "multi_serve", "multi_watchdog",
          "multi_watchdog_fires",
          "security:vhost-user-balloon@t1.service",
          "security:vhost-user-balloon-activated@s1.service",

@@ -59,9 +59,11 @@ class RealFrontend:
             os.close(fd)
 
 
-def report_once(path, mem_size=32 * MiB, report=4 * MiB, timeout=10):
+def report_once(path, mem_size=32 * MiB, report=4 * MiB, timeout=10, between=None):
     """Handshake, one reporting chain of `report` bytes; returns bytes released (memfd blocks).
-    `timeout` bounds each reply and the chain (a socket-activated daemon starts first)."""
+    `timeout` bounds each reply and the chain (a socket-activated daemon starts first).
+    between: called after that chain was completed (e.g. kill the daemon); then a second
+    chain goes down the same session and its release is added."""
     mem = GuestMemory(mem_size, guard=False)
     fe = RealFrontend(path, timeout)
     try:
@@ -109,6 +111,22 @@ def report_once(path, mem_size=32 * MiB, report=4 * MiB, timeout=10):
                 raise TimeoutError("the daemon did not complete the reporting chain")
             select.select([call], [], [], 0.05)
         released = before - os.fstat(mem.fd).st_blocks * 512
+        if between is not None:
+            between()
+            gpa = mem.alloc(report, align=2 * MiB)
+            mem.fill(gpa, report, 0xA5)
+            before = os.fstat(mem.fd).st_blocks * 512
+            rq.add([], [(gpa, report)])
+            rq.kick()
+            os.eventfd_write(kick, 1)
+            deadline = time.monotonic() + timeout
+            while rq.used_idx != 2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the chain after `between` was not completed")
+                select.select([call], [], [], 0.05)
+            released += before - os.fstat(mem.fd).st_blocks * 512
+            cfg = fe.call(R.GET_CONFIG, m.encode_config(0, 0, bytes(16)))
+            assert len(cfg) == 12 + 16
         # inflight fd and a clean stop, as QEMU does at shutdown
         fe.call(R.GET_INFLIGHT_FD, m.INFLIGHT.pack(0, 0, nq, 64), reply=False)
         r, f, size = m.HEADER.unpack(fe._recv_exact(12))

@@ -207,6 +207,29 @@ def _():
             "released": released}
 
 
+@step("session_survives_sigkill", [TEMPLATE])
+def _():
+    """systemd's fd store (FileDescriptorStoreMax=) keeps the frontend's fds: the
+    restarted daemon takes the session back, and the same session reports again."""
+    info = {}
+
+    def kill():
+        old = int(show(TEMPLATE, "MainPID")["MainPID"])
+        os.kill(old, signal.SIGKILL)
+
+        def back():
+            s = show(TEMPLATE, "ActiveState", "MainPID", "NRestarts", "NFileDescriptorStore")
+            return (s if s["ActiveState"] == "active" and int(s["MainPID"]) not in (0, old)
+                    else None)
+        s = wait_for(back, 90, "the restarted daemon")
+        info.update(old_pid=old, new_pid=s["MainPID"], nrestarts=s["NRestarts"],
+                    stored_fds=s.get("NFileDescriptorStore"))
+
+    released = report_once(f"{RUN}/t1.sock", timeout=60, between=kill)
+    check(released >= 2 * 4 * 1024 * 1024 - 65536, f"released {released} bytes over two chains")
+    return {"released": released, **info}
+
+
 @step("socket_activation", [SOCKET, ACTIVATED])
 def _():
     run("systemctl", "start", SOCKET)
