@@ -136,8 +136,8 @@ class Supervised:
 class Guest:
     """A driver (rings in a memfd) on a RemoteFrontend."""
 
-    def __init__(self, path):
-        self.mem = GuestMemory(96 * MiB)
+    def __init__(self, path, regions=None):
+        self.mem = GuestMemory(96 * MiB, regions=regions)
         self.fe = RemoteFrontend(path)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30)
@@ -470,5 +470,28 @@ def test_counters_survive_a_kill(daemon):
         st = daemon.wait_serving(not_pid=old)
         assert st["counters"]["bytes_discarded"] == 2 * MiB
         assert st["counters"]["report_chains"] == 1
+    finally:
+        g.close()
+
+
+def test_two_regions_of_one_memfd_survive_a_kill(daemon):
+    """QEMU maps RAM below and above the PCI hole as two regions of one memfd. The store
+    keeps one copy of a file (systemd drops duplicates, and so does the supervisor): the
+    second region's name is an alias of the first, and both come back."""
+    g = Guest(daemon.sock, regions=[(0x0, 48 * MiB), (0x100000000, 48 * MiB)])
+    try:
+        stored = daemon.status()["process"]
+        old = daemon.kill_child()
+        st = daemon.wait_serving(not_pid=old)
+        assert st["process"]["restored"], daemon.log_text()
+        assert st["memory_bytes"] == 96 * MiB
+        lo = [a for a in g.data if a < 0x100000000]
+        hi = [g.mem.alloc(2 * MiB, align=2 * MiB, region=1)]
+        assert lo and hi[0] >= 0x100000000
+        g.mem.fill(hi[0], 2 * MiB, 0xA5)
+        h = g.post("reporting", [], [(lo[0], 2 * MiB), (hi[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+        assert g.mem.read(hi[0], 16) == bytes(16) and g.mem.read(lo[0], 16) == bytes(16)
+        del stored
     finally:
         g.close()

@@ -249,6 +249,7 @@ class Daemon:
         state_fd = self.inherited.pop(fd_name(guest.name, "state"), None)
         state = StateFile(state_fd) if state_fd is not None else None
         session = GuestSession(self.store, guest, state)
+        session.pin(listen_name, listener.fileno())
         guest.session = session
         connected = not listener.is_listening
         try:

@@ -106,6 +106,17 @@ class StateFile:
             self.fd = -1
 
 
+def _identity(fd):
+    """(device, inode) of fd's file; None for anonymous inodes (every eventfd shares one)."""
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:"):
+            return None
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return [st.st_dev, st.st_ino]
+
+
 def _b(data):
     return None if data is None else base64.b64encode(data).decode()
 
@@ -122,6 +133,8 @@ class GuestSession:
         self.guest = guest            # host Guest (name, device, server)
         self.state = state or StateFile.create()
         self.names = {}               # (kind, index) -> name in the store
+        self.idents = {}              # name -> identity of its open file (aliases, below)
+        self.pinned = {}              # names kept by the host (listener): name -> fd
         self._gen = itertools.count(1)
         self._to_remove = []
         self.pending = None
@@ -132,20 +145,36 @@ class GuestSession:
         if state is None:
             store.push(self.state_name, self.state.fd)
 
+    def pin(self, name, fd):
+        """An fd the host stored itself (the listening socket): aliases may point at it."""
+        self.pinned[name] = fd
+        self.idents[name] = _identity(fd)
+
     # FdObserver
     def fd_added(self, kind, index, fd):
+        # An fd for a file already in the store (two memory regions of one memfd, a
+        # connected --fd socket) is not pushed again: systemd would drop the copy.
         key = (kind, index)
-        name = fd_name(self.guest.name, kind, index, next(self._gen))
-        self.store.push(name, fd)
+        ident = _identity(fd)
+        name = next((n for n, i in self.idents.items() if ident is not None and i == ident), None)
+        if name is None:
+            name = fd_name(self.guest.name, kind, index, next(self._gen))
+            self.store.push(name, fd)
+            self.idents[name] = ident
         old = self.names.get(key)
-        if old is not None:
-            self._to_remove.append(old)
         self.names[key] = name
+        if old is not None and old != name:
+            self._release(old)
 
     def fd_removed(self, kind, index):
         old = self.names.pop((kind, index), None)
         if old is not None:
-            self._to_remove.append(old)
+            self._release(old)
+
+    def _release(self, name):
+        if name not in self.pinned and name not in self.names.values():
+            self.idents.pop(name, None)
+            self._to_remove.append(name)
 
     def checkpoint(self, pending=None):
         if pending is not None:
@@ -207,16 +236,22 @@ class GuestSession:
         self.guest.device.restore_state(saved.get("device"))
         if not saved["connected"]:
             return False
-        fds, missing = {}, []
+        fds, missing, taken = {}, [], dict(self.pinned)
         gens = [0]
         for kind, index, name in saved["fds"]:
-            fd = inherited.pop(name, None)
-            if fd is None:
-                missing.append(name)
-                continue
+            if name in taken:  # an alias: one stored fd for several uses
+                fd = os.dup(taken[name])
+            else:
+                fd = inherited.pop(name, None)
+                if fd is None:
+                    missing.append(name)
+                    continue
+                taken[name] = fd
+                self.idents[name] = _identity(fd)
             fds[(kind, index)] = fd
             self.names[(kind, index)] = name
-            gens.append(int(name.rsplit(".", 1)[1]))
+            if name not in self.pinned:
+                gens.append(int(name.rsplit(".", 1)[1]))
         self._gen = itertools.count(max(gens) + 1)
         conn = fds.pop(("conn", 0), None)
         if missing or conn is None:
@@ -240,7 +275,7 @@ class GuestSession:
             # e.g. a memory fd the frontend shrank: better one dropped session than a
             # successor that dies the same way forever
             log.exception("cannot restore the session; dropping the frontend")
-            for name in self.names.values():
+            for name in set(self.names.values()) - set(self.pinned):
                 self._to_remove.append(name)
             self.names.clear()
             server = self.guest.server

@@ -100,11 +100,14 @@ class Supervisor:
         fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         name = fields.get("FDNAME", "stored")
         if fields.get("FDSTORE") == "1":
-            if len(self.store) + len(fds) > MAX_FDS:
-                log.error("fd store full (%d fds): dropping %s", MAX_FDS, name)
-                self._close(fds)
-            else:
-                self.store.extend([name, fd] for fd in fds)
+            for fd in fds:
+                if len(self.store) >= MAX_FDS:
+                    log.error("fd store full (%d fds): dropping %s", MAX_FDS, name)
+                    self._close([fd])
+                elif any(same_fd(fd, kept) for _, kept in self.store):
+                    self._close([fd])  # as systemd: an fd already in the store is not added
+                else:
+                    self.store.append([name, fd])
             return
         self._close(fds)
         if fields.get("FDSTOREREMOVE") == "1":
@@ -232,9 +235,32 @@ class Supervisor:
                 time.sleep(delay)
             if self.stopping:
                 break
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # the child is gone: a late stop request is moot
         self._close([fd for _, fd in self.store])
         self.store = []
         return self.exit_code or 0
+
+
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def same_fd(a, b):
+    """Do fds a and b refer to the same open file? (systemd's same_fd: fstat, then kcmp)"""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    if (sa.st_dev, sa.st_ino, sa.st_mode, sa.st_rdev) != (sb.st_dev, sb.st_ino, sb.st_mode,
+                                                        sb.st_rdev):
+        return False
+    if _KCMP is not None:
+        pid = os.getpid()
+        r = _libc.syscall(_KCMP, pid, pid, 0, a, b)  # KCMP_FILE
+        if r >= 0:
+            return r == 0
+    return not os.readlink(f"/proc/self/fd/{a}").startswith("anon_inode:")
 
 
 def fcntl_dupfd(fd, lowest):
