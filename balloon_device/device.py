@@ -102,10 +102,12 @@ class BalloonDevice(Device):
         if offset <= 4 and end >= 8 and actual != self.actual:
             log.debug("guest balloon now holds %d pages (target %d)", actual, self.target_pages)
             self.actual = actual
-        if offset <= 12 and end >= 16 and self.acked & F.PAGE_POISON:
-            if poison != self.poison_val:
-                log.info("guest poison value is %#x%s", poison,
-                         ": reported pages will not be discarded" if poison else "")
+        # Kept whatever the acked features: Linux writes poison_val in probe,
+        # before DRIVER_OK, and QEMU's generic device sends SET_FEATURES only
+        # at DRIVER_OK, so this write arrives before the features it needs.
+        if offset <= 12 and end >= 16 and poison != self.poison_val:
+            log.info("guest poison value is %#x%s", poison,
+                     ": reported pages will not be discarded" if poison else "")
             self.poison_val = poison
 
     def memory_changed(self, memory):
@@ -152,7 +154,9 @@ class BalloonDevice(Device):
 
     @property
     def discard_allowed(self):
-        return not self.inhibited and not (self.acked & F.PAGE_POISON and self.poison_val)
+        # A non-zero poison value forbids discards whatever was acked: a
+        # discarded page comes back as zeros, not as the guest's pattern.
+        return not self.inhibited and not self.poison_val
 
     def _skip_reason(self):
         if self.inhibited:
