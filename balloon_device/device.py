@@ -9,6 +9,7 @@ to ask for fresh values.
 import logging
 import struct
 import time
+from types import MappingProxyType
 
 from vhostuser.device import Device
 from vhostuser.errors import GuestMemoryError
@@ -18,6 +19,7 @@ from . import features as F
 from . import stats as stats_mod
 from .discard import DiscardEngine
 from .latency import LatencyHistogram
+from .status import DeviceStatus
 
 log = logging.getLogger(__name__)
 
@@ -373,20 +375,20 @@ class BalloonDevice(Device):
     # ---- status ------------------------------------------------------------
 
     def status(self):
-        return {
-            "features_offered": F.names(self.offer),
-            "features_acked": F.names(self.acked),
-            "queues": self.roles,
-            "target_pages": self.target_pages,
-            "target_bytes": self.target_pages << F.PFN_SHIFT,
-            "actual_pages": self.actual,
-            "actual_bytes": self.actual << F.PFN_SHIFT,
-            "poison_val": self.poison_val,
-            "discard_mode": self.engine.mode,
-            "discard_inhibited": self.inhibited,
-            "last_report_age": None if self.last_report is None else time.time() - self.last_report,
-            "stats": self.latest_stats,
-            "stats_age": None if self.stats_time is None else time.time() - self.stats_time,
-            "discard_latency": self.discard_latency.snapshot(),
-            "counters": dict(self.counters),
-        }
+        """A frozen DeviceStatus snapshot (safe to take from another thread)."""
+        now = time.time()
+        return DeviceStatus(
+            features_offered=tuple(F.names(self.offer)),
+            features_acked=tuple(F.names(self.acked)),
+            queues=tuple(self.roles),
+            target_pages=self.target_pages,
+            actual_pages=self.actual,
+            poison_val=self.poison_val,
+            discard_mode=self.engine.mode,
+            discard_inhibited=self.inhibited,
+            last_report_age=None if self.last_report is None else now - self.last_report,
+            stats=MappingProxyType(dict(self.latest_stats)),
+            stats_age=None if self.stats_time is None else now - self.stats_time,
+            discard_latency=MappingProxyType(self.discard_latency.snapshot()),
+            counters=MappingProxyType(dict(self.counters)),
+        )

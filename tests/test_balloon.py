@@ -322,8 +322,8 @@ def test_reporting_declined_by_guest():
 def test_disconnect_releases_memory_and_status():
     r = Rig()
     status = r.dev.status()
-    assert status["queues"] == ["inflate", "deflate", "stats", "reporting"]
-    assert "REPORTING" in status["features_acked"]
+    assert status.queues == ("inflate", "deflate", "stats", "reporting")
+    assert "REPORTING" in status.features_acked
     backend = r.fe.server.backend
     r.fe.sock.close()
     r.fe.pump()
