@@ -112,11 +112,12 @@ class BalloonDevice(Device):
                      ": reported pages will not be discarded" if poison else "")
             self.poison_val = poison
 
+    def check_memory(self, regions):
+        self.engine.check(regions)  # refuse a table the discard mode cannot free
+
     def memory_changed(self, memory):
-        if len(memory):
-            self.engine.check(memory)
-            for r in memory.regions:
-                log.info("guest memory %r", r)
+        for r in memory.regions:
+            log.info("guest memory %r", r)
 
     def queue_started(self, queue):
         log.debug("queue %d (%s) started, size %d", queue.index, self.role(queue), queue.size)

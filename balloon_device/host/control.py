@@ -24,18 +24,14 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
 
 
-
 class ControlServer:
-    def __init__(self, path, device=None, server=None, *, guests=None, loop=None,
-                 name="default", policy=None):
-        if guests is None:  # one device on one Server
-            from .multi import Guest
-            guest = Guest(name, device)
-            guest.server = server
-            guests, loop = {name: guest}, server
+    """The control socket of a Daemon: JSON requests over a Unix socket,
+    served on the daemon's event loop (anything with add_reader/remove_reader)."""
+
+    def __init__(self, path, *, guests, loop, policy=None):
         self.guests = guests  # name -> multi.Guest
         self.policy = policy  # policy.PolicyLoop or None
-        self.server = loop    # anything with add_reader / remove_reader
+        self.server = loop
         try:
             self.listener = Listener.at_path(path)
         except SetupError as e:

@@ -20,7 +20,7 @@ import logging
 import os
 from types import MappingProxyType
 
-from vhostuser.loop import EventLoop, Server, open_listener
+from vhostuser.loop import EventLoop, Loop, Server, open_listener
 
 from . import notify
 from ..device import BalloonDevice
@@ -45,19 +45,8 @@ class GuestLogFilter(logging.Filter):
         return True
 
 
-class GuestServer(Server):
-    """Server that also counts the protocol errors that dropped its frontend."""
-
-    protocol_errors = 0
-
-    def _close(self, reason):
-        if self.conn is not None and reason.startswith("protocol error"):
-            self.protocol_errors += 1
-        super()._close(reason)
-
-
-class GuestLoop:
-    """One guest's view of the shared EventLoop: same API, guarded callbacks."""
+class GuestLoop(Loop):
+    """One guest's view of the shared EventLoop: same interface, guarded callbacks."""
 
     def __init__(self, loop, guest, stop_shared, isolate=True):
         self.shared = loop
@@ -122,7 +111,7 @@ class Guest:
         log.exception("guest %s: internal error; dropping its frontend (other guests are "
                       "not affected)", self.name)
         try:
-            self.server._close("internal error in the daemon")
+            self.server.disconnect("internal error in the daemon")
         except Exception:
             log.exception("guest %s: closing the connection failed too", self.name)
 
@@ -140,7 +129,7 @@ class Guest:
         return GuestStatus(
             name=self.name, device=dev, socket=self.socket_path, connected=server.connected,
             sessions=server.sessions, protocol=MappingProxyType(dict(backend.counters)),
-            protocol_errors=getattr(server, "protocol_errors", 0),
+            protocol_errors=server.protocol_errors,
             internal_errors=self.internal_errors,
             memory_bytes=sum(r.size for r in list(backend.memory.regions)),
             ram_backed_bytes=backend.memory.backed_bytes(), rings=ring_info)
@@ -205,7 +194,7 @@ class Daemon:
         gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
         token = current_guest.set(name)
         try:
-            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
+            guest.server = Server(guest.device, listener, loop=gloop, keep_listening=keep,
                                        use_c=self.cfg.use_c)
         except BaseException:
             listener.close()
