@@ -26,6 +26,8 @@ SUPPORTED_PROTOCOL_FEATURES = (
     (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
     | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE) | (1 << PF.CONFIGURE_MEM_SLOTS))
 MAX_MEM_SLOTS = 32
+BACKEND_SEND_TIMEOUT = 1.0  # a frontend that does not read its backend channel loses it
+QUEUE_BUDGET = 64  # chains one queue may pop per turn of the event loop (fairness)
 
 # Requests that carry their own reply; every other one may get a REPLY_ACK.
 _OWN_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_VRING_BASE,
@@ -357,9 +359,11 @@ class Backend:
         return self.started[q.index] and q.enabled and q.broken is None
 
     def process(self, q):
-        """Let the device handle q's available chains; never raises."""
+        """Let the device handle up to QUEUE_BUDGET of q's chains; never raises.
+        Returns True when the budget ran out: call again (the loop reschedules it)."""
         if not self.runnable(q):
-            return
+            return False
+        q.budget, q.budget_spent = QUEUE_BUDGET, False
         try:
             self.device.handle_queue(q, self.memory)
         except VringError as e:
@@ -368,10 +372,13 @@ class Backend:
         except Exception:  # a device bug must not take the daemon down
             self.counters["ring_errors"] += 1
             log.exception("queue %d: device failed while handling the queue", q.index)
+        finally:
+            q.budget = None
         try:
             q.signal()
-        except OSError as e:
-            log.warning("queue %d: cannot signal the call fd: %s", q.index, e)
+        except Exception as e:  # e.g. the rings were unmapped under us
+            log.warning("queue %d: cannot signal the driver: %s", q.index, e)
+        return q.budget_spent and self.runnable(q)
 
     # ---- backend channel ---------------------------------------------------
 
@@ -386,8 +393,7 @@ class Backend:
             os.close(fd)
             raise RequestError(f"SET_BACKEND_REQ_FD: fd is not a socket ({e.strerror})") from e
         self._close_backend_channel()
-        self.backend_channel = Connection(sock)
-        self.backend_channel.sock.settimeout(1.0)
+        self.backend_channel = Connection(sock)  # non-blocking; acks are read by the loop
         self.fds_changed = True
 
     def _close_backend_channel(self):
@@ -405,7 +411,8 @@ class Backend:
         if self.has_protocol(PF.REPLY_ACK):
             flags |= m.FLAG_NEED_REPLY  # the ack is read by the event loop
         try:
-            self.backend_channel.send(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG, b"", flags))
+            self.backend_channel.send(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG, b"", flags),
+                                      timeout=BACKEND_SEND_TIMEOUT)
         except (ConnectionClosed, OSError) as e:
             log.warning("backend channel failed (%s); closing it", e)
             self._close_backend_channel()

@@ -25,6 +25,7 @@ Ring-level corruption raises VringError and marks the queue broken; a
 broken queue pops nothing until set_base() or reset().
 """
 
+import logging
 import os
 import struct
 from typing import NamedTuple
@@ -48,6 +49,8 @@ else:
 
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
+
+log = logging.getLogger(__name__)
 
 _SEG = struct.Struct("<QII")
 _SEG_ITER = _SEG.iter_unpack
@@ -176,6 +179,11 @@ class VirtQueue:
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
         self.call_fd = None
         self.err_fd = None
+        # Fairness: while budget is not None, pop() returns at most that many chains and
+        # then None with budget_spent set (the caller comes back later). Set by Backend.
+        self.budget = None
+        self.budget_spent = False
+        self.signal_errors = 0
         if self.use_c:
             mod = c_module()
             self._ffi, self._lib = mod.ffi, mod.lib
@@ -306,9 +314,15 @@ class VirtQueue:
 
     def pop(self, memory):
         """Next available chain, or None; marks it in the inflight area if any."""
+        if self.budget is not None and self.budget <= 0:
+            self.budget_spent = True
+            return None
         chain = self._pop(memory)
-        if chain is not None and self.inflight is not None:
-            self.inflight.mark(chain.head)
+        if chain is not None:
+            if self.budget is not None:
+                self.budget -= 1
+            if self.inflight is not None:
+                self.inflight.mark(chain.head)
         return chain
 
     def _pop(self, memory):
@@ -452,6 +466,10 @@ class VirtQueue:
                 os.write(fd, _ONE)
             except BlockingIOError:
                 pass  # the eventfd counter is saturated: already signalled
+            except OSError as e:  # the frontend's fd, not ours to fail on: never raise
+                self.signal_errors += 1
+                if self.signal_errors == 1:
+                    log.warning("queue %d: cannot signal the call fd: %s", self.index, e)
         return True
 
     def diagnostics(self):

@@ -87,6 +87,9 @@ class GuestLoop:
     def call_later(self, delay, callback):
         return self.shared.call_later(delay, self._guard(callback))
 
+    def call_soon(self, callback):
+        return self.shared.call_soon(self._guard(callback))
+
     def cancel(self, handle):
         self.shared.cancel(handle)
 
