@@ -34,6 +34,28 @@ _OWN_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_VR
               R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS}
 
 
+EVENTFD = "anon_inode:[eventfd]"
+
+
+def fd_kind(fd):
+    """What an fd is, as /proc/self/fd names it ("anon_inode:[eventfd]", "/dev/null",
+    "socket:[123]", ...). Readable by the process itself even when it is not dumpable."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            if "eventfd-count:" in f.read():
+                return EVENTFD
+    except OSError:
+        pass
+    try:
+        return f"a file of mode {stat.filemode(os.fstat(fd).st_mode)}"
+    except OSError as e:
+        return f"unusable ({e.strerror})"
+
+
 class Reply:
     __slots__ = ("data", "fds")
 
@@ -297,11 +319,16 @@ class Backend:
             self.device.queue_stopped(q)
         return base
 
-    def _take_vring_fd(self, msg):
+    def _take_vring_fd(self, msg, what):
+        """(queue, fd) of a SET_VRING_KICK/CALL/ERR; the fd must be an eventfd."""
         index, fd = m.decode_vring_fd(msg)
         q = self.queue(index)
         if fd is not None:
+            kind = fd_kind(fd)
+            if kind != EVENTFD:
+                raise RequestError(f"queue {index}: the {what} fd is {kind}, not an eventfd")
             msg.fds.remove(fd)
+            os.set_blocking(fd, False)  # never block the loop on a full counter
         return q, fd
 
     @staticmethod
@@ -311,12 +338,7 @@ class Backend:
         return new
 
     def _set_vring_kick(self, msg):
-        index, fd = m.decode_vring_fd(msg)
-        self.queue(index)
-        if fd is not None and stat.S_IFMT(os.fstat(fd).st_mode) in (stat.S_IFREG, stat.S_IFDIR):
-            # epoll refuses regular files and directories (EPERM): refuse the kick fd now
-            raise RequestError(f"queue {index}: kick fd is a file, not an eventfd")
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "kick")
         q.kick_fd = self._replace(q.kick_fd, fd)
         self.fds_changed = True
         if fd is None:
@@ -335,11 +357,11 @@ class Backend:
             self.device.queue_started(q)
 
     def _set_vring_call(self, msg):
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "call")
         q.call_fd = self._replace(q.call_fd, fd)
 
     def _set_vring_err(self, msg):
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "err")
         q.err_fd = self._replace(q.err_fd, fd)
 
     def _set_vring_enable(self, msg):
