@@ -6,12 +6,13 @@ pages (whole host pages only). Stats: keep the guest's buffer, return it
 to ask for fresh values.
 """
 
+import contextlib
 import logging
 import struct
 import time
 
 from vhostuser.device import Device
-from vhostuser.errors import GuestMemoryError
+from vhostuser.errors import GuestMemoryError, VringError
 from vhostuser.vring import pack_segments
 
 from . import features as F
@@ -161,6 +162,26 @@ class BalloonDevice(Device):
 
     # ---- queues ------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _completing(self, queue, chain, role):
+        """Every popped chain is completed, whatever happens while it is handled: if the
+        handler neither completed it (used idx unchanged) nor kept it (the stats buffer),
+        it is completed with length 0; an error is this chain's alone."""
+        used = queue.used_idx
+        try:
+            yield
+        except VringError:
+            raise  # the ring itself is broken: the queue stops
+        except GuestMemoryError as e:
+            self.counters["malformed_chains"] += 1
+            log.warning("%s queue: chain %d skipped: %s", role, chain.head, e)
+        except Exception:
+            self.counters["malformed_chains"] += 1
+            log.exception("%s queue: chain %d failed; completing it untouched", role, chain.head)
+        finally:
+            if queue.used_idx == used and chain.head != self._stats_head:
+                queue.push(chain.head, 0)
+
     def _complete_all(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
             if chain.error:
@@ -221,27 +242,28 @@ class BalloonDevice(Device):
 
     def _handle_reporting(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                log.warning("reporting queue: malformed chain %d skipped: %s",
-                            chain.head, chain.error)
-                queue.push(chain.head, 0)
-                continue
-            self.counters["report_chains"] += 1
-            if self.discard_allowed and self._discard_chain(memory, chain):
+            with self._completing(queue, chain, "reporting"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("reporting queue: malformed chain %d skipped: %s",
+                                chain.head, chain.error)
+                    queue.push(chain.head, 0)
+                    continue
+                self.counters["report_chains"] += 1
+                if self.discard_allowed and self._discard_chain(memory, chain):
+                    self.last_report = time.time()
+                    queue.push(chain.head, 0)  # only after the discard
+                    continue
+                ranges = chain.writable()
+                total = sum(s.length for s in ranges)
+                self.counters["report_ranges"] += len(ranges)
+                self.counters["bytes_reported"] += total
+                if not self.discard_allowed:
+                    self.counters[self._skip_reason()] += total
+                else:
+                    self.counters["bytes_discarded"] += self._discard(self._pieces(memory, ranges))
                 self.last_report = time.time()
                 queue.push(chain.head, 0)  # only after the discard
-                continue
-            ranges = chain.writable()
-            total = sum(s.length for s in ranges)
-            self.counters["report_ranges"] += len(ranges)
-            self.counters["bytes_reported"] += total
-            if not self.discard_allowed:
-                self.counters[self._skip_reason()] += total
-            else:
-                self.counters["bytes_discarded"] += self._discard(self._pieces(memory, ranges))
-            self.last_report = time.time()
-            queue.push(chain.head, 0)  # only after the discard
         queue.signal()
 
     def _read_pfns(self, memory, chain):
@@ -255,22 +277,23 @@ class BalloonDevice(Device):
 
     def _handle_inflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            error, pfns = chain.error, ()
-            if not error:
-                try:
-                    pfns = self._read_pfns(memory, chain)
-                except GuestMemoryError as e:
-                    error = str(e)
-            if error:
-                self.counters["malformed_chains"] += 1
-                log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
-            self.counters["inflate_pages"] += len(pfns)
-            if pfns and self.discard_allowed:
-                freed = self._discard(self._inflate_pieces(memory, pfns))
-                self.counters["bytes_inflate_discarded"] += freed
-            elif pfns:
-                self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
-            queue.push(chain.head, 0)
+            with self._completing(queue, chain, "inflate"):
+                error, pfns = chain.error, ()
+                if not error:
+                    try:
+                        pfns = self._read_pfns(memory, chain)
+                    except GuestMemoryError as e:
+                        error = str(e)
+                if error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
+                self.counters["inflate_pages"] += len(pfns)
+                if pfns and self.discard_allowed:
+                    freed = self._discard(self._inflate_pieces(memory, pfns))
+                    self.counters["bytes_inflate_discarded"] += freed
+                elif pfns:
+                    self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
+                queue.push(chain.head, 0)
         queue.signal()
 
     def _inflate_pieces(self, memory, pfns):
@@ -315,11 +338,12 @@ class BalloonDevice(Device):
 
     def _handle_deflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-            else:
-                self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
-            queue.push(chain.head, 0)  # pages come back on the guest's next touch
+            with self._completing(queue, chain, "deflate"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                else:
+                    self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
+                queue.push(chain.head, 0)  # pages come back on the guest's next touch
         queue.signal()
 
     def _handle_stats(self, queue, memory):
@@ -328,21 +352,22 @@ class BalloonDevice(Device):
                 # A driver keeps one buffer; return a stale extra one.
                 queue.push(self._stats_head, 0)
             self._stats_head = None
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                queue.push(chain.head, 0)
-                continue
-            data = b""
-            for seg in chain.readable():
-                if len(data) + seg.length > stats_mod.MAX_BUFFER:
-                    break
-                data += memory.read(seg.addr, seg.length)
-            self.latest_stats = stats_mod.parse(data)
-            self.stats_time = time.time()
-            self.counters["stats_updates"] += 1
-            self._stats_head = chain.head
-            self._stats_queue = queue
-            self._schedule_stats()
+            with self._completing(queue, chain, "stats"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    queue.push(chain.head, 0)
+                    continue
+                data = b""
+                for seg in chain.readable():
+                    if len(data) + seg.length > stats_mod.MAX_BUFFER:
+                        break
+                    data += memory.read(seg.addr, seg.length)
+                self.latest_stats = stats_mod.parse(data)
+                self.stats_time = time.time()
+                self.counters["stats_updates"] += 1
+                self._stats_head = chain.head
+                self._stats_queue = queue
+                self._schedule_stats()
         queue.signal()
 
     def _schedule_stats(self):
