@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 CONFIG = struct.Struct("<IIII")  # num_pages, actual, free_page_hint_cmd_id, poison_val
 MAX_PFNS_PER_CHAIN = 1 << 16      # Linux sends 256; refuse absurd buffers
 QUEUE_MAX = 32768
+MIN_GUEST_BYTES = 64 << 20        # a target always leaves the guest this (or half its RAM)
 
 COUNTER_NAMES = (
     "report_chains", "report_ranges", "bytes_reported", "bytes_discarded",
@@ -45,6 +46,7 @@ class BalloonDevice(Device):
         self.ctx = None
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.target_pages = 0
+        self.memory_bytes = 0  # guest RAM in the last memory table (kept across resets)
         self.last_report = None
         self.latest_stats = {}
         self.stats_time = None
@@ -111,6 +113,13 @@ class BalloonDevice(Device):
 
     def memory_changed(self, memory):
         if len(memory):
+            self.memory_bytes = sum(r.size for r in memory.regions)
+            limit = self.target_limit()
+            if self.target_pages > limit:
+                log.warning("balloon target %d MiB is more than this guest's %d MiB of RAM "
+                            "can give; lowered to %d MiB", self.target_pages >> 8,
+                            self.memory_bytes >> 20, limit >> 8)
+                self.target_pages = limit
             self.engine.check(memory)
             for r in memory.regions:
                 log.info("guest memory %r", r)
@@ -138,9 +147,34 @@ class BalloonDevice(Device):
 
     # ---- control -----------------------------------------------------------
 
+    def target_limit(self):
+        """Largest target in pages: guest RAM minus what it always keeps
+        (min(MIN_GUEST_BYTES, half its RAM)); None while its RAM is unknown."""
+        if not self.memory_bytes:
+            return None
+        keep = min(MIN_GUEST_BYTES, self.memory_bytes // 2)
+        return (self.memory_bytes - keep) >> F.PFN_SHIFT
+
+    def check_target(self, pages):
+        """ValueError unless pages is a target this guest can give (ctl target)."""
+        if not isinstance(pages, int) or pages < 0 or pages > 0xFFFFFFFF:
+            raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:
+            raise ValueError(
+                f"target {pages << F.PFN_SHIFT >> 20} MiB is more than this guest can give: "
+                f"it has {self.memory_bytes >> 20} MiB of RAM and keeps at least "
+                f"{(self.memory_bytes - (limit << F.PFN_SHIFT)) >> 20} MiB, so the largest "
+                f"target is {limit >> 8} MiB")
+
     def set_target(self, pages):
         if pages < 0 or pages > 0xFFFFFFFF:
             raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:  # callers check first; never ask the impossible
+            log.warning("balloon target %d MiB lowered to %d MiB: the guest has %d MiB of RAM",
+                        pages >> 8, limit >> 8, self.memory_bytes >> 20)
+            pages = limit
         self.target_pages = pages
         log.info("balloon target set to %d pages (%d MiB)", pages, pages >> 8)
         if not self.acked:

@@ -337,3 +337,38 @@ def test_a_flooding_guest_cannot_starve_another(daemon):
     finally:
         a.close()
         b.close()
+
+
+def test_ctl_target_is_bounded_by_guest_ram(tmp_path):
+    """A target can take at most the guest's RAM minus what it keeps (here 64 MiB of RAM,
+    it keeps half); larger ones are refused with the numbers; with --policy the reply
+    says that the policy may replace a manual target."""
+    import json
+    from balloon_device.host.policy import PolicyConfig
+    d = make_daemon(tmp_path, control_socket=str(tmp_path / "ctl.sock"), policy=PolicyConfig())
+    a = GuestRig(d, "a", size=64 * MiB)
+    try:
+        def target(nbytes):
+            return d.control.dispatch(json.dumps({"cmd": "target", "guest": "a", "bytes": nbytes}))
+        for too_much in (64 * MiB, 33 * MiB, 1 << 40):
+            r = target(too_much)
+            assert not r["ok"], too_much
+            assert "64 MiB of RAM" in r["error"] and "largest target is 32 MiB" in r["error"]
+        assert d.guests["a"].device.target_pages == 0
+        r = target(32 * MiB)
+        assert r["ok"] and r["target_pages"] == 32 * MiB >> 12
+        assert "--policy" in r["policy"]
+        assert "note" not in r
+        # a guest with no frontend yet: accepted, with a note, and lowered once RAM is known
+        r = target(1 << 40)
+        assert not r["ok"]
+        r = d.control.dispatch(json.dumps({"cmd": "target", "guest": "b", "bytes": 1 << 30}))
+        assert r["ok"] and "not known yet" in r["note"]
+        b = GuestRig(d, "b", size=64 * MiB)
+        try:
+            assert d.guests["b"].device.target_pages == 32 * MiB >> 12
+        finally:
+            b.close()
+    finally:
+        a.close()
+        d.close()
