@@ -328,10 +328,8 @@ def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
 
 def _add_region(rig, gpa, size):
     """ADD_MEM_REG of a (sealed) memfd of its own at gpa; returns the ack."""
-    import fcntl
-    fd = os.memfd_create("extra", os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, 1 * MiB)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    from vhostuser.testing import sealed_memfd
+    fd = sealed_memfd("extra", 1 * MiB)
     payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(gpa, size, 0x7E00_0000_0000, 0)
     try:
         return rig.fe.ack(R.ADD_MEM_REG, payload, [fd])

@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from balloon_device.device import BalloonDevice
+from vhostuser.testing import sealed_memfd
 from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.connection import Listener
@@ -33,8 +34,7 @@ def fe():
 
 @pytest.fixture
 def memfd():
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, 16 * MiB)
+    fd = sealed_memfd("guest", 16 * MiB)
     yield fd
     os.close(fd)
 
@@ -416,9 +416,7 @@ def test_a_bad_kick_fd_does_not_end_a_keep_listening_daemon(tmp_path):
         fe.handshake()
         fd = os.open("/dev/null", os.O_RDWR)
         assert fe.ack(R.SET_VRING_NUM, m.VRING_STATE.pack(0, 64)) == 0
-        mem = os.memfd_create("g", os.MFD_ALLOW_SEALING)
-        os.ftruncate(mem, 1 * MiB)
-        fcntl_seal(mem)
+        mem = sealed_memfd("g", 1 * MiB)
         assert fe.set_mem_table([(0, 1 * MiB, 0x10000, 0, mem)]) == 0
         os.close(mem)
         assert fe.ack(R.SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, 0x10000, 0x12000, 0x11000, 0)) == 0
@@ -434,11 +432,6 @@ def test_a_bad_kick_fd_does_not_end_a_keep_listening_daemon(tmp_path):
         fe.pump()
     finally:
         d.close()
-
-
-def fcntl_seal(fd):
-    import fcntl
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
 
 
 def test_an_unwritable_call_fd_never_raises_out_of_signal():
@@ -459,3 +452,45 @@ def test_an_unwritable_call_fd_never_raises_out_of_signal():
         finally:
             os.close(r)
             os.close(w)
+
+
+def test_memfds_that_can_shrink_are_refused(fe):
+    """A memfd its owner can truncate after SET_MEM_TABLE would make the daemon's next
+    access SIGBUS: only memfds sealed against shrinking (as QEMU seals them) are taken."""
+    fe.handshake()
+    unsealed = os.memfd_create("guest")
+    os.ftruncate(unsealed, 16 * MiB)
+    grow_only = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
+    os.ftruncate(grow_only, 16 * MiB)
+    import fcntl
+    fcntl.fcntl(grow_only, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    try:
+        for fd in (unsealed, grow_only):
+            before = open_fds()
+            assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, fd)]) == 1
+            payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(0, 16 * MiB, 0x7F0000000000, 0)
+            assert fe.ack(R.ADD_MEM_REG, payload, [fd]) == 1
+            assert open_fds() == before
+            assert len(fe.server.backend.memory) == 0
+        sealed = sealed_memfd("guest", 16 * MiB)
+        assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, sealed)]) == 0
+        os.close(sealed)
+        assert len(fe.server.backend.memory) == 1
+    finally:
+        os.close(unsealed)
+        os.close(grow_only)
+
+
+def test_files_are_mapped_only_if_they_hold_the_region(fe, tmp_path):
+    """Files (hugetlbfs, /dev/shm, regular) cannot be sealed: their size is checked."""
+    fe.handshake()
+    path = tmp_path / "ram"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, fd)]) == 1
+        assert fe.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 4096, fd)]) == 1
+        assert fe.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 0, fd)]) == 0
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ from fuzz.source import RandomSource
 from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon
 from vhostuser import messages as m
 from vhostuser.handler import MAX_MEM_SLOTS
+from vhostuser.testing import sealed_memfd
 from vhostuser.messages import Request as R
 
 MiB = 1 << 20
@@ -100,8 +101,7 @@ def test_limits_on_what_a_frontend_sends(daemon):
 
 def test_memory_slots_and_queue_size_limits(daemon):
     s = daemon.connect()
-    fd = os.memfd_create("g")
-    os.ftruncate(fd, (MAX_MEM_SLOTS + 1) * 65536)
+    fd = sealed_memfd("g", (MAX_MEM_SLOTS + 1) * 65536)
     try:
         def ack(req, payload=b"", fds=()):
             data = m.encode(req, payload, m.VERSION | m.FLAG_NEED_REPLY)

@@ -15,7 +15,7 @@ from .connection import Connection
 from .device import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX
 from .errors import ConnectionClosed, GuestMemoryError, ProtocolError, RequestError, VringError
 from .inflight import InflightArea
-from .memory import MemoryTable, Region
+from .memory import MemoryTable, Region, check_sealed
 from .messages import ProtocolFeature as PF
 from .messages import Request as R
 from .vring import VirtQueue
@@ -220,6 +220,7 @@ class Backend:
     def _take_region(self, msg, spec, fd):
         # The fd leaves msg.fds only once the Region owns it: a refused region's fd is
         # closed by handle() with the other unused fds (it used to leak).
+        check_sealed(fd)
         try:
             region = Region(spec.gpa, spec.size, spec.uaddr, spec.mmap_offset, fd)
         except OSError as e:
