@@ -45,6 +45,7 @@ class Listener:
     def __init__(self, sock, path=None):
         self.sock = sock
         self.path = path
+        self.unlink_on_close = True  # False under seccomp (no unlink): the next start removes it
 
     @classmethod
     def at_path(cls, path):
@@ -106,7 +107,7 @@ class Listener:
 
     def close(self):
         self.sock.close()
-        if self.path:
+        if self.path and self.unlink_on_close:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
