@@ -421,7 +421,11 @@ class BalloonDevice(Device):
         if q is None or head is None or q.broken is not None:
             return False
         self._stats_head = None
-        q.push(head, 0)
+        try:
+            q.push(head, 0)
+        except VringError as e:  # from a timer or the policy: never raise out of it
+            log.error("stats queue: cannot return the stats buffer: %s", e)
+            return False
         q.signal()
         return True
 

@@ -370,3 +370,17 @@ def test_a_chain_whose_handling_fails_is_still_completed(rig, role, monkeypatch)
     assert len(rig.used(role)) == 1
     assert rig.q[role].inflight == {}
     assert rig.dev.counters["malformed_chains"] == 1
+
+
+def test_returning_the_stats_buffer_never_raises_out_of_a_timer(rig, monkeypatch):
+    """request_stats runs from the stats timer and the policy, outside any message: a
+    queue that cannot take the buffer back is logged, not raised."""
+    from vhostuser.errors import VringError
+    rig.post("stats", [bytes(10)], [])
+    q = rig.dev._stats_queue
+    assert q is not None and rig.dev._stats_head is not None
+
+    def broken(head, length):
+        raise VringError("queue 2: a ring page has no memory behind it")
+    monkeypatch.setattr(q, "push", broken)
+    assert rig.dev.request_stats() is False
