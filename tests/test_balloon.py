@@ -367,3 +367,63 @@ def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
     assert counters["bytes_discarded"] == 2 * MiB - 4096 + 4096 + 4096 + 64 * 1024
     assert counters["bytes_discarded"] + counters["skipped_unaligned"] == counters["bytes_reported"]
     assert logs == []
+
+
+def _add_region(rig, gpa, size):
+    """ADD_MEM_REG of a (sealed) memfd of its own at gpa; returns the ack."""
+    from vhostuser.testing import sealed_memfd
+    fd = sealed_memfd("extra", 1 * MiB)
+    payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(gpa, size, 0x7E00_0000_0000, 0)
+    try:
+        return rig.fe.ack(R.ADD_MEM_REG, payload, [fd])
+    finally:
+        os.close(fd)
+
+
+def test_inflate_across_an_unaligned_region_end_is_completed(rig):
+    """A PFN whose page runs past a region's end (region size not page-aligned) used to
+    raise after the pop and leave the chain in flight for ever: every popped chain is
+    completed, whatever happens while it is handled."""
+    gpa = 0x40_0000_0000
+    assert _add_region(rig, gpa, 6 * 1024) == 0          # ends in the middle of a page
+    pfns = [gpa >> 12, (gpa >> 12) + 1, rig.data[3] >> 12]
+    before = blocks(rig.mem.fd)
+    rig.post("inflate", [struct.pack("<3I", *pfns)], [])
+    assert len(rig.used("inflate")) == 1, "inflate chain never completed"
+    assert rig.q["inflate"].inflight == {}
+    rig.post("inflate", [struct.pack("<1I", rig.data[4] >> 12)], [])  # the queue goes on
+    assert len(rig.used("inflate")) == 1
+    assert before - blocks(rig.mem.fd) >= 4096
+
+
+@pytest.mark.parametrize("role", ["reporting", "inflate", "stats"])
+def test_a_chain_whose_handling_fails_is_still_completed(rig, role, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+    if role == "reporting":
+        monkeypatch.setattr(rig.dev, "_discard_chain", boom)
+        rig.post(role, [], [(rig.data[1], 2 * MiB)])
+    elif role == "inflate":
+        monkeypatch.setattr(rig.dev, "_read_pfns", boom)
+        rig.post(role, [struct.pack("<I", rig.data[1] >> 12)], [])
+    else:
+        import balloon_device.stats as stats_mod
+        monkeypatch.setattr(stats_mod, "parse", boom)
+        rig.post(role, [bytes(10)], [])
+    assert len(rig.used(role)) == 1
+    assert rig.q[role].inflight == {}
+    assert rig.dev.counters["malformed_chains"] == 1
+
+
+def test_returning_the_stats_buffer_never_raises_out_of_a_timer(rig, monkeypatch):
+    """request_stats runs from the stats timer and the policy, outside any message: a
+    queue that cannot take the buffer back is logged, not raised."""
+    from vhostuser.errors import VringError
+    rig.post("stats", [bytes(10)], [])
+    q = rig.dev._stats_queue
+    assert q is not None and rig.dev._stats_head is not None
+
+    def broken(head, length):
+        raise VringError("queue 2: a ring page has no memory behind it")
+    monkeypatch.setattr(q, "push", broken)
+    assert rig.dev.request_stats() is False

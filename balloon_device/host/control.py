@@ -137,8 +137,17 @@ class ControlServer:
         if not isinstance(pages, int) or isinstance(pages, bool):
             raise ValueError("pages must be an integer")
         guest = self._guest(req)
+        guest.device.check_target(pages)
         sent = guest.set_target(pages)
-        return {"guest": guest.name, "target_pages": pages, "notified": sent}
+        out = {"guest": guest.name, "target_pages": pages, "notified": sent}
+        if guest.device.target_limit() is None:
+            out["note"] = ("the guest's RAM is not known yet (no frontend): a target larger than "
+                           "it can give is lowered when its memory table arrives")
+        if self.policy is not None:
+            out["policy"] = (f"the host memory policy (--policy) also sets this guest's target: "
+                             f"it may replace this one at its next decision (every "
+                             f"{self.policy.cfg.interval:g}s)")
+        return out
 
     def _cmd_stats(self, req):
         guest = self._guest(req)
