@@ -73,8 +73,8 @@ class FdStore:
     """Pushes fds to the store at $NOTIFY_SOCKET (systemd or the built-in supervisor)."""
 
     def __init__(self, env=None):
-        self.env = dict(os.environ if env is None else env)
-        self.enabled = bool(self.env.get("NOTIFY_SOCKET"))
+        self.env = env  # None: the process environment (and notify.prepare()'s socket)
+        self.enabled = bool((os.environ if env is None else env).get("NOTIFY_SOCKET"))
         self.pushed = 0
         self.removed = 0
 

@@ -270,10 +270,11 @@ class GuestSession:
         import socket
         sock = socket.socket(fileno=conn)
         try:
+            if CRASH_AT == "restore" and os.environ.get("VUB_RESTARTS") == "1":
+                raise StateError("VUB_CRASH_AT=restore: this restore fails (test)")
             self.guest.server.restore(sock, saved["backend"], fds, pending)
         except Exception:
-            # e.g. a memory fd the frontend shrank: better one dropped session than a
-            # successor that dies the same way forever
+            # better one dropped session than a successor that dies the same way forever
             log.exception("cannot restore the session; dropping the frontend")
             for name in set(self.names.values()) - set(self.pinned):
                 self._to_remove.append(name)
