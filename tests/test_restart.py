@@ -490,3 +490,30 @@ def test_two_regions_of_one_memfd_survive_a_kill(daemon):
         del stored
     finally:
         g.close()
+
+
+def test_the_same_call_eventfd_sent_again_survives_a_kill(daemon):
+    """QEMU sends SET_VRING_CALL again with the eventfd it sent before (at vhost start).
+    The store keeps one copy of a file (systemd and the supervisor drop the second): the
+    new entry takes the old name, which stays in the store after the old entry goes."""
+    g = Guest(daemon.sock)
+    try:
+        index = F.queue_roles(g.features).index("reporting")
+        call = g.calls["reporting"]
+        again = os.dup(call)
+        assert g.fe.ack(R.SET_VRING_CALL, m.U64.pack(index), [again]) == 0
+        os.close(again)
+        old = daemon.kill_child()
+        st = daemon.wait_serving(not_pid=old)
+        assert st["process"]["restored"], daemon.log_text()
+        while True:  # drop the interrupts of the restart itself
+            try:
+                os.eventfd_read(call)
+            except BlockingIOError:
+                break
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+        time.sleep(0.2)
+        assert os.eventfd_read(call) >= 1
+    finally:
+        g.close()

@@ -576,10 +576,10 @@ class Backend:
         if self.observer is None:
             return
         now = self.kept_fds()
-        for key, fd in self._kept.items():
-            if now.get(key) != fd:
+        for key in self._kept:
+            if key not in now:
                 self.observer.fd_removed(*key)
-        for key, fd in now.items():
+        for key, fd in now.items():  # a replaced fd: fd_added again (same file or not)
             if self._kept.get(key) != fd:
                 self.observer.fd_added(key[0], key[1], fd)
         self._kept = now

@@ -15,7 +15,8 @@ class FdObserver:
     """Told about the fds a Server/Backend keeps and when to persist its state."""
 
     def fd_added(self, kind, index, fd):
-        """fd now belongs to the session as (kind, index); keep a copy."""
+        """fd now belongs to the session as (kind, index), replacing the one it had if
+        any (that one is already closed); keep a copy."""
 
     def fd_removed(self, kind, index):
         """(kind, index) was closed; drop the copy (once the next checkpoint is written)."""

@@ -11,6 +11,7 @@ escaped (%XX for anything but letters, digits, '-' and '_') so that it never hol
 a '.' or a ':' (the separator of LISTEN_FDNAMES).
 """
 
+import ctypes
 import logging
 import os
 import re
@@ -67,6 +68,28 @@ def take_listen_fds(env=None, unset=True):
             os.set_inheritable(fd, False)  # ours; others (socket activation) are left as given
         out.append((name, fd))
     return out
+
+
+_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def same_fd(a, b):
+    """Do fds a and b refer to the same open file? (systemd's same_fd: fstat, then kcmp)"""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    if (sa.st_dev, sa.st_ino, sa.st_mode, sa.st_rdev) != (sb.st_dev, sb.st_ino, sb.st_mode,
+                                                        sb.st_rdev):
+        return False
+    if _KCMP is not None:
+        pid = os.getpid()
+        r = _libc.syscall(_KCMP, pid, pid, 0, a, b)  # KCMP_FILE
+        if r >= 0:
+            return r == 0
+    return not os.readlink(f"/proc/self/fd/{a}").startswith("anon_inode:")
+
 
 
 class FdStore:

@@ -20,7 +20,7 @@ import os
 import struct
 import zlib
 
-from .fdstore import fd_name
+from .fdstore import fd_name, same_fd
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,6 @@ class StateFile:
             self.fd = -1
 
 
-def _identity(fd):
-    """(device, inode) of fd's file; None for anonymous inodes (every eventfd shares one)."""
-    try:
-        if os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:"):
-            return None
-        st = os.fstat(fd)
-    except OSError:
-        return None
-    return [st.st_dev, st.st_ino]
-
-
 def _b(data):
     return None if data is None else base64.b64encode(data).decode()
 
@@ -133,7 +122,7 @@ class GuestSession:
         self.guest = guest            # host Guest (name, device, server)
         self.state = state or StateFile.create()
         self.names = {}               # (kind, index) -> name in the store
-        self.idents = {}              # name -> identity of its open file (aliases, below)
+        self.copies = {}              # name -> our own copy of the stored fd (aliases, below)
         self.pinned = {}              # names kept by the host (listener): name -> fd
         self._gen = itertools.count(1)
         self._to_remove = []
@@ -148,19 +137,19 @@ class GuestSession:
     def pin(self, name, fd):
         """An fd the host stored itself (the listening socket): aliases may point at it."""
         self.pinned[name] = fd
-        self.idents[name] = _identity(fd)
+        self.copies[name] = os.dup(fd)
 
     # FdObserver
     def fd_added(self, kind, index, fd):
         # An fd for a file already in the store (two memory regions of one memfd, a
-        # connected --fd socket) is not pushed again: systemd would drop the copy.
+        # connected --fd socket, the same call eventfd sent again) is not pushed again:
+        # systemd drops such a copy. It gets the name already there.
         key = (kind, index)
-        ident = _identity(fd)
-        name = next((n for n, i in self.idents.items() if ident is not None and i == ident), None)
+        name = next((n for n, c in self.copies.items() if same_fd(fd, c)), None)
         if name is None:
             name = fd_name(self.guest.name, kind, index, next(self._gen))
             self.store.push(name, fd)
-            self.idents[name] = ident
+            self.copies[name] = os.dup(fd)
         old = self.names.get(key)
         self.names[key] = name
         if old is not None and old != name:
@@ -173,7 +162,9 @@ class GuestSession:
 
     def _release(self, name):
         if name not in self.pinned and name not in self.names.values():
-            self.idents.pop(name, None)
+            copy = self.copies.pop(name, None)
+            if copy is not None:
+                os.close(copy)
             self._to_remove.append(name)
 
     def checkpoint(self, pending=None):
@@ -247,7 +238,7 @@ class GuestSession:
                     missing.append(name)
                     continue
                 taken[name] = fd
-                self.idents[name] = _identity(fd)
+                self.copies[name] = os.dup(fd)
             fds[(kind, index)] = fd
             self.names[(kind, index)] = name
             if name not in self.pinned:

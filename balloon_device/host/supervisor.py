@@ -30,6 +30,8 @@ import struct
 import sys
 import time
 
+from .fdstore import same_fd
+
 log = logging.getLogger("vhost-user-balloon.supervisor")
 
 EXIT_UPGRADE = 75          # the child asks to be replaced now (EX_TEMPFAIL)
@@ -240,27 +242,6 @@ class Supervisor:
         self._close([fd for _, fd in self.store])
         self.store = []
         return self.exit_code or 0
-
-
-_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def same_fd(a, b):
-    """Do fds a and b refer to the same open file? (systemd's same_fd: fstat, then kcmp)"""
-    try:
-        sa, sb = os.fstat(a), os.fstat(b)
-    except OSError:
-        return False
-    if (sa.st_dev, sa.st_ino, sa.st_mode, sa.st_rdev) != (sb.st_dev, sb.st_ino, sb.st_mode,
-                                                        sb.st_rdev):
-        return False
-    if _KCMP is not None:
-        pid = os.getpid()
-        r = _libc.syscall(_KCMP, pid, pid, 0, a, b)  # KCMP_FILE
-        if r >= 0:
-            return r == 0
-    return not os.readlink(f"/proc/self/fd/{a}").startswith("anon_inode:")
 
 
 def fcntl_dupfd(fd, lowest):
