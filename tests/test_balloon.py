@@ -9,6 +9,7 @@ import pytest
 
 from balloon_device import features as F
 from balloon_device.device import BalloonDevice
+from vhostuser import implementation
 from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
@@ -27,10 +28,10 @@ def blocks(fd):
 class Rig:
     """A guest (memfd + 4 driver queues) attached to a BalloonDevice."""
 
-    def __init__(self, device=None, use_c=True, features=None, regions=None):
+    def __init__(self, device=None, features=None, regions=None):
         self.mem = GuestMemory(GUEST, regions=regions)
-        self.dev = device or BalloonDevice(use_c=use_c)
-        self.fe = Frontend(self.dev, use_c=use_c)
+        self.dev = device or BalloonDevice()
+        self.fe = Frontend(self.dev)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30) if features is None else features
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(self.features | (1 << 30))) == 0
@@ -60,9 +61,9 @@ class Rig:
         self.mem.close()
 
 
-@pytest.fixture(params=[True, False], ids=["C", "python"])
-def rig(request):
-    r = Rig(use_c=request.param)
+@pytest.fixture
+def rig(impl):
+    r = Rig()
     yield r
     r.close()
 
@@ -118,10 +119,8 @@ def test_completion_only_after_discard(rig):
             return real(*args)
         return wrapped
 
-    # reporting chains go through discard_chain (whole chain in one call),
-    # or discard (per piece) when the memory table needs the general path
+    # a reporting chain goes through discard (the whole chain in one call)
     engine.discard = spy(engine.discard)
-    engine.discard_chain = spy(engine.discard_chain)
     start = dq.used_idx
     rig.post("reporting", [], [(rig.data[0], 2 * MiB)])
     assert seen == [start], "the chain was completed before its memory was discarded"
@@ -289,10 +288,9 @@ def test_disconnect_releases_memory_and_status():
     r.mem.close()
 
 
-@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
-def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
-    """discard_chain (one engine call per chain) and the per-piece path
-    (split + discard) give the same counters, logs and memory."""
+def test_whole_chain_discard_counts_the_same_in_c_and_python(caplog):
+    """The C engine and its Python twin (one engine call per chain) give
+    the same counters, logs and memory."""
     lo = 0x1_0000_0000
     layout = [(lo, 48 * MiB), (lo + 48 * MiB, 48 * MiB)]
     bufs = [(lo + 47 * MiB + 123, 2 * MiB),          # straddles the regions, unaligned
@@ -302,11 +300,11 @@ def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
     # (out-of-range buffers never get this far: the ring refuses the chain;
     # tests/test_discard_segs.py covers them at the engine level)
     outcome = []
-    for fast in (True, False):
-        r = Rig(regions=layout, use_c=use_c)
+    for use_c in (True, False):
+        with implementation.selected(use_c):
+            r = Rig(regions=layout)
         try:
-            if not fast:
-                r.dev.engine.discard_chain = lambda memory, raw: None
+            assert r.dev.engine.use_c is use_c
             r.mem.fill(lo, 96 * MiB, CANARY)
             caplog.clear()
             r.post("reporting", [], bufs)

@@ -43,11 +43,10 @@ class Reply:
 class Backend:
     """One device served over one frontend connection at a time."""
 
-    def __init__(self, device, use_c=True):
+    def __init__(self, device):
         self.device = device
-        self.use_c = use_c
         self.memory = MemoryTable(max_regions=MAX_MEM_SLOTS)
-        self.queues = [VirtQueue(i, size, use_c=use_c) for i, size in enumerate(device.queue_sizes())]
+        self.queues = [VirtQueue(i, size) for i, size in enumerate(device.queue_sizes())]
         self.backend_channel = None
         self.inflight = None
         self.fds_changed = True  # tells the event loop to resync its watch list

@@ -118,12 +118,12 @@ class EventLoop:
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
-    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True):
+    def __init__(self, device, listener, loop=None, keep_listening=False):
         self.device = device
         self.listener = listener
         self.loop = loop or EventLoop()
         self.keep_listening = keep_listening
-        self.backend = Backend(device, use_c=use_c)
+        self.backend = Backend(device)
         self.conn = None
         self.sessions = 0
         self._watched = {}

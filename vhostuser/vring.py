@@ -3,8 +3,8 @@
 The hot path (walking descriptor chains, writing the used ring, deciding
 whether to interrupt) is C (c_ext/vring.c, built by cffi as
 vhostuser._vring_c).  vhostuser.vring_py is its pure-Python twin, used in
-differential tests and selectable with VirtQueue(..., use_c=False); it is
-never a silent fallback.
+differential tests and selected by vhostuser.implementation (VUB_PURE_PYTHON=1);
+it is never a silent fallback.
 
 Life of a queue, as driven by the protocol handler::
 
@@ -29,6 +29,7 @@ import os
 import struct
 from typing import NamedTuple
 
+from . import implementation
 from . import vring_py as _py
 from .errors import GuestMemoryError, RequestError, VringError
 from .vring_py import (  # noqa: F401  (re-exported constants)
@@ -49,8 +50,9 @@ else:
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
 
-_SEG = struct.Struct("<QII")
-_SEG_ITER = _SEG.iter_unpack
+# struct vu_seg (c_ext/vu_types.h): addr, len, flags (VU_SEG_WRITE = 1)
+SEG = struct.Struct("<QII")
+_SEG_ITER = SEG.iter_unpack
 _ONE = (1).to_bytes(8, "little")
 
 
@@ -154,7 +156,7 @@ class Chain:
 
 def pack_segments(segments):
     """Segments as packed struct vu_seg records (the layout of Chain.raw)."""
-    return b"".join([_SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
+    return b"".join([SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
 
 
 def _pow2(n):
@@ -164,13 +166,12 @@ def _pow2(n):
 class VirtQueue:
     """One split virtqueue of a vhost-user device (device side)."""
 
-    def __init__(self, index, max_size, use_c=True,
-                 max_segments=DEFAULT_MAX_SEGMENTS):
+    def __init__(self, index, max_size, max_segments=DEFAULT_MAX_SEGMENTS):
         if not (_pow2(max_size) and max_size <= VU_MAX_QSIZE):
             raise ValueError(f"max_size {max_size} is not a power of two <= 32768")
         self.index = index
         self.max_size = max_size
-        self.use_c = bool(use_c)
+        self.use_c = implementation.use_c()   # C or the Python twin, fixed at birth
         self.max_segments = max_segments
         self.kick_fd = None
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler

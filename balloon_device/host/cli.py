@@ -17,6 +17,7 @@ import shutil
 import sys
 from importlib import resources
 
+from vhostuser import implementation
 from vhostuser.errors import SetupError
 
 from .. import features as F
@@ -205,7 +206,7 @@ def config_from_args(ns):
         discard=ns.discard, no_discard=ns.no_discard, reporting=not ns.no_reporting,
         stats=not ns.no_stats, stats_interval=ns.stats_interval, deflate_on_oom=ns.deflate_on_oom,
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
-        use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
+        name=ns.name, guests=_guests_from_args(ns),
         metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
         policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group)
 
@@ -335,6 +336,8 @@ def main(argv=None):
             print(json.dumps(capabilities()))
             return 0
         cfg = config_from_args(ns)
+        if ns.python_hot_path:   # the pure-Python twins (as VUB_PURE_PYTHON=1)
+            implementation.select(False)
         _setup_logging(cfg)
         return serve(cfg)
     except (BalloonError, SetupError) as e:

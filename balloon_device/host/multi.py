@@ -160,7 +160,7 @@ class Guest:
 def make_device(cfg):
     return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
                          deflate_on_oom=cfg.deflate_on_oom, no_discard=cfg.no_discard,
-                         stats_interval=cfg.stats_interval, use_c=cfg.use_c)
+                         stats_interval=cfg.stats_interval)
 
 
 class Daemon:
@@ -202,8 +202,7 @@ class Daemon:
         gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
         token = current_guest.set(name)
         try:
-            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
-                                       use_c=self.cfg.use_c)
+            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep)
         except BaseException:
             listener.close()
             raise
