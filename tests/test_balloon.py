@@ -322,3 +322,39 @@ def test_whole_chain_discard_counts_the_same_in_c_and_python(caplog):
     assert counters["bytes_discarded"] == 2 * MiB - 4096 + 4096 + 4096 + 64 * 1024
     assert counters["bytes_discarded"] + counters["skipped_unaligned"] == counters["bytes_reported"]
     assert logs == []
+
+
+def test_out_of_range_and_failed_ranges_are_logged_per_range(impl, caplog):
+    """One engine call per chain, and still one log line per skipped or
+    failed range, naming what a person needs to act on."""
+    from vhostuser.memory import MemoryTable, Region
+    from vhostuser.vring import SEG
+    fd = os.memfd_create("vub-log")
+    table = MemoryTable()
+    try:
+        os.ftruncate(fd, 4 * MiB)
+        table.add(Region(0, 2 * MiB, 0x7000_0000_0000, 0, os.dup(fd)))
+        table.add(Region(2 * MiB, 2 * MiB, 0x7100_0000_0000, 2 * MiB, os.dup(fd)))
+        real = table.regions[1].fd
+        table.regions[1].fd = 1 << 20       # punching there fails with EBADF
+        dev = BalloonDevice()
+        raw = b"".join(SEG.pack(a, n, 1) for a, n in [
+            (MiB, MiB), (3 * MiB, 2 * MiB), (2 * MiB, 4096), (MiB, 4096)])
+        caplog.clear()
+        dev._discard(table, raw, "report")
+        table.regions[1].fd = real
+    finally:
+        table.clear()
+        os.close(fd)
+    logs = [(rec.levelname, rec.getMessage()) for rec in caplog.records
+            if rec.name.startswith("balloon_device")]
+    assert logs[0] == ("WARNING", "reported range 0x300000+0x200000 skipped: "
+                                  "guest address 0x400000 is outside guest memory")
+    assert logs[1][0] == "ERROR" and logs[1][1].startswith("discard failed: punch-hole Region(gpa=0x200000")
+    assert "gpa=0x200000 len=0x1000 (file offset 0x200000): Bad file descriptor (EBADF)" in logs[1][1]
+    assert len(logs) == 2
+    c = dev.counters
+    assert (c["report_ranges"], c["bytes_reported"]) == (4, 3 * MiB + 2 * 4096)
+    assert c["bytes_discarded"] == MiB + 4096 and c["skipped_error"] == 4096
+    assert c["skipped_out_of_range"] == 2 * MiB
+
