@@ -8,6 +8,7 @@ switch when it is built and keeps its choice.
 """
 
 import contextlib
+import importlib
 import os
 
 ENV = "VUB_PURE_PYTHON"
@@ -34,3 +35,25 @@ def selected(c):
         yield
     finally:
         select(old)
+
+
+class Compiled:
+    """A cffi module (dotted name), imported now, when its Python module is
+    imported (not later, under a sandbox).  Calling it returns the module
+    (.ffi, .lib) or raises ImportError saying how to build it with
+    c_ext/`build_script`."""
+
+    def __init__(self, module, build_script):
+        self.name, self.build_script = module, build_script
+        try:
+            self._module, self._error = importlib.import_module(module), None
+        except ImportError as exc:  # pragma: no cover - depends on the build
+            self._module, self._error = None, exc
+
+    def __call__(self):
+        if self._module is None:
+            raise ImportError(
+                f"{self.name} (C) is not built: run `pip install -e .` in the project "
+                f"root (or, for development, `python c_ext/{self.build_script}`); "
+                f"import failed with: {self._error}")
+        return self._module

@@ -39,14 +39,6 @@ from .vring_py import (  # noqa: F401  (re-exported constants)
     VU_E_INDIRECT_NEXT, VU_E_LOOP, VU_E_NESTED, VU_E_NEXT, VU_E_ORDER,
     VU_EMPTY, VU_MAX_QSIZE, VU_OK)
 
-try:
-    from . import _vring_c
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _vring_c = None
-    _IMPORT_ERROR = exc
-else:
-    _IMPORT_ERROR = None
-
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
 
@@ -56,14 +48,8 @@ _SEG_ITER = SEG.iter_unpack
 _ONE = (1).to_bytes(8, "little")
 
 
-def c_module():
-    """The compiled module (ffi, lib), or ImportError telling how to build it."""
-    if _vring_c is None:
-        raise ImportError(
-            "vhostuser._vring_c (the C virtqueue hot path) is not built: "
-            "run `pip install -e .` in the project root (or, for development, "
-            f"`python c_ext/build_vring.py`); import failed with: {_IMPORT_ERROR}")
-    return _vring_c
+# c_module(): the compiled hot path (ffi, lib), or ImportError telling how to build it
+c_module = implementation.Compiled("vhostuser._vring_c", "build_vring.py")
 
 
 class Segment(NamedTuple):

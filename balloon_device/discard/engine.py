@@ -30,23 +30,8 @@ from vhostuser.vring import SEG
 from . import twin
 from .modes import ANONYMOUS, MODE_CODES, check_mode, check_policy, policy_problem, resolve_mode
 
-try:
-    from .. import _discard_c
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _discard_c = None
-    _IMPORT_ERROR = exc
-else:
-    _IMPORT_ERROR = None
-
-
-def c_module():
-    """The compiled module (ffi, lib), or ImportError telling how to build it."""
-    if _discard_c is None:
-        raise ImportError(
-            "balloon_device._discard_c (the C discard engine) is not built: run "
-            "`pip install -e .` in the project root (or, for development, "
-            f"`python c_ext/build_discard.py`); import failed with: {_IMPORT_ERROR}")
-    return _discard_c
+# c_module(): the compiled engine (ffi, lib), or ImportError telling how to build it
+c_module = implementation.Compiled("balloon_device._discard_c", "build_discard.py")
 
 
 @dataclass
