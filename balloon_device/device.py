@@ -6,18 +6,21 @@ pages (whole host pages only). Stats: keep the guest's buffer, return it
 to ask for fresh values.
 """
 
+import contextlib
 import logging
 import struct
 import time
+from types import MappingProxyType
 
 from vhostuser.device import Device
-from vhostuser.errors import GuestMemoryError
+from vhostuser.errors import GuestMemoryError, VringError
 from vhostuser.vring import SEG, pack_segments
 
 from . import features as F
 from . import stats as stats_mod
 from .discard import DiscardEngine
 from .latency import LatencyHistogram
+from .status import DeviceStatus
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ MAX_PFNS_PER_CHAIN = 1 << 16      # Linux sends 256; refuse absurd buffers
 QUEUE_MAX = 32768
 SEG_WRITE = 1                     # vu_seg flags: device-writable
 MAX_RUN = 1 << 31                 # a vu_seg length is 32 bits
+MIN_GUEST_BYTES = 64 << 20        # a target always leaves the guest this (or half its RAM)
 
 COUNTER_NAMES = (
     "report_chains", "report_ranges", "bytes_reported", "bytes_discarded",
@@ -46,6 +50,7 @@ class BalloonDevice(Device):
         self.ctx = None
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.target_pages = 0
+        self.memory_bytes = 0  # guest RAM in the last memory table (kept across resets)
         self.last_report = None
         self.latest_stats = {}
         self.stats_time = None
@@ -104,17 +109,28 @@ class BalloonDevice(Device):
         if offset <= 4 and end >= 8 and actual != self.actual:
             log.debug("guest balloon now holds %d pages (target %d)", actual, self.target_pages)
             self.actual = actual
-        if offset <= 12 and end >= 16 and self.acked & F.PAGE_POISON:
-            if poison != self.poison_val:
-                log.info("guest poison value is %#x%s", poison,
-                         ": reported pages will not be discarded" if poison else "")
+        # Kept whatever the acked features: Linux writes poison_val in probe,
+        # before DRIVER_OK, and QEMU's generic device sends SET_FEATURES only
+        # at DRIVER_OK, so this write arrives before the features it needs.
+        if offset <= 12 and end >= 16 and poison != self.poison_val:
+            log.info("guest poison value is %#x%s", poison,
+                     ": reported pages will not be discarded" if poison else "")
             self.poison_val = poison
 
+    def check_memory(self, regions):
+        self.engine.check(regions)  # refuse a table the discard mode cannot free
+
     def memory_changed(self, memory):
+        self.memory_bytes = sum(r.size for r in memory.regions)
         if len(memory):
-            self.engine.check(memory)
-            for r in memory.regions:
-                log.info("guest memory %r", r)
+            limit = self.target_limit()
+            if self.target_pages > limit:
+                log.warning("balloon target %d MiB is more than this guest's %d MiB of RAM "
+                            "can give; lowered to %d MiB", self.target_pages >> 8,
+                            self.memory_bytes >> 20, limit >> 8)
+                self.target_pages = limit
+        for r in memory.regions:
+            log.info("guest memory %r", r)
 
     def queue_started(self, queue):
         log.debug("queue %d (%s) started, size %d", queue.index, self.role(queue), queue.size)
@@ -139,9 +155,34 @@ class BalloonDevice(Device):
 
     # ---- control -----------------------------------------------------------
 
+    def target_limit(self):
+        """Largest target in pages: guest RAM minus what it always keeps
+        (min(MIN_GUEST_BYTES, half its RAM)); None while its RAM is unknown."""
+        if not self.memory_bytes:
+            return None
+        keep = min(MIN_GUEST_BYTES, self.memory_bytes // 2)
+        return (self.memory_bytes - keep) >> F.PFN_SHIFT
+
+    def check_target(self, pages):
+        """ValueError unless pages is a target this guest can give (ctl target)."""
+        if not isinstance(pages, int) or pages < 0 or pages > 0xFFFFFFFF:
+            raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:
+            raise ValueError(
+                f"target {pages << F.PFN_SHIFT >> 20} MiB is more than this guest can give: "
+                f"it has {self.memory_bytes >> 20} MiB of RAM and keeps at least "
+                f"{(self.memory_bytes - (limit << F.PFN_SHIFT)) >> 20} MiB, so the largest "
+                f"target is {limit >> 8} MiB")
+
     def set_target(self, pages):
         if pages < 0 or pages > 0xFFFFFFFF:
             raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:  # callers check first; never ask the impossible
+            log.warning("balloon target %d MiB lowered to %d MiB: the guest has %d MiB of RAM",
+                        pages >> 8, limit >> 8, self.memory_bytes >> 20)
+            pages = limit
         self.target_pages = pages
         log.info("balloon target set to %d pages (%d MiB)", pages, pages >> 8)
         if not self.acked:
@@ -154,7 +195,9 @@ class BalloonDevice(Device):
 
     @property
     def discard_allowed(self):
-        return not self.inhibited and not (self.acked & F.PAGE_POISON and self.poison_val)
+        # A non-zero poison value forbids discards whatever was acked: a
+        # discarded page comes back as zeros, not as the guest's pattern.
+        return not self.inhibited and not self.poison_val
 
     def _skip_reason(self):
         if self.inhibited:
@@ -162,6 +205,26 @@ class BalloonDevice(Device):
         return "skipped_poison"
 
     # ---- queues ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _completing(self, queue, chain, role):
+        """Every popped chain is completed, whatever happens while it is handled: if the
+        handler neither completed it (used idx unchanged) nor kept it (the stats buffer),
+        it is completed with length 0; an error is this chain's alone."""
+        used = queue.used_idx
+        try:
+            yield
+        except VringError:
+            raise  # the ring itself is broken: the queue stops
+        except GuestMemoryError as e:
+            self.counters["malformed_chains"] += 1
+            log.warning("%s queue: chain %d skipped: %s", role, chain.head, e)
+        except Exception:
+            self.counters["malformed_chains"] += 1
+            log.exception("%s queue: chain %d failed; completing it untouched", role, chain.head)
+        finally:
+            if queue.used_idx == used and chain.head != self._stats_head:
+                queue.push(chain.head, 0)
 
     def _complete_all(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
@@ -189,29 +252,31 @@ class BalloonDevice(Device):
         for addr, length, outside in res.out_of_range:
             why = ("it runs past the end of the 64-bit address space" if addr + length > 1 << 64
                    else f"guest address {outside:#x} is outside guest memory")
-            log.warning("reported range %#x+%#x skipped: %s", addr, length, why)
+            log.warning("%s range %#x+%#x skipped: %s",
+                        "reported" if kind == "report" else "inflated", addr, length, why)
         for err in res.errors:
             log.error("discard failed: %s", err)
 
     def _handle_reporting(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                log.warning("reporting queue: malformed chain %d skipped: %s",
-                            chain.head, chain.error)
-                queue.push(chain.head, 0)
-                continue
-            self.counters["report_chains"] += 1
-            if self.discard_allowed:
-                raw = chain.raw if chain.raw is not None else pack_segments(chain.segments)
-                self._discard(memory, raw, "report")
-            else:
-                ranges = chain.writable
-                self.counters["report_ranges"] += len(ranges)
-                self.counters["bytes_reported"] += ranges.total
-                self.counters[self._skip_reason()] += ranges.total
-            self.last_report = time.time()
-            queue.push(chain.head, 0)  # only after the discard
+            with self._completing(queue, chain, "reporting"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("reporting queue: malformed chain %d skipped: %s",
+                                chain.head, chain.error)
+                    queue.push(chain.head, 0)
+                    continue
+                self.counters["report_chains"] += 1
+                if self.discard_allowed:
+                    raw = chain.raw if chain.raw is not None else pack_segments(chain.segments)
+                    self._discard(memory, raw, "report")
+                else:
+                    ranges = chain.writable
+                    self.counters["report_ranges"] += len(ranges)
+                    self.counters["bytes_reported"] += ranges.total
+                    self.counters[self._skip_reason()] += ranges.total
+                self.last_report = time.time()
+                queue.push(chain.head, 0)  # only after the discard
         queue.signal()
 
     def _read_pfns(self, memory, chain):
@@ -225,21 +290,22 @@ class BalloonDevice(Device):
 
     def _handle_inflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            error, pfns = chain.error, ()
-            if not error:
-                try:
-                    pfns = self._read_pfns(memory, chain)
-                except GuestMemoryError as e:
-                    error = str(e)
-            if error:
-                self.counters["malformed_chains"] += 1
-                log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
-            self.counters["inflate_pages"] += len(pfns)
-            if pfns and self.discard_allowed:
-                self._discard(memory, self._inflate_segments(memory, pfns), "inflate")
-            elif pfns:
-                self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
-            queue.push(chain.head, 0)
+            with self._completing(queue, chain, "inflate"):
+                error, pfns = chain.error, ()
+                if not error:
+                    try:
+                        pfns = self._read_pfns(memory, chain)
+                    except GuestMemoryError as e:
+                        error = str(e)
+                if error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
+                self.counters["inflate_pages"] += len(pfns)
+                if pfns and self.discard_allowed:
+                    self._discard(memory, self._inflate_segments(memory, pfns), "inflate")
+                elif pfns:
+                    self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
+                queue.push(chain.head, 0)
         queue.signal()
 
     def _inflate_segments(self, memory, pfns):
@@ -282,11 +348,12 @@ class BalloonDevice(Device):
 
     def _handle_deflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-            else:
-                self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
-            queue.push(chain.head, 0)  # pages come back on the guest's next touch
+            with self._completing(queue, chain, "deflate"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                else:
+                    self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
+                queue.push(chain.head, 0)  # pages come back on the guest's next touch
         queue.signal()
 
     def _handle_stats(self, queue, memory):
@@ -295,21 +362,22 @@ class BalloonDevice(Device):
                 # A driver keeps one buffer; return a stale extra one.
                 queue.push(self._stats_head, 0)
             self._stats_head = None
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                queue.push(chain.head, 0)
-                continue
-            data = b""
-            for seg in chain.readable():
-                if len(data) + seg.length > stats_mod.MAX_BUFFER:
-                    break
-                data += memory.read(seg.addr, seg.length)
-            self.latest_stats = stats_mod.parse(data)
-            self.stats_time = time.time()
-            self.counters["stats_updates"] += 1
-            self._stats_head = chain.head
-            self._stats_queue = queue
-            self._schedule_stats()
+            with self._completing(queue, chain, "stats"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    queue.push(chain.head, 0)
+                    continue
+                data = b""
+                for seg in chain.readable():
+                    if len(data) + seg.length > stats_mod.MAX_BUFFER:
+                        break
+                    data += memory.read(seg.addr, seg.length)
+                self.latest_stats = stats_mod.parse(data)
+                self.stats_time = time.time()
+                self.counters["stats_updates"] += 1
+                self._stats_head = chain.head
+                self._stats_queue = queue
+                self._schedule_stats()
         queue.signal()
 
     def _schedule_stats(self):
@@ -329,27 +397,31 @@ class BalloonDevice(Device):
         if q is None or head is None or q.broken is not None:
             return False
         self._stats_head = None
-        q.push(head, 0)
+        try:
+            q.push(head, 0)
+        except VringError as e:  # from a timer or the policy: never raise out of it
+            log.error("stats queue: cannot return the stats buffer: %s", e)
+            return False
         q.signal()
         return True
 
     # ---- status ------------------------------------------------------------
 
     def status(self):
-        return {
-            "features_offered": F.names(self.offer),
-            "features_acked": F.names(self.acked),
-            "queues": self.roles,
-            "target_pages": self.target_pages,
-            "target_bytes": self.target_pages << F.PFN_SHIFT,
-            "actual_pages": self.actual,
-            "actual_bytes": self.actual << F.PFN_SHIFT,
-            "poison_val": self.poison_val,
-            "discard_mode": self.engine.mode,
-            "discard_inhibited": self.inhibited,
-            "last_report_age": None if self.last_report is None else time.time() - self.last_report,
-            "stats": self.latest_stats,
-            "stats_age": None if self.stats_time is None else time.time() - self.stats_time,
-            "discard_latency": self.discard_latency.snapshot(),
-            "counters": dict(self.counters),
-        }
+        """A frozen DeviceStatus snapshot (safe to take from another thread)."""
+        now = time.time()
+        return DeviceStatus(
+            features_offered=tuple(F.names(self.offer)),
+            features_acked=tuple(F.names(self.acked)),
+            queues=tuple(self.roles),
+            target_pages=self.target_pages,
+            actual_pages=self.actual,
+            poison_val=self.poison_val,
+            discard_mode=self.engine.mode,
+            discard_inhibited=self.inhibited,
+            last_report_age=None if self.last_report is None else now - self.last_report,
+            stats=MappingProxyType(dict(self.latest_stats)),
+            stats_age=None if self.stats_time is None else now - self.stats_time,
+            discard_latency=MappingProxyType(self.discard_latency.snapshot()),
+            counters=MappingProxyType(dict(self.counters)),
+        )

@@ -28,12 +28,16 @@ def blocks(fd):
 class Rig:
     """A guest (memfd + 4 driver queues) attached to a BalloonDevice."""
 
-    def __init__(self, device=None, features=None, regions=None):
+    def __init__(self, device=None, features=None, regions=None, early_config=None):
         self.mem = GuestMemory(GUEST, regions=regions)
         self.dev = device or BalloonDevice()
         self.fe = Frontend(self.dev)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30) if features is None else features
+        if early_config is not None:
+            # QEMU's generic device: the driver's config writes during probe
+            # arrive before SET_FEATURES, which it sends only at DRIVER_OK.
+            assert self.fe.ack(R.SET_CONFIG, m.encode_config(0, 0, early_config)) == 0
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(self.features | (1 << 30))) == 0
         assert self.fe.set_mem_table(
             [(g, s, u, o, self.mem.fd) for g, s, u, o in self.mem.layout]) == 0
@@ -150,6 +154,43 @@ def test_out_of_range_report_is_skipped_not_discarded(rig):
     # the queue keeps working
     rig.post("reporting", [], [(rig.data[0], 2 * MiB)])
     assert rig.dev.counters["bytes_discarded"] == 2 * MiB
+
+
+def test_poison_written_before_set_features_blocks_discard(impl):
+    """QEMU's real order: SET_CONFIG(poison) during probe, SET_FEATURES at
+    DRIVER_OK.  The value must survive and stop every discard."""
+    poison = 0xAAAAAAAA  # Linux's PAGE_POISON byte, page_poison=1
+    r = Rig(early_config=struct.pack("<IIII", 0, 0, 0, poison))
+    try:
+        assert r.features & F.PAGE_POISON
+        assert r.dev.poison_val == poison
+        assert not r.dev.discard_allowed
+        assert struct.unpack("<IIII", r.fe.get_config())[3] == poison
+        before = blocks(r.mem.fd)
+        r.post("reporting", [], [(r.data[1], 2 * MiB), (r.data[3], 2 * MiB)])
+        assert len(r.used("reporting")) == 1  # completed, nothing freed
+        assert blocks(r.mem.fd) == before
+        assert r.mem.read(r.data[1], 2 * MiB) == bytes([CANARY]) * (2 * MiB)
+        assert r.dev.counters["bytes_discarded"] == 0
+        assert r.dev.counters["skipped_poison"] == 4 * MiB
+        r.post("inflate", [struct.pack("<4I", *[(r.data[3] >> 12) + i for i in range(4)])], [])
+        assert blocks(r.mem.fd) == before
+    finally:
+        r.close()
+
+
+def test_zero_poison_before_set_features_allows_discard(impl):
+    """init_on_free=1: Linux writes poison_val 0 early; discards go on."""
+    r = Rig(early_config=struct.pack("<IIII", 0, 0, 0, 0))
+    try:
+        assert r.dev.poison_val == 0 and r.dev.discard_allowed
+        before = blocks(r.mem.fd)
+        r.post("reporting", [], [(r.data[1], 2 * MiB)])
+        assert len(r.used("reporting")) == 1
+        assert blocks(r.mem.fd) == before - 2 * MiB
+        assert r.dev.counters["bytes_discarded"] == 2 * MiB
+    finally:
+        r.close()
 
 
 def test_poison_value_blocks_discard(rig):
@@ -278,8 +319,8 @@ def test_reporting_declined_by_guest():
 def test_disconnect_releases_memory_and_status():
     r = Rig()
     status = r.dev.status()
-    assert status["queues"] == ["inflate", "deflate", "stats", "reporting"]
-    assert "REPORTING" in status["features_acked"]
+    assert status.queues == ("inflate", "deflate", "stats", "reporting")
+    assert "REPORTING" in status.features_acked
     backend = r.fe.server.backend
     r.fe.sock.close()
     r.fe.pump()
@@ -358,3 +399,62 @@ def test_out_of_range_and_failed_ranges_are_logged_per_range(impl, caplog):
     assert c["bytes_discarded"] == MiB + 4096 and c["skipped_error"] == 4096
     assert c["skipped_out_of_range"] == 2 * MiB
 
+
+def _add_region(rig, gpa, size):
+    """ADD_MEM_REG of a (sealed) memfd of its own at gpa; returns the ack."""
+    from vhostuser.testing import sealed_memfd
+    fd = sealed_memfd("extra", 1 * MiB)
+    payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(gpa, size, 0x7E00_0000_0000, 0)
+    try:
+        return rig.fe.ack(R.ADD_MEM_REG, payload, [fd])
+    finally:
+        os.close(fd)
+
+
+def test_inflate_across_an_unaligned_region_end_is_completed(rig):
+    """A PFN whose page runs past a region's end (region size not page-aligned) used to
+    raise after the pop and leave the chain in flight for ever: every popped chain is
+    completed, whatever happens while it is handled."""
+    gpa = 0x40_0000_0000
+    assert _add_region(rig, gpa, 6 * 1024) == 0          # ends in the middle of a page
+    pfns = [gpa >> 12, (gpa >> 12) + 1, rig.data[3] >> 12]
+    before = blocks(rig.mem.fd)
+    rig.post("inflate", [struct.pack("<3I", *pfns)], [])
+    assert len(rig.used("inflate")) == 1, "inflate chain never completed"
+    assert rig.q["inflate"].inflight == {}
+    rig.post("inflate", [struct.pack("<1I", rig.data[4] >> 12)], [])  # the queue goes on
+    assert len(rig.used("inflate")) == 1
+    assert before - blocks(rig.mem.fd) >= 4096
+
+
+@pytest.mark.parametrize("role", ["reporting", "inflate", "stats"])
+def test_a_chain_whose_handling_fails_is_still_completed(rig, role, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+    if role == "reporting":
+        monkeypatch.setattr(rig.dev, "_discard", boom)
+        rig.post(role, [], [(rig.data[1], 2 * MiB)])
+    elif role == "inflate":
+        monkeypatch.setattr(rig.dev, "_read_pfns", boom)
+        rig.post(role, [struct.pack("<I", rig.data[1] >> 12)], [])
+    else:
+        import balloon_device.stats as stats_mod
+        monkeypatch.setattr(stats_mod, "parse", boom)
+        rig.post(role, [bytes(10)], [])
+    assert len(rig.used(role)) == 1
+    assert rig.q[role].inflight == {}
+    assert rig.dev.counters["malformed_chains"] == 1
+
+
+def test_returning_the_stats_buffer_never_raises_out_of_a_timer(rig, monkeypatch):
+    """request_stats runs from the stats timer and the policy, outside any message: a
+    queue that cannot take the buffer back is logged, not raised."""
+    from vhostuser.errors import VringError
+    rig.post("stats", [bytes(10)], [])
+    q = rig.dev._stats_queue
+    assert q is not None and rig.dev._stats_head is not None
+
+    def broken(head, length):
+        raise VringError("queue 2: a ring page has no memory behind it")
+    monkeypatch.setattr(q, "push", broken)
+    assert rig.dev.request_stats() is False

@@ -25,6 +25,7 @@ Ring-level corruption raises VringError and marks the queue broken; a
 broken queue pops nothing until set_base() or reset().
 """
 
+import logging
 import os
 import struct
 from typing import NamedTuple
@@ -42,6 +43,8 @@ from .vring_py import (  # noqa: F401  (re-exported constants)
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
 
+log = logging.getLogger(__name__)
+
 # struct vu_seg (c_ext/vu_types.h): addr, len, flags (VU_SEG_WRITE = 1)
 SEG = struct.Struct("<QII")
 _SEG_ITER = SEG.iter_unpack
@@ -57,21 +60,6 @@ class Segment(NamedTuple):
     addr: int
     length: int
     writable: bool
-
-
-class SegmentList(list):
-    """A list of segments that may also be called (returns itself).
-
-    Lets `chain.readable` and `chain.readable()` both work.
-    """
-    __slots__ = ()
-
-    def __call__(self):
-        return self
-
-    @property
-    def total(self):
-        return sum(s.length for s in self)
 
 
 class Chain:
@@ -116,15 +104,13 @@ class Chain:
             self._split = k
         return self._split
 
-    @property
     def readable(self):
-        """Device-readable segments (callable too: chain.readable())."""
-        return SegmentList(self.segments[:self._split_at()])
+        """The device-readable segments (a new list)."""
+        return self.segments[:self._split_at()]
 
-    @property
     def writable(self):
-        """Device-writable segments (callable too: chain.writable())."""
-        return SegmentList(self.segments[self._split_at():])
+        """The device-writable segments (a new list)."""
+        return self.segments[self._split_at():]
 
     @property
     def readable_len(self):
@@ -145,6 +131,14 @@ def pack_segments(segments):
     return b"".join([SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
 
 
+def _always_present(memory, hva):
+    """True unless hva is in a hugetlbfs region (see VirtQueue.map)."""
+    for r in getattr(memory, "regions", ()):
+        if r.hva <= hva < r.hva + r.size:
+            return not r.huge
+    return True
+
+
 def _pow2(n):
     return n > 0 and n & (n - 1) == 0
 
@@ -163,6 +157,11 @@ class VirtQueue:
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
         self.call_fd = None
         self.err_fd = None
+        # Fairness: while budget is not None, pop() returns at most that many chains and
+        # then None with budget_spent set (the caller comes back later). Set by Backend.
+        self.budget = None
+        self.budget_spent = False
+        self.signal_errors = 0
         if self.use_c:
             mod = c_module()
             self._ffi, self._lib = mod.ffi, mod.lib
@@ -195,6 +194,7 @@ class VirtQueue:
         self._unmap()
 
     def _unmap(self):
+        self._huge_rings = []
         self._mapped = False
         self._memory = None
         self._mem_gen = None
@@ -248,6 +248,12 @@ class VirtQueue:
         except GuestMemoryError as exc:
             raise GuestMemoryError(f"queue {self.index}: ring not in guest memory: {exc}")
         self._desc_hva, self._avail_hva, self._used_hva = desc, avail, used
+        # Rings on huge pages: a discarded one (the guest reported it) is refilled from the
+        # hugetlbfs pool on the next touch, which is SIGBUS if the pool is empty. Those
+        # rings are checked (MADV_POPULATE_READ) before every access instead.
+        self._huge_rings = [(a, ln) for a, ln in ((desc, 16 * n), (avail, 6 + 2 * n),
+                                                  (used, 6 + 8 * n))
+                            if not _always_present(memory, a)]
         self._set_regions(memory.c_table())
         self._memory = memory
         self._mem_gen = memory.generation
@@ -282,6 +288,15 @@ class VirtQueue:
 
     # --- data path -----------------------------------------------------
 
+    def _rings_ok(self):
+        """False (and the queue broken) if a ring page on huge pages cannot be touched."""
+        for addr, length in self._huge_rings:
+            if not self._memory.present(addr, length):
+                self.broken = (f"queue {self.index}: a ring page has no memory behind it (the "
+                               "guest reported its own ring and the hugetlbfs pool is empty)")
+                return False
+        return True
+
     def _ring_error(self, rc):
         msg = (f"queue {self.index}: {_py.message(rc)} "
                f"(last_avail_idx {self.last_avail_idx}, size {self.size})")
@@ -293,9 +308,15 @@ class VirtQueue:
 
     def pop(self, memory):
         """Next available chain, or None; marks it in the inflight area if any."""
+        if self.budget is not None and self.budget <= 0:
+            self.budget_spent = True
+            return None
         chain = self._pop(memory)
-        if chain is not None and self.inflight is not None:
-            self.inflight.mark(chain.head)
+        if chain is not None:
+            if self.budget is not None:
+                self.budget -= 1
+            if self.inflight is not None:
+                self.inflight.mark(chain.head)
         return chain
 
     def _pop(self, memory):
@@ -305,6 +326,8 @@ class VirtQueue:
         if memory is not self._memory or memory.generation != self._mem_gen:
             if not self._check_mapping(memory):
                 return None
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
         if self.use_c:
             chain = self._pop_c()
         else:
@@ -368,6 +391,8 @@ class VirtQueue:
         m = self._memory
         if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
             return False
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -395,6 +420,8 @@ class VirtQueue:
         if not elems or m is None or (m.generation != self._mem_gen
                                       and not self._check_mapping()):
             return False
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -409,12 +436,15 @@ class VirtQueue:
             raise VringError(f"queue {self.index}: cannot complete {elems!r}: "
                              f"{_py.message(rc)}")
         self._in_flight -= len(elems)
+        if self.inflight is not None:
+            for head, _len in elems:
+                self.inflight.clear(head, self.used_idx)
         return True
 
     def need_signal(self):
         """Does the driver want an interrupt for what was used since the
         last call?  (EVENT_IDX: used_event; else VRING_AVAIL_F_NO_INTERRUPT.)"""
-        if not self._mapped:
+        if not self._mapped or (self._huge_rings and not self._rings_ok()):
             return False
         old, new = self._signalled_used, self.used_idx
         self._signalled_used = new
@@ -439,6 +469,10 @@ class VirtQueue:
                 os.write(fd, _ONE)
             except BlockingIOError:
                 pass  # the eventfd counter is saturated: already signalled
+            except OSError as e:  # the frontend's fd, not ours to fail on: never raise
+                self.signal_errors += 1
+                if self.signal_errors == 1:
+                    log.warning("queue %d: cannot signal the call fd: %s", self.index, e)
         return True
 
     def diagnostics(self):
@@ -447,7 +481,7 @@ class VirtQueue:
         d = {"index": self.index, "size": self.size, "enabled": self.enabled,
              "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
              "in_flight": self._in_flight, "broken": self.broken}
-        if self._mapped:
+        if self._mapped and not (self._huge_rings and not self._rings_ok()):
             d["driver_avail_idx"] = self.avail_idx()
             if self.event_idx:  # the driver's used_event: its last used idx seen
                 d["driver_used_event"] = _py._ld16(self._avail_hva + 4 + 2 * self.size)

@@ -48,6 +48,8 @@ class DaemonConfig:
     seccomp: str = None             # None, or the default action: errno, log, kill (sandbox.py)
     user: str = None                # drop to this user (and group) once the sockets exist
     group: str = None
+    socket_group: str = None        # guest sockets: this group, mode 0660 (QEMU's group)
+    control_socket_group: str = None  # control socket: this group, mode 0660 (operators)
 
     def __post_init__(self):
         given = (self.socket_path is not None) + (self.fd is not None) + bool(self.guests)
