@@ -271,10 +271,10 @@ class BalloonDevice(Device):
                     raw = chain.raw if chain.raw is not None else pack_segments(chain.segments)
                     self._discard(memory, raw, "report")
                 else:
-                    ranges = chain.writable
+                    ranges, total = chain.writable(), chain.writable_len
                     self.counters["report_ranges"] += len(ranges)
-                    self.counters["bytes_reported"] += ranges.total
-                    self.counters[self._skip_reason()] += ranges.total
+                    self.counters["bytes_reported"] += total
+                    self.counters[self._skip_reason()] += total
                 self.last_report = time.time()
                 queue.push(chain.head, 0)  # only after the discard
         queue.signal()
