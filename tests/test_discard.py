@@ -15,9 +15,9 @@ import types
 import pytest
 
 from balloon_device.discard import (
-    MODES, DiscardEngine, DiscardResult, check_policy, resolve_mode, twin)
+    MODES, DiscardEngine, DiscardResult, check_table, resolve_mode, twin)
 from balloon_device.discard.engine import c_module
-from balloon_device.errors import BalloonError, ConfigError, DiscardPolicyError
+from balloon_device.errors import BalloonError, ConfigError, DiscardModeError
 from balloon_device.testing import AnonymousRegion, allocated_bytes, c_trim, mapping_usage
 from vhostuser.memory import MemoryTable, Region
 from vhostuser.vring import SEG
@@ -303,20 +303,20 @@ def test_modes_and_resolution():
         anon.close()
     with pytest.raises(ConfigError):
         DiscardEngine("madvise")
-    assert issubclass(DiscardPolicyError, BalloonError)
+    assert issubclass(DiscardModeError, BalloonError)
     assert issubclass(ConfigError, BalloonError)
 
 
 @pytest.mark.parametrize("mode", ["auto", "punch-hole", "remove"])
 def test_policy_accepts_freeing_modes_on_shared(mode):
     with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
-        check_policy(mode, mt.table)
+        check_table(mode, mt.table)
         DiscardEngine(mode).check(mt.table)
 
 
 def test_policy_refuses_dontneed_on_shared():
     with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
-        with pytest.raises(DiscardPolicyError) as ei:
+        with pytest.raises(DiscardModeError) as ei:
             DiscardEngine("dontneed").check(mt.table)
         msg = str(ei.value)
         assert repr(mt.table.regions[0]) in msg
@@ -332,8 +332,8 @@ def test_policy_refuses_dontneed_on_shared():
 
 def test_policy_refuses_free_on_shared():
     with MemfdTable(4 * PAGE, [(0, 4 * PAGE, 0)]) as mt:
-        with pytest.raises(DiscardPolicyError) as ei:
-            check_policy("free", mt.table)
+        with pytest.raises(DiscardModeError) as ei:
+            check_table("free", mt.table)
         msg = str(ei.value)
         assert "MADV_FREE is refused (EINVAL) on a shared mapping" in msg
         assert "use --discard auto (punch-hole) or remove" in msg
@@ -344,11 +344,11 @@ def test_policy_on_anonymous():
     anon = AnonymousRegion(0, 4 * PAGE)
     try:
         for mode in ("auto", "dontneed", "free"):
-            check_policy(mode, [anon])
-        with pytest.raises(DiscardPolicyError, match="no file to punch a hole in"):
-            check_policy("punch-hole", [anon])
-        with pytest.raises(DiscardPolicyError, match="MADV_REMOVE needs a shared file"):
-            check_policy("remove", [anon])
+            check_table(mode, [anon])
+        with pytest.raises(DiscardModeError, match="no file to punch a hole in"):
+            check_table("punch-hole", [anon])
+        with pytest.raises(DiscardModeError, match="MADV_REMOVE needs a shared file"):
+            check_table("remove", [anon])
     finally:
         anon.close()
 

@@ -7,4 +7,4 @@ twin    the pure-Python twin of c_ext/discard.c
 
 from .engine import DiscardEngine, DiscardResult  # noqa: F401
 from .modes import (  # noqa: F401
-    MODES, check_policy, policy_problem, resolve_mode, shared_memory_problem)
+    MODES, check_table, mode_problem, resolve_mode, shared_memory_problem)

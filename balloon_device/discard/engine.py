@@ -15,7 +15,7 @@ whole and listed in DiscardResult.out_of_range.
 Errors: discard() never raises for a failed system call or a bad segment.
 Each failed range becomes one message in DiscardResult.errors (its bytes
 counted in `failed`), and the remaining ranges are still attempted.  A
-table some region of which the mode cannot free (see modes.check_policy,
+table some region of which the mode cannot free (see modes.check_table,
 which the device runs on every new table) is refused whole: nothing is
 discarded, the problem is the error.
 """
@@ -28,7 +28,7 @@ from vhostuser import implementation
 from vhostuser.vring import SEG
 
 from . import twin
-from .modes import ANONYMOUS, MODE_CODES, check_mode, check_policy, policy_problem, resolve_mode
+from .modes import ANONYMOUS, MODE_CODES, check_mode, check_table, mode_problem, resolve_mode
 
 # c_module(): the compiled engine (ffi, lib), or ImportError telling how to build it
 c_module = implementation.Compiled("balloon_device._discard_c", "build_discard.py")
@@ -54,7 +54,7 @@ class _RegionTable:
         self.memory = memory
         self.generation = getattr(memory, "generation", None)
         self.regions = list(memory.regions)
-        self.problems = [p for p in (policy_problem(mode, r) for r in self.regions) if p]
+        self.problems = [p for p in (mode_problem(mode, r) for r in self.regions) if p]
         self.modes = [resolve_mode(mode, r) for r in self.regions]
         self.tuples = [
             (r.gpa, r.size, r.hva, r.file_offset(r.gpa) if r.backing != ANONYMOUS else 0,
@@ -91,9 +91,9 @@ class DiscardEngine:
             self._zero = bytes(self._c.ffi.sizeof("struct vub_totals"))
 
     def check(self, memory_table):
-        """Refuse (DiscardPolicyError) a table some region of which this
+        """Refuse (DiscardModeError) a table some region of which this
         engine's mode cannot free.  Call at start-up and on every new table."""
-        check_policy(self.mode, memory_table)
+        check_table(self.mode, memory_table)
 
     def _region_table(self, memory):
         tab = self._table

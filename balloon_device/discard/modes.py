@@ -9,13 +9,13 @@
 
 The daemon maps every region MAP_SHARED, where only punch-hole and remove
 free anything: MADV_DONTNEED drops this process's page-table entries and
-MADV_FREE is refused with EINVAL.  `check_policy` refuses such tables up
-front (DiscardPolicyError); the daemon's configuration refuses those modes
+MADV_FREE is refused with EINVAL.  `check_table` refuses such tables up
+front (DiscardModeError); the daemon's configuration refuses those modes
 with the same words (shared_memory_problem).  dontneed/free are real options
 only for private anonymous memory (balloon_device.testing.AnonymousRegion).
 """
 
-from ..errors import ConfigError, DiscardPolicyError
+from ..errors import ConfigError, DiscardModeError
 
 MODES = ("auto", "punch-hole", "remove", "dontneed", "free")
 
@@ -59,7 +59,7 @@ def resolve_mode(mode, region):
     return "punch-hole"
 
 
-def policy_problem(mode, region):
+def mode_problem(mode, region):
     """Why `mode` cannot free `region`'s memory, or None if it can."""
     concrete = resolve_mode(mode, region)
     anonymous = region.backing == ANONYMOUS
@@ -83,12 +83,12 @@ def policy_problem(mode, region):
     return None
 
 
-def check_policy(mode, memory_table):
-    """Raise DiscardPolicyError if `mode` cannot free some region.
+def check_table(mode, memory_table):
+    """Raise DiscardModeError if `mode` cannot free some region.
 
     memory_table is a MemoryTable or any iterable of regions.
     """
     regions = getattr(memory_table, "regions", memory_table)
-    problems = [p for p in (policy_problem(mode, r) for r in regions) if p]
+    problems = [p for p in (mode_problem(mode, r) for r in regions) if p]
     if problems:
-        raise DiscardPolicyError("; ".join(problems))
+        raise DiscardModeError("; ".join(problems))
