@@ -388,11 +388,8 @@ class VirtQueue:
         """Complete chain `head` with `length` bytes written (0..2^32-1, else
         OverflowError); publishes the used idx.  Returns False (nothing
         written) if the queue is stopped or its rings are no longer mapped."""
-        m = self._memory
-        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+        if not self._can_push():
             return False
-        if self._huge_rings and not self._rings_ok():
-            raise VringError(self.broken)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -406,9 +403,7 @@ class VirtQueue:
             if rc == 0:
                 self.used_idx = used
         if rc == 0:
-            self._in_flight -= 1
-            if self.inflight is not None:
-                self.inflight.clear(head, self.used_idx)
+            self._completed((head,))
             return True
         raise VringError(f"queue {self.index}: cannot complete head {head}: "
                          f"{_py.message(rc)}")
@@ -416,12 +411,8 @@ class VirtQueue:
     def push_many(self, elems):
         """Complete several chains [(head, length), ...], one used idx update."""
         elems = list(elems)
-        m = self._memory
-        if not elems or m is None or (m.generation != self._mem_gen
-                                      and not self._check_mapping()):
+        if not elems or not self._can_push():
             return False
-        if self._huge_rings and not self._rings_ok():
-            raise VringError(self.broken)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -435,11 +426,26 @@ class VirtQueue:
         if rc != 0:
             raise VringError(f"queue {self.index}: cannot complete {elems!r}: "
                              f"{_py.message(rc)}")
-        self._in_flight -= len(elems)
-        if self.inflight is not None:
-            for head, _len in elems:
-                self.inflight.clear(head, self.used_idx)
+        self._completed(head for head, _len in elems)
         return True
+
+    def _can_push(self):
+        """False if the queue is stopped or its rings are no longer mapped;
+        VringError if a ring page on huge pages cannot be touched."""
+        m = self._memory
+        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+            return False
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
+        return True
+
+    def _completed(self, heads):
+        """Bookkeeping after used entries were published: in-flight count
+        and the inflight area's marks."""
+        for head in heads:
+            self._in_flight -= 1
+            if self.inflight is not None:
+                self.inflight.clear(head, self.used_idx)
 
     def need_signal(self):
         """Does the driver want an interrupt for what was used since the
