@@ -8,6 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PKGS=(
   python3 python3-venv  # the project's virtualenv (ensurepip)
+  groff-base          # tests/test_cli_docs.py renders the man page
   python3-dev         # Python.h for the cffi C extensions
   mmdebstrap          # private Debian trixie tree with a recent QEMU
   busybox-static      # guest userland

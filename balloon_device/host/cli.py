@@ -264,7 +264,8 @@ def _ctl_parser():
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--control-socket")
     where.add_argument("--socket-path", help="the daemon's vhost-user socket (control is PATH.ctl)")
-    guest_help = "which guest (needed when the daemon serves several)"
+    guest_help = ("which guest (needed when the daemon serves several); before or after "
+                  "the command")
     p.add_argument("--guest", help=guest_help)
     after = argparse.ArgumentParser(add_help=False)   # --guest after the subcommand too
     after.add_argument("--guest", default=argparse.SUPPRESS, help=guest_help)
