@@ -294,6 +294,8 @@ def test_version(capsys):
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert version() == project["version"]            # installed: from the package metadata
     assert FALLBACK.split("+")[0] == project["version"]
+    changelog = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"vhost-user-balloon ({project['version']})"), changelog
 
 
 def test_version_fallback_without_metadata(monkeypatch):
