@@ -20,7 +20,7 @@ from test_multi import GuestRig, make_daemon
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "contrib" / "prometheus" / "vhost-user-balloon.rules.yml"
 RULE_TESTS = ROOT / "contrib" / "prometheus" / "vhost-user-balloon.rules.test.yml"
-DASHBOARD = ROOT / "contrib" / "grafana" / "vhost-user-balloon.json"
+DASHBOARD = ROOT / "contrib" / "grafana" / "vhost-user-balloon-dashboard.json"
 SUFFIXES = ("_bucket", "_count", "_sum")
 
 
