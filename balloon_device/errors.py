@@ -15,7 +15,3 @@ class DiscardPolicyError(BalloonError):
     The message names the region, says why the mode frees nothing there and
     which mode to use instead.
     """
-
-
-class DiscardError(BalloonError):
-    """A discard system call (fallocate / madvise) failed."""

@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from balloon_device.host.config import DaemonConfig
+from balloon_device.host.status import GuestStatus
 from balloon_device.errors import ConfigError
 from balloon_device.host.policy import (GuestView, HostMemory, HostReader, PolicyConfig, PolicyLoop,
                                    decide, parse_meminfo, parse_psi, view_of)
@@ -188,12 +189,12 @@ class FakeGuest:
         self.features = ["REPORTING"]
 
     def status(self):
-        return {"connected": self.connected,
+        return GuestStatus.from_dict({"connected": self.connected,
                 "features_acked": self.features if self.connected else [],
                 "target_pages": self.target,
                 "actual_pages": self.target if self.actual is None else self.actual,
                 "memory_bytes": 4 * GiB, "stats_age": self.stats_age,
-                "stats": {} if self.avail is None else {"available_memory": self.avail * MiB}}
+                "stats": {} if self.avail is None else {"available_memory": self.avail * MiB}})
 
     def set_target(self, pages):
         self.set_calls.append(pages)
@@ -397,3 +398,25 @@ def test_policy_on_a_real_daemon(tmp_path):
     finally:
         rig.close()
         d.close()
+
+
+def test_one_guest_failing_does_not_abort_the_tick_for_the_others():
+    """A guest whose stats request raises (e.g. its call fd is unwritable) is dropped
+    alone; the guests after it still get their targets and stats requests."""
+    class Broken(FakeGuest):
+        drops = 0
+
+        def request_stats(self):
+            raise OSError(9, "Bad file descriptor")
+
+        def failed(self):
+            self.drops += 1
+
+    guests = {"a": Broken(avail=2048), "b": FakeGuest(avail=2048)}
+    loop = FakeLoop()
+    pol = PolicyLoop(CFG, guests, loop, host_reader=lambda: H(1024))
+    pol.start()
+    loop.timers.pop()[1]()
+    assert guests["a"].drops == 1
+    assert guests["b"].stats_requests == 1 and guests["b"].set_calls
+    assert pol.last is not None    # the tick ran to its end

@@ -1,5 +1,6 @@
 """Event loop (selectors/epoll, timers, no busy polling) and the backend server."""
 
+import abc
 import heapq
 import itertools
 import logging
@@ -10,20 +11,65 @@ import signal
 import socket
 import time
 
-from .connection import Listener
+from .connection import RECV_TIMEOUT, Listener
 from .device import DeviceContext
 from .errors import ConnectionClosed, ProtocolError
 from .handler import Backend
 
 log = logging.getLogger(__name__)
 
+MESSAGES_PER_TURN = 32  # frontend messages handled before other sources get their turn
 
-class EventLoop:
+
+class Loop(abc.ABC):
+    """What a Server needs from an event loop: fd readers, one-shot timers,
+    stop.  EventLoop implements it; a daemon may wrap one (a guest's view of
+    a shared loop) as long as it keeps this interface."""
+
+    @abc.abstractmethod
+    def add_reader(self, fd, callback):
+        """Call callback() whenever fd is readable (replaces an earlier one)."""
+
+    @abc.abstractmethod
+    def remove_reader(self, fd):
+        """Stop watching fd (no error if it was not watched)."""
+
+    @abc.abstractmethod
+    def call_later(self, delay, callback):
+        """Run callback() once after delay seconds; returns a handle for cancel()."""
+
+    @abc.abstractmethod
+    def call_soon(self, callback):
+        """Run callback() on the next turn, after the fds ready then; returns a handle."""
+
+    @abc.abstractmethod
+    def cancel(self, handle):
+        """Cancel a call_later() handle (None and fired handles are ignored)."""
+
+    @abc.abstractmethod
+    def stop(self):
+        """Make run() return."""
+
+    @abc.abstractmethod
+    def run(self):
+        """Run until stop()."""
+
+    @abc.abstractmethod
+    def run_once(self, timeout=None):
+        """Wait for one round of events (at most timeout seconds) and run them."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Release the loop's resources."""
+
+
+class EventLoop(Loop):
     """Readers on fds plus one-shot timers; sleeps in epoll when idle."""
 
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self._timers = []
+        self._ready = []  # call_soon callbacks for the next turn (round-robin work)
         self._seq = itertools.count()
         self._stopping = False
         self._wake_r = self._wake_w = None
@@ -46,8 +92,14 @@ class EventLoop:
         heapq.heappush(self._timers, entry)
         return entry
 
-    @staticmethod
-    def cancel(handle):
+    def call_soon(self, callback):
+        """Run callback on the next turn of the loop, after the fds that are ready then:
+        work split into turns (queue budgets) takes turns with every other source."""
+        entry = [0.0, next(self._seq), callback]
+        self._ready.append(entry)
+        return entry
+
+    def cancel(self, handle):
         if handle is not None:
             handle[2] = None
 
@@ -98,10 +150,16 @@ class EventLoop:
         t = self._timeout()
         if timeout is not None:
             t = timeout if t is None else min(t, timeout)
+        if self._ready:
+            t = 0
         for key, _ in self.sel.select(t):
             if key.fd in self.sel.get_map():  # an earlier callback may have removed it
                 key.data()
         self._run_timers()
+        ready, self._ready = self._ready, []  # what is added now runs next turn
+        for _, _, cb in ready:
+            if cb is not None:
+                cb()
 
     def run(self):
         while not self._stopping:
@@ -118,16 +176,19 @@ class EventLoop:
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
-    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True):
+    def __init__(self, device, listener, loop=None, keep_listening=False):
         self.device = device
         self.listener = listener
         self.loop = loop or EventLoop()
         self.keep_listening = keep_listening
-        self.backend = Backend(device, use_c=use_c)
+        self.backend = Backend(device)
         self.conn = None
         self.sessions = 0
+        self.protocol_errors = 0   # frontends dropped for a protocol error
         self._watched = {}
         self._runnable = set()
+        self._resume = {}      # queue index -> call_soon handle (budget ran out)
+        self._stall_timer = None
         device.attach(self)
         if listener.is_listening:
             self.loop.add_reader(listener.fileno(), self._on_accept)
@@ -187,6 +248,10 @@ class Server(DeviceContext):
         log.info("frontend connected")
         self.loop.add_reader(conn.fileno(), self._on_message)
 
+    def disconnect(self, reason):
+        """Drop the current frontend (no-op without one); reason is logged."""
+        self._close(reason)
+
     def _close(self, reason):
         if self.conn is None:
             return
@@ -196,6 +261,11 @@ class Server(DeviceContext):
             self.loop.remove_reader(fd)
         self._watched.clear()
         self._runnable.clear()
+        for handle in self._resume.values():
+            self.loop.cancel(handle)
+        self._resume.clear()
+        self.loop.cancel(self._stall_timer)
+        self._stall_timer = None
         self.backend.disconnect()
         self.conn.close()
         self.conn = None
@@ -203,25 +273,50 @@ class Server(DeviceContext):
             self.loop.stop()
 
     def _on_message(self):
+        """Handle the messages that have arrived; a partial one waits, without blocking
+        the loop, for at most RECV_TIMEOUT seconds."""
+        conn = self.conn
         try:
-            msg = self.conn.recv_message()
-            log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
-                      msg.header.size, len(msg.fds))
-            reply = self.backend.handle(msg)
-            if reply is not None:
-                try:
-                    self.conn.send(reply.data, reply.fds)
-                finally:
-                    for fd in reply.fds:
-                        os.close(fd)
+            for _ in range(MESSAGES_PER_TURN):
+                msg = conn.poll_message()
+                if msg is None:
+                    break
+                log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
+                          msg.header.size, len(msg.fds))
+                reply = self.backend.handle(msg)
+                if reply is not None:
+                    try:
+                        conn.send(reply.data, reply.fds)
+                    finally:
+                        for fd in reply.fds:
+                            os.close(fd)
+                self._sync()
+                if self.conn is not conn:
+                    return
         except ConnectionClosed as e:
             self._close(str(e))
             return
         except ProtocolError as e:
             log.error("protocol error, dropping the frontend: %s", e)
+            self.protocol_errors += 1
             self._close(f"protocol error: {e}")
             return
-        self._sync()
+        if conn.stalled_for() and self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(RECV_TIMEOUT, self._check_stall)
+
+    def _check_stall(self):
+        self._stall_timer = None
+        conn = self.conn
+        if conn is None:
+            return
+        waited = conn.stalled_for()
+        if waited >= RECV_TIMEOUT:
+            log.error("protocol error, dropping the frontend: it stopped in the middle of "
+                      "a message %.1fs ago", waited)
+            self.protocol_errors += 1
+            self._close("protocol error: peer stopped in the middle of a message")
+        elif waited:
+            self._stall_timer = self.loop.call_later(RECV_TIMEOUT - waited, self._check_stall)
 
     def _sync(self):
         """Refresh the watch list and process queues that just became runnable."""
@@ -235,17 +330,33 @@ class Server(DeviceContext):
                     del self._watched[fd]
             for fd, what in wanted.items():
                 if fd not in self._watched:
-                    self._watched[fd] = what
                     kind, q = what
-                    if kind == "kick":
-                        os.set_blocking(fd, False)
-                        self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
-                    else:
-                        self.loop.add_reader(fd, self._on_backend_channel)
+                    try:
+                        if kind == "kick":
+                            os.set_blocking(fd, False)
+                            self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
+                        else:
+                            self.loop.add_reader(fd, self._on_backend_channel)
+                    except (OSError, ValueError) as e:  # e.g. an fd epoll refuses
+                        log.error("cannot watch the frontend's %s fd %d: %s", kind, fd, e)
+                        self._close(f"protocol error: unusable {kind} fd ({e})")
+                        return
+                    self._watched[fd] = what
         now = {q.index for q in b.queues if b.runnable(q)}
         for index in sorted(now - self._runnable):
-            b.process(b.queues[index])
+            self._process(b.queues[index])
         self._runnable = now
+
+    def _process(self, q):
+        """One turn of q (at most the backend's budget); come back on the next loop turn
+        if there is more, after every other ready fd and queue had its turn."""
+        if self.backend.process(q) and q.index not in self._resume:
+            self._resume[q.index] = self.loop.call_soon(lambda: self._resumed(q))
+
+    def _resumed(self, q):
+        self._resume.pop(q.index, None)
+        if self.conn is not None:
+            self._process(q)
 
     def _on_kick(self, q):
         fd = q.kick_fd
@@ -257,16 +368,13 @@ class Server(DeviceContext):
             pass
         except OSError as e:
             log.warning("queue %d: reading the kick fd failed: %s", q.index, e)
-        self.backend.process(q)  # a disabled ring's kick is drained and ignored
+        if q.index not in self._resume:  # else: it is already due for its next turn
+            self._process(q)  # a disabled ring's kick is drained and ignored
 
     def _on_backend_channel(self):
         self.backend.read_backend_channel()
         if self.backend.fds_changed:
             self._sync()
-
-    def process_queue(self, q):
-        """For devices: process a queue outside a kick (e.g. from a timer)."""
-        self.backend.process(q)
 
     def serve_forever(self):
         try:

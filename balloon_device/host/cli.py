@@ -25,6 +25,7 @@ import time
 from importlib import resources
 from xml.sax.saxutils import quoteattr
 
+from vhostuser import implementation
 from vhostuser.errors import SetupError
 
 from .. import features as F
@@ -142,6 +143,12 @@ def _daemon_parser():
     sec = p.add_argument_group("least privilege (applied once the sockets exist)")
     sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
     sec.add_argument("--group", help="switch to this group (default: the user's group)")
+    sec.add_argument("--socket-group", metavar="GROUP",
+                     help="give the guest sockets to this group, mode 0660 (the group QEMU runs "
+                          "in, e.g. kvm), so that the daemon need not run as QEMU's user")
+    sec.add_argument("--control-socket-group", metavar="GROUP",
+                     help="give the control socket to this group, mode 0660 (operators); it "
+                          "never goes to --user, so QEMU running as that user cannot use it")
     sec.add_argument("--seccomp", nargs="?", const="errno", choices=("errno", "log", "kill"),
                      help="install a seccomp system call allowlist; other calls fail with EPERM "
                           "(errno, the default), are only logged (log) or kill the daemon (kill)")
@@ -220,28 +227,60 @@ def config_from_args(ns):
         discard=ns.discard, no_discard=ns.no_discard, reporting=not ns.no_reporting,
         stats=not ns.no_stats, stats_interval=ns.stats_interval, deflate_on_oom=ns.deflate_on_oom,
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
-        log_format=ns.log_format,
-        use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
+        log_format=ns.log_format, name=ns.name, guests=_guests_from_args(ns),
         metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
-        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group)
+        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group,
+        socket_group=ns.socket_group, control_socket_group=ns.control_socket_group)
 
 
 def _sandbox(cfg, daemon):
-    """--user/--group then --seccomp, once every socket exists (balloon_device/sandbox.py)."""
-    if cfg.user is None and cfg.group is None and cfg.seccomp is None:
-        return
-    from . import sandbox
+    """Non-dumpable, socket groups, --user/--group, then --seccomp, once every socket
+    exists (balloon_device/host/sandbox.py)."""
+    from . import notify, sandbox
+    sandbox.set_nondumpable()
+    guest_paths = [g.socket_path for g in daemon.guests.values() if g.socket_path]
+    socket_gid = None
+    if cfg.socket_group is not None:
+        if not guest_paths:
+            log.warning("--socket-group: no guest socket path (--fd): nothing to change")
+        socket_gid = sandbox.share_sockets(guest_paths, cfg.socket_group, "--socket-group")
+    if cfg.control_socket_group is not None and cfg.control_path:
+        sandbox.share_sockets([cfg.control_path], cfg.control_socket_group,
+                              "--control-socket-group")
     if cfg.user is not None or cfg.group is not None:
-        paths = [g.socket_path for g in daemon.guests.values()] + [cfg.control_path]
-        sandbox.drop_privileges(cfg.user, cfg.group, [p for p in paths if p])
+        sandbox.drop_privileges(cfg.user, cfg.group, guest_paths, socket_gid)
     if cfg.seccomp is not None:
+        notify.prepare()  # no socket()/connect() under the filter
         sandbox.apply_seccomp(cfg.seccomp)
+        for listener in _listeners(daemon):
+            listener.unlink_on_close = False  # no unlink either: the next start removes them
+
+
+def _listeners(daemon):
+    out = [g.server.listener for g in daemon.guests.values()]
+    if daemon.control is not None:
+        out.append(daemon.control.listener)
+    return out
+
+
+def _warn_shared_dir(cfg, daemon):
+    """An AppArmor rule for the guest sockets (DIR/*.sock) must not reach the control socket."""
+    ctl = cfg.control_path
+    if not ctl or not ctl.endswith(".sock"):
+        return
+    dirs = {os.path.dirname(os.path.abspath(g.socket_path)) for g in daemon.guests.values()
+            if g.socket_path}
+    if os.path.dirname(os.path.abspath(ctl)) in dirs:
+        log.warning("the control socket %s is in the same folder as guest sockets: a rule that "
+                    "lets QEMU reach the guest sockets (e.g. AppArmor DIR/*.sock) may reach it "
+                    "too; put it elsewhere with --control-socket (docs/troubleshooting.md)", ctl)
 
 
 def serve(cfg):
     daemon = Daemon(cfg)
     try:
         daemon.loop.handle_signals()
+        _warn_shared_dir(cfg, daemon)
         _sandbox(cfg, daemon)
         log.info("%s (discard %s%s); control socket %s", daemon.describe(), cfg.discard,
                  ", inhibited" if cfg.no_discard else "", cfg.control_path)
@@ -460,6 +499,8 @@ def main(argv=None):
             print(json.dumps(capabilities()))
             return 0
         cfg = config_from_args(ns)
+        if ns.python_hot_path:   # the pure-Python twins (as VUB_PURE_PYTHON=1)
+            implementation.select(False)
         _setup_logging(cfg)
         return serve(cfg)
     except (BalloonError, SetupError) as e:

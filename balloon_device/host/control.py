@@ -38,18 +38,14 @@ MAX_CLIENTS = 16
 EVENT_POLL = 0.25
 MAX_STATS_INTERVAL = 86400.0
 
-
 class ControlServer:
-    def __init__(self, path, device=None, server=None, *, guests=None, loop=None,
-                 name="default", policy=None):
-        if guests is None:  # one device on one Server
-            from .multi import Guest
-            guest = Guest(name, device)
-            guest.server = server
-            guests, loop = {name: guest}, server
+    """The control socket of a Daemon: JSON requests over a Unix socket,
+    served on the daemon's event loop (anything with add_reader/remove_reader)."""
+
+    def __init__(self, path, *, guests, loop, policy=None):
         self.guests = guests  # name -> multi.Guest
         self.policy = policy  # policy.PolicyLoop or None
-        self.server = loop    # anything with add_reader / remove_reader
+        self.server = loop
         try:
             self.listener = Listener.at_path(path)
         except SetupError as e:
@@ -145,11 +141,12 @@ class ControlServer:
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
             return {"version": version(),
-                    "guests": {name: g.status(rings=True) for name, g in self.guests.items()}}
-        return {"version": version(), "status": self._guest(req).status(rings=True)}
+                    "guests": {name: g.status(rings=True).to_dict()
+                               for name, g in self.guests.items()}}
+        return {"version": version(), "status": self._guest(req).status(rings=True).to_dict()}
 
     def _cmd_list(self, req):
-        out = {"version": version(), "guests": [g.status() for g in self.guests.values()]}
+        out = {"version": version(), "guests": [g.status().to_dict() for g in self.guests.values()]}
         if self.policy is not None:
             out["policy"] = self.policy.last or {}   # {} until its first tick
         return out
@@ -165,8 +162,17 @@ class ControlServer:
         if not isinstance(pages, int) or isinstance(pages, bool):
             raise ValueError("pages must be an integer")
         guest = self._guest(req)
+        guest.device.check_target(pages)
         sent = guest.set_target(pages)
-        return {"guest": guest.name, "target_pages": pages, "notified": sent}
+        out = {"guest": guest.name, "target_pages": pages, "notified": sent}
+        if guest.device.target_limit() is None:
+            out["note"] = ("the guest's RAM is not known yet (no frontend): a target larger than "
+                           "it can give is lowered when its memory table arrives")
+        if self.policy is not None:
+            out["policy"] = (f"the host memory policy (--policy) also sets this guest's target: "
+                             f"it may replace this one at its next decision (every "
+                             f"{self.policy.cfg.interval:g}s)")
+        return out
 
     def _cmd_stats(self, req):
         guest = self._guest(req)

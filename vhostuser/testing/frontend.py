@@ -21,10 +21,10 @@ ALL_PROTOCOL = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 
 
 
 class Frontend:
-    def __init__(self, device, use_c=True):
+    def __init__(self, device):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(5)
-        self.server = Server(device, Listener(theirs), use_c=use_c)
+        self.server = Server(device, Listener(theirs))
         self.device = device
         self.backend_sock = None
         self.eventfds = []
