@@ -41,3 +41,8 @@ def test_readme_setup_on_fresh_bookworm(fresh):
     out = fresh.check(".venv/bin/python -c 'import sys, vhostuser._vring_c, "
                       "balloon_device._discard_c; print(sys.base_prefix)'", cwd=src)
     assert out.strip().splitlines()[-1] == "/usr"
+    # Idempotent: a second set-up finds everything in place and installs nothing.
+    out = fresh.check("set -euo pipefail; . scripts/setup_env.sh; vhost-user-balloon --version",
+                      cwd=src, timeout=600)
+    assert "install_host_deps: all packages present" in out
+    assert out.strip().splitlines()[-1].startswith("vhost-user-balloon ")
