@@ -389,7 +389,8 @@ def test_ctl_events_streams_balloon_changes(capsys, running):
     assert d.control.listeners, "ctl events never subscribed"
     assert request(ctl, {"cmd": "target", "bytes": 8 << 20, "guest": "a"})["ok"]  # not b
     assert request(ctl, {"cmd": "target", "bytes": 4 << 20, "guest": "b"})["ok"]
-    while d.control._seen.get("b") != (1024, 0) and time.monotonic() < deadline:
+    while (list(d.control.listeners.values()) != [{"b": (1024, 0)}]
+           and time.monotonic() < deadline):
         time.sleep(0.02)                    # the daemon has sent the target's event
     d.guests["b"].device.actual = 1024      # as the guest's SET_CONFIG would
     t.join(timeout=20)

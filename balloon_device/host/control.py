@@ -38,6 +38,7 @@ MAX_CLIENTS = 16
 EVENT_POLL = 0.25
 MAX_STATS_INTERVAL = 86400.0
 
+
 class ControlServer:
     """The control socket of a Daemon: JSON requests over a Unix socket,
     served on the daemon's event loop (anything with add_reader/remove_reader)."""
@@ -52,9 +53,8 @@ class ControlServer:
             raise ControlError(f"control socket: {e}") from e
         self.listener.sock.setblocking(False)
         self.clients = {}
-        self.listeners = set()     # fds of clients that asked for events
-        self._seen = {}            # guest name -> (target_pages, actual_pages) last sent
-        self._filters = {}         # listener fd -> names of the guests it follows
+        self.listeners = {}        # fd of a client that asked for events ->
+        #                            {guest name: (target_pages, actual_pages) last sent}
         self._event_timer = None
         self.server.add_reader(self.listener.fileno(), self._accept)
 
@@ -71,8 +71,7 @@ class ControlServer:
         self.server.add_reader(sock.fileno(), lambda fd=sock.fileno(): self._read(fd))
 
     def _drop(self, fd):
-        self.listeners.discard(fd)
-        self._filters.pop(fd, None)
+        self.listeners.pop(fd, None)
         sock, _ = self.clients.pop(fd)
         self.server.remove_reader(fd)
         sock.close()
@@ -208,40 +207,37 @@ class ControlServer:
     # ---- events ------------------------------------------------------------
 
     def _listen(self, fd, names):
-        self.listeners.add(fd)
-        self._filters[fd] = set(names)
-        for name in names:
-            self._send_event(fd, self._event(name, initial=True))
+        self.listeners[fd] = {name: None for name in names}
+        self._check_events(fd, initial=True)
         if self._event_timer is None and self.listeners:
             self._event_timer = self.server.call_later(EVENT_POLL, self._poll_events)
 
-    def _event(self, name, initial=False):
-        dev = self.guests[name].device
-        self._seen.setdefault(name, (dev.target_pages, dev.actual))
-        ev = {"event": "balloon-change", "guest": name, "target_bytes": dev.target_pages << 12,
-              "actual_bytes": dev.actual << 12, "time": time.time()}
-        if initial:
-            ev["initial"] = True
-        return ev
-
-    def _send_event(self, fd, event):
-        if fd not in self.listeners:
-            return
-        try:
-            self.clients[fd][0].send(json.dumps(event).encode() + b"\n")   # whole or dropped
-        except OSError:       # includes a full socket buffer: the listener does not keep up
-            self._drop(fd)
+    def _check_events(self, fd, initial=False):
+        """Send listener fd an event for each of its guests whose balloon changed."""
+        seen = self.listeners[fd]
+        for name in seen:
+            dev = self.guests[name].device
+            now = (dev.target_pages, dev.actual)
+            if seen[name] == now:
+                continue
+            seen[name] = now
+            ev = {"event": "balloon-change", "guest": name, "target_bytes": now[0] << 12,
+                  "actual_bytes": now[1] << 12, "time": time.time()}
+            if initial:
+                ev["initial"] = True
+            line = json.dumps(ev).encode() + b"\n"
+            try:
+                sent = self.clients[fd][0].send(line)
+            except OSError:
+                sent = -1
+            if sent != len(line):     # a full socket buffer: the listener does not keep up
+                self._drop(fd)
+                return
 
     def _poll_events(self):
         self._event_timer = None
-        for name, guest in self.guests.items():
-            now = (guest.device.target_pages, guest.device.actual)
-            if self._seen.get(name) != now:
-                self._seen[name] = now
-                ev = self._event(name)
-                for fd in list(self.listeners):
-                    if name in self._filters.get(fd, ()):
-                        self._send_event(fd, ev)
+        for fd in list(self.listeners):
+            self._check_events(fd)
         if self.listeners:
             self._event_timer = self.server.call_later(EVENT_POLL, self._poll_events)
 
