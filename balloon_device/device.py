@@ -385,6 +385,14 @@ class BalloonDevice(Device):
         if self.stats_interval > 0 and self.ctx is not None:
             self._stats_timer = self.ctx.call_later(self.stats_interval, self.request_stats)
 
+    def set_stats_interval(self, seconds):
+        """Poll the guest's stats every `seconds` from now on (0 = stop polling)."""
+        if seconds < 0:
+            raise ValueError("stats interval must be >= 0 seconds")
+        self.stats_interval = seconds
+        log.info("stats interval now %g s%s", seconds, " (off)" if not seconds else "")
+        self._schedule_stats()
+
     def _cancel_stats_timer(self):
         if self._stats_timer is not None and self.ctx is not None:
             self.ctx.cancel(self._stats_timer)

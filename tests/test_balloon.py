@@ -290,6 +290,26 @@ def test_stats_interval_requests_refresh():
         r.close()
 
 
+def test_stats_interval_changed_at_run_time():
+    dev = BalloonDevice(stats_interval=0)
+    r = Rig(device=dev)
+    try:
+        r.post("stats", [struct.pack("<HQ", 4, 1)], [])
+        r.fe.server.loop.run_once(timeout=0.2)
+        r.fe.pump()
+        assert r.used("stats") == []        # polling off: the device keeps the buffer
+        dev.set_stats_interval(0.05)
+        r.fe.server.loop.run_once(timeout=0.5)
+        r.fe.pump()
+        assert len(r.used("stats")) == 1    # asked for fresh stats once the interval passed
+        dev.set_stats_interval(0)
+        assert dev._stats_timer is None
+        with pytest.raises(ValueError):
+            dev.set_stats_interval(-1)
+    finally:
+        r.close()
+
+
 def test_two_regions_report_across_boundary():
     r = Rig(regions=[(0x1_0000_0000, 48 * MiB), (0x1_0000_0000 + 48 * MiB, 48 * MiB)])
     try:

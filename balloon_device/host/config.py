@@ -3,6 +3,7 @@
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..discard import MODES, shared_memory_problem
 from .errors import ConfigError
@@ -18,12 +19,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def parse_size(text):
-    """'512MiB', '1G', '4096' -> bytes."""
-    mt = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    """'512MiB', '1G', '1.5G', '4096' -> bytes (a whole number of them)."""
+    mt = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not mt or mt.group(2).upper() not in _UNITS:
         raise ConfigError(f"cannot read size {text!r}: use a number with an optional unit "
-                          "(K, M, G, KiB, MiB, GiB, ...)")
-    return int(mt.group(1)) * _UNITS[mt.group(2).upper()]
+                          "(K, M, G, KiB, MiB, GiB, ...), e.g. 512MiB or 1.5G")
+    size = Fraction(mt.group(1)) * _UNITS[mt.group(2).upper()]
+    if size.denominator != 1:
+        raise ConfigError(f"size {text!r} is not a whole number of bytes")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class DaemonConfig:
     keep_listening: bool = False
     queue_size: int = 64
     log_level: str = "info"
+    log_format: str = "text"        # text or json
     name: str = None                # the guest's name (single guest); default: socket file name
     guests: tuple = ()              # ((name, socket_path), ...): several guests, one daemon
     metrics_port: int = None
@@ -97,6 +102,8 @@ class DaemonConfig:
         if self.reporting and self.queue_size < MIN_REPORTING_QUEUE:
             raise ConfigError(f"--queue-size {self.queue_size}: Linux refuses a reporting "
                               f"queue smaller than {MIN_REPORTING_QUEUE}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format {self.log_format}: choose text or json")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level {self.log_level}: choose one of {', '.join(LOG_LEVELS)}")
 

@@ -152,6 +152,9 @@ class Guest:
     def request_stats(self):
         return self.call(self.device.request_stats)
 
+    def set_stats_interval(self, seconds):
+        return self.call(self.device.set_stats_interval, seconds)
+
 
 def make_device(cfg):
     return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
