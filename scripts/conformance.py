@@ -160,7 +160,8 @@ def write_doc(path, results, env, command):
         "- guest kernels: " + "; ".join(f"{k}: {v}" for k, v in env["versions"]["kernel"].items()),
         f"- command: `{command}` ({env['seconds'] / 60:.0f} min)",
         "",
-        "Reclaim: a 1 GiB guest allocates and touches 800 MiB and frees it; the host samples "
+        f"Reclaim ({env['reclaim_rounds']} runs per balloon, the order reversed each round; "
+        "medians): a 1 GiB guest allocates and touches 800 MiB and frees it; the host samples "
         "the allocated size of the guest-RAM files (memfd / hugetlbfs, `st_blocks`) every "
         "100 ms. freed = level at the free - level before the allocation; returned = level at "
         "the free - level at the end; t50 / t90 = seconds from the guest's free until 50% / "
@@ -192,6 +193,8 @@ def main():
                     help="comma-separated cells; a cell is 'base' or values joined by '+'")
     ap.add_argument("--list", action="store_true", help="list cells and values, then exit")
     ap.add_argument("--rounds", type=int, default=6, help="integrity rounds of 256 MiB")
+    ap.add_argument("--reclaim-rounds", type=int, default=2,
+                    help="reclaim runs per balloon (order reversed each round; medians)")
     ap.add_argument("--scenarios", default="reclaim,integrity",
                     help="for quick looks: reclaim and/or integrity (a cell needs both to pass)")
     ap.add_argument("--doc", default=str(DOC), help="Markdown file for the table")
@@ -215,7 +218,8 @@ def main():
         " " + shlex.quote(a) for a in sys.argv[1:])
     t0 = time.monotonic()
     env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "host_kernel": platform.release(), "cpus": os.cpu_count(), "commit": git_commit()}
+           "host_kernel": platform.release(), "cpus": os.cpu_count(), "commit": git_commit(),
+           "reclaim_rounds": ns.reclaim_rounds}
     print(f"conformance: {len(cells)} cells: {', '.join(cells)}", flush=True)
     env["versions"] = versions(cells)
     print(f"conformance: versions {env['versions']}", flush=True)
@@ -224,7 +228,8 @@ def main():
         print(f"[{i}/{len(cells)}] {name}: {C.parse_cell(name).describe()}", flush=True)
         try:
             r = C.run_cell(name, rounds=ns.rounds, log=lambda m: print(m, flush=True),
-                           scenarios=tuple(x for x in ns.scenarios.split(",") if x))
+                           scenarios=tuple(x for x in ns.scenarios.split(",") if x),
+                           reclaim_rounds=ns.reclaim_rounds)
         except Exception as e:  # noqa: BLE001 - a broken cell is a failed cell, keep going
             r = {"cell": name, "config": C.parse_cell(name).describe(), "reclaim": {},
                  "integrity": {}, "verdict": "FAIL",
