@@ -121,11 +121,11 @@ class ControlServer:
 
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
-            return {"guests": {name: g.status(rings=True) for name, g in self.guests.items()}}
-        return {"status": self._guest(req).status(rings=True)}
+            return {"guests": {name: g.status(rings=True).to_dict() for name, g in self.guests.items()}}
+        return {"status": self._guest(req).status(rings=True).to_dict()}
 
     def _cmd_list(self, req):
-        out = {"guests": [g.status() for g in self.guests.values()]}
+        out = {"guests": [g.status().to_dict() for g in self.guests.values()]}
         if self.policy is not None:
             out["policy"] = self.policy.last or {}   # {} until its first tick
         return out

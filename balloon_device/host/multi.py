@@ -18,12 +18,14 @@ and ``GuestLogFilter``).
 import contextvars
 import logging
 import os
+from types import MappingProxyType
 
 from vhostuser.loop import EventLoop, Server, open_listener
 
 from . import notify
 from ..device import BalloonDevice
 from .errors import ConfigError
+from .status import GuestStatus
 
 log = logging.getLogger("vhost-user-balloon")
 
@@ -125,22 +127,23 @@ class Guest:
             log.exception("guest %s: closing the connection failed too", self.name)
 
     def status(self, rings=False):
-        """A snapshot; safe to call from the metrics thread (only copies and reads)
-        unless rings=True (ring indices read from guest memory: loop thread only)."""
-        st = self.device.status()
+        """A GuestStatus snapshot; safe to call from the metrics thread (only copies and
+        reads) unless rings=True (ring indices read from guest memory: loop thread only)."""
+        dev = self.device.status()
         server = self.server
         backend = server.backend
-        st.update(
-            name=self.name, socket=self.socket_path, connected=server.connected,
-            sessions=server.sessions, protocol=dict(backend.counters),
-            protocol_errors=getattr(server, "protocol_errors", 0), internal_errors=self.internal_errors,
-            memory_bytes=sum(r.size for r in list(backend.memory.regions)),
-            ram_backed_bytes=backend.memory.backed_bytes())
+        ring_info = None
         if rings:
-            roles = st.get("queues") or []
-            st["rings"] = [dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
-                           for i, q in enumerate(backend.queues)]
-        return st
+            roles = dev.queues
+            ring_info = tuple(dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
+                              for i, q in enumerate(backend.queues))
+        return GuestStatus(
+            name=self.name, device=dev, socket=self.socket_path, connected=server.connected,
+            sessions=server.sessions, protocol=MappingProxyType(dict(backend.counters)),
+            protocol_errors=getattr(server, "protocol_errors", 0),
+            internal_errors=self.internal_errors,
+            memory_bytes=sum(r.size for r in list(backend.memory.regions)),
+            ram_backed_bytes=backend.memory.backed_bytes(), rings=ring_info)
 
     def call(self, fn, *args):
         """Run fn in this guest's logging context (control socket, policy)."""
