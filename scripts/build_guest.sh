@@ -18,8 +18,11 @@
 #   trixie               Debian 6.12 cloud kernel      -> CACHE/guest-trixie/
 #   trixie-backports     newest 7.x cloud kernel        -> CACHE/guest-trixie-backports/
 #   sid                  sid's cloud kernel (7.x)       -> CACHE/guest-sid/
-# Non-default suites are resolved with a private apt state in CACHE/apt/SUITE
-# (the host's apt sources are not touched).  Both package layouts work: a
+#   SUITE-generic        the generic kernel (linux-image-amd64) of SUITE, e.g.
+#                        bookworm-generic (6.1 with CONFIG_PAGE_POISONING, which
+#                        the cloud kernels lack) -> CACHE/guest-SUITE-generic/
+# Suites other than the host's (bookworm) are resolved with a private apt state
+# in CACHE/apt/SUITE (the host's apt sources are not touched).  Both package layouts work: a
 # linux-image-REL with /boot/vmlinuz-REL, and (7.x) a linux-image-REL
 # metapackage whose kernel is in linux-binary-REL (/usr/lib/modules/REL/vmlinuz)
 # and its modules in linux-modules-REL.
@@ -39,14 +42,18 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --kernel) KSUITE="${2:?--kernel needs a suite}"; shift 2 ;;
     --kernel=*) KSUITE="${1#--kernel=}"; shift ;;
-    *) die "unknown argument $1 (use --kernel bookworm|trixie|trixie-backports|sid)" ;;
+    *) die "unknown argument $1 (use --kernel SUITE[-generic], SUITE: bookworm|trixie|trixie-backports|sid)" ;;
   esac
 done
+META=linux-image-cloud-amd64
 case "$KSUITE" in
   bookworm) GDIR="$CACHE/guest" ;;
   trixie|trixie-backports|sid) GDIR="$CACHE/guest-$KSUITE" ;;
-  *) die "unknown kernel suite '$KSUITE' (bookworm, trixie, trixie-backports or sid)" ;;
+  bookworm-generic|trixie-generic|trixie-backports-generic|sid-generic)
+    GDIR="$CACHE/guest-$KSUITE"; META=linux-image-amd64 ;;
+  *) die "unknown kernel suite '$KSUITE' (bookworm, trixie, trixie-backports or sid, optionally -generic)" ;;
 esac
+APT_SUITE="${KSUITE%-generic}"
 KDIR="$GDIR/kernel"
 
 STAMP_INPUT="$( { cat "$HERE/build_guest.sh"; for f in "$REPO"/guest/*; do [ -f "$f" ] && { echo "== ${f##*/}"; cat "$f"; }; done; echo "pkg=${VUB_GUEST_KERNEL_PKG:-default}"; [ "$KSUITE" = bookworm ] || echo "suite=$KSUITE"; } | sha256sum | cut -d' ' -f1)"
@@ -83,7 +90,7 @@ mkdir -p "$KDIR"
 # ---- kernel package(s) --------------------------------------------------------
 # Private apt state for a non-host suite: sources, lists and archives under
 # CACHE/apt/SUITE; the host's sources, lists and dpkg status are not used.
-PAPT="$CACHE/apt/$KSUITE"
+PAPT="$CACHE/apt/$APT_SUITE"
 papt_opts() {
   echo "-o Dir::Etc::SourceList=$PAPT/sources.list -o Dir::Etc::SourceParts=/dev/null" \
        "-o Dir::State::Lists=$PAPT/lists -o Dir::Cache=$PAPT/cache" \
@@ -99,19 +106,19 @@ papt_update() {
   local mirror="${VUB_DEBIAN_MIRROR:-$(find_mirror || true)}"
   [ -n "$mirror" ] || die "no Debian mirror in the host's apt sources; set VUB_DEBIAN_MIRROR"
   mkdir -p "$PAPT/lists/partial" "$PAPT/cache/archives/partial"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $KSUITE main" \
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $APT_SUITE main" \
     > "$PAPT/sources.list"
-  log "apt-get update for $KSUITE (private state in $PAPT)"
-  papt apt-get update -q </dev/null >&2 || die "apt-get update for $KSUITE failed"
+  log "apt-get update for $APT_SUITE (private state in $PAPT)"
+  papt apt-get update -q </dev/null >&2 || die "apt-get update for $APT_SUITE failed"
 }
-if [ "$KSUITE" = bookworm ]; then
+if [ "$APT_SUITE" = bookworm ]; then  # the host's own suite: its apt, with its updates
   APT_GET=(apt-get); APT_CACHE=(apt-cache)
 else
   APT_GET=(papt apt-get); APT_CACHE=(papt apt-cache)
 fi
 resolve_kernel_pkg() {
   local p
-  p="$("${APT_CACHE[@]}" depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+  p="$("${APT_CACHE[@]}" depends "$META" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
   echo "$p"
 }
 # The packages that carry the kernel and modules of linux-image-REL: itself, or
@@ -126,14 +133,14 @@ if [ -n "${VUB_GUEST_KERNEL_PKG:-}" ] && [ -n "$KDEB" ] && [[ "${KDEB##*/}" != "
 fi
 if [ -z "$KDEB" ]; then
   mkdir -p "$KDIR"
-  [ "$KSUITE" = bookworm ] || papt_update
+  [ "$APT_SUITE" = bookworm ] || papt_update
   PKG="${VUB_GUEST_KERNEL_PKG:-$(resolve_kernel_pkg)}"
-  if [ -z "$PKG" ] && [ "$KSUITE" = bookworm ]; then
+  if [ -z "$PKG" ] && [ "$APT_SUITE" = bookworm ]; then
     log "apt lists incomplete; running apt-get update"
     apt-get update -q </dev/null >&2
     PKG="${VUB_GUEST_KERNEL_PKG:-$(resolve_kernel_pkg)}"
   fi
-  [ -n "$PKG" ] || die "cannot resolve a kernel package (linux-image-cloud-amd64 in $KSUITE)"
+  [ -n "$PKG" ] || die "cannot resolve a kernel package ($META in $APT_SUITE)"
   PKGS=("$PKG")
   mapfile -t SPLIT < <(split_pkgs "$PKG")
   if [ "${#SPLIT[@]}" -gt 0 ]; then
