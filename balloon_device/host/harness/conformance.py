@@ -57,6 +57,7 @@ class Config:
     smp: int = 1
     append: tuple = ()                # extra guest kernel arguments
     expect_discard: bool = True       # False: the guest poisons pages, nothing may be discarded
+    settle: int = 4                   # s the guest idles before allocating (baseline)
 
     def describe(self) -> str:
         parts = [f"kernel {KERNELS[self.kernel]} ({self.kernel})", f"QEMU {self.qemu}",
@@ -84,7 +85,9 @@ VALUES: Dict[str, Dict[str, Any]] = {
     # (same version) unless the cell names a kernel.
     "page-poison": {"append": ("page_poison=1",), "expect_discard": False,
                     "kernel": "bookworm-generic"},
-    "init-on-free": {"append": ("init_on_free=1",)},
+    # init_on_free zeroes all free memory at boot (every page backed), then
+    # reports it: a longer idle lets the baseline settle before the allocation.
+    "init-on-free": {"append": ("init_on_free=1",), "settle": 20},
     "order0": {"append": ("page_reporting.page_reporting_order=0",)},
     "qemu-bpo": {"qemu": "trixie-backports"},
     "qemu-sid": {"qemu": "sid"},
@@ -274,7 +277,7 @@ def reclaim(cfg: Config, balloon: str, name: str, ram_dir: Optional[str] = None,
     run = Run(cfg, balloon, ram_dir)
     failed = True
     try:
-        g = run.start(alloc_steps(ALLOC_MIB), name)
+        g = run.start(alloc_steps(ALLOC_MIB, settle_s=cfg.settle), name)
         booted = g.wait_marker("booted", timeout=180)
         info = g.wait_marker("balloon", timeout=60)
         g.wait_marker("step-start", timeout=60, name="settle")
