@@ -200,7 +200,16 @@ def main():
     ap.add_argument("--doc", default=str(DOC), help="Markdown file for the table")
     ap.add_argument("--no-doc", action="store_true", help="do not write the Markdown file")
     ap.add_argument("--out", default=str(RESULTS), help="folder for result.json")
+    ap.add_argument("--render", metavar="RESULT_JSON",
+                    help="rewrite the Markdown table from a result.json of an earlier run "
+                         "(its measured figures and command, the notes of this script)")
     ns = ap.parse_args()
+    if ns.render:
+        data = json.loads(Path(ns.render).read_text())
+        write_doc(ns.doc, data["cells"], data["environment"], data["command"])
+        print(text_table(data["cells"]))
+        print(f"\nconformance: table written to {ns.doc}")
+        return 0
     if ns.list:
         print("matrix:", " ".join(C.MATRIX))
         for v, ch in C.VALUES.items():
