@@ -144,6 +144,49 @@ def text_table(results):
     return "\n".join(lines)
 
 
+QEMU_BALLOON = "https://gitlab.com/qemu-project/qemu/-/blob/master/hw/virtio/virtio-balloon.c"
+LINUX_BALLOON = "https://github.com/torvalds/linux/blob/master/drivers/virtio/virtio_balloon.c"
+LINUX_POISON = "https://github.com/torvalds/linux/blob/master/mm/page_poison.c"
+
+CELLS_TEXT = [
+    "## The cells",
+    "",
+    "- `base`: QEMU 11.1 (trixie-backports), Debian bookworm 6.1 cloud kernel, q35, "
+    "`memory-backend-memfd`, 1 vCPU: what the end-to-end tests run.",
+    "- `kernel-6.12`, `kernel-7.3`: Debian trixie's and trixie-backports' cloud kernels "
+    "(`scripts/build_guest.sh --kernel trixie|trixie-backports`; 7.x comes as "
+    "`linux-binary-*` + `linux-modules-*`, virtio core built in).",
+    "- `pc`: the i440fx machine instead of q35.",
+    "- `hugetlb-memfd`: `memory-backend-memfd,hugetlb=on,hugetlbsize=2M`; `hugetlbfs-file`: "
+    "`memory-backend-file` in a private hugetlbfs mount (mounted for the cell, unmounted "
+    "after). Both reserve 528 huge pages through `/proc/sys/vm/nr_hugepages` for the cell "
+    "and give them back. Huge pages are not charged to memory cgroups: the figures are the "
+    "files' allocated sizes. The built-in frees huge pages too (its reports are 2 MiB "
+    "aligned, QEMU discards them with `fallocate`).",
+    "- `two-regions`: 512 MiB boot RAM plus a cold-plugged 512 MiB `pc-dimm` (its own memfd), "
+    "onlined by the guest (`memhp_default_state=online`); our daemon gets two regions "
+    "(GPA 0 and 4 GiB, two fds) through `ADD_MEM_REG`.",
+    "- `smp4`: 4 vCPUs (MTTCG on the 2 host cores).",
+    "- `page-poison`: `page_poison=1` on Debian's **generic** 6.1 kernel (6.1.0-57-amd64, "
+    "the same version as the base): the cloud kernels (6.1, 6.12, 7.x) are built without "
+    f"`CONFIG_PAGE_POISONING`, so `page_poison=1` does nothing there ([mm/page_poison.c]"
+    f"({LINUX_POISON}) is only built with it) and the guest keeps PAGE_POISON off "
+    f"([virtballoon_validate]({LINUX_BALLOON})). The guest writes the poison pattern to "
+    "every free page from boot, so all of its RAM is backed before the allocation: nothing "
+    "can come back on the host (freed n/a) and nothing may be discarded: ours skips every "
+    "report and inflation (`skipped_poison`), as the built-in does "
+    f"([virtio_balloon_handle_report]({QEMU_BALLOON}) skips when `poison_val` is set).",
+    "- `init-on-free`: `init_on_free=1` (the guest zeroes freed pages, PAGE_POISON with "
+    "poison value 0: discards allowed). The boot zeroes all free memory, so this cell idles "
+    "20 s before allocating for a settled baseline.",
+    "- `order0`: `page_reporting.page_reporting_order=0`: 4 KiB reports (32 per chain).",
+    "- `qemu-sid`: sid's QEMU (`scripts/provision_qemu.sh --qemu sid`, a private sid tree). "
+    "In 2026-12 sid and trixie-backports carry the same upstream QEMU, 11.1.3; only the "
+    "Debian revision differs.",
+    "",
+]
+
+
 def write_doc(path, results, env, command):
     lines = [
         "# Conformance matrix",
@@ -160,7 +203,7 @@ def write_doc(path, results, env, command):
         "- guest kernels: " + "; ".join(f"{k}: {v}" for k, v in env["versions"]["kernel"].items()),
         f"- command: `{command}` ({env['seconds'] / 60:.0f} min)",
         "",
-        f"Reclaim ({env['reclaim_rounds']} runs per balloon, the order reversed each round; "
+        f"Reclaim ({env['reclaim_rounds']} run(s) per balloon, the order reversed each round; "
         "medians): a 1 GiB guest allocates and touches 800 MiB and frees it; the host samples "
         "the allocated size of the guest-RAM files (memfd / hugetlbfs, `st_blocks`) every "
         "100 ms. freed = level at the free - level before the allocation; returned = level at "
@@ -178,7 +221,7 @@ def write_doc(path, results, env, command):
         "",
         table(results),
         "",
-    ]
+    ] + CELLS_TEXT
     notes = [(r["cell"], NOTES[r["cell"]]) for r in results if r["cell"] in NOTES]
     if notes:
         lines += ["## Notes", ""]
