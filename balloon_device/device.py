@@ -14,7 +14,7 @@ from types import MappingProxyType
 
 from vhostuser.device import Device
 from vhostuser.errors import GuestMemoryError, VringError
-from vhostuser.vring import pack_segments
+from vhostuser.vring import SEG, pack_segments
 
 from . import features as F
 from . import stats as stats_mod
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 CONFIG = struct.Struct("<IIII")  # num_pages, actual, free_page_hint_cmd_id, poison_val
 MAX_PFNS_PER_CHAIN = 1 << 16      # Linux sends 256; refuse absurd buffers
 QUEUE_MAX = 32768
+SEG_WRITE = 1                     # vu_seg flags: device-writable
+MAX_RUN = 1 << 31                 # a vu_seg length is 32 bits
 MIN_GUEST_BYTES = 64 << 20        # a target always leaves the guest this (or half its RAM)
 
 COUNTER_NAMES = (
@@ -40,9 +42,9 @@ class BalloonDevice(Device):
     device_id = F.DEVICE_ID
 
     def __init__(self, discard_mode="auto", reporting=True, stats=True, deflate_on_oom=False,
-                 no_discard=False, stats_interval=0.0, use_c=True):
+                 no_discard=False, stats_interval=0.0):
         self.offer = F.offered(reporting=reporting, stats=stats, deflate_on_oom=deflate_on_oom)
-        self.engine = DiscardEngine(discard_mode, use_c=use_c)
+        self.engine = DiscardEngine(discard_mode)
         self.inhibited = no_discard
         self.stats_interval = stats_interval
         self.ctx = None
@@ -248,57 +250,30 @@ class BalloonDevice(Device):
                 self.counters["malformed_chains"] += 1
             queue.push(chain.head, 0)
 
-    def _pieces(self, memory, segments):
-        """Split guest ranges at region ends; out-of-range ones are counted and dropped."""
-        pieces = []
-        for seg in segments:
-            try:
-                pieces.extend(memory.split(seg.addr, seg.length))
-            except GuestMemoryError as e:
-                self.counters["skipped_out_of_range"] += seg.length
-                log.warning("reported range %#x+%#x skipped: %s", seg.addr, seg.length, e)
-        return pieces
-
-    def _discard(self, pieces):
+    def _discard(self, memory, raw, kind):
+        """The one way memory is released: segments (packed vu_seg records)
+        through the engine, then its counters and log lines.  kind: "report"
+        (a reporting chain) or "inflate" (an inflate chain's page runs)."""
         t0 = time.monotonic()
-        res = self.engine.discard(pieces)
-        self.discard_latency.observe(time.monotonic() - t0)
-        self.counters["skipped_unaligned"] += res.skipped_unaligned
-        self.counters["skipped_error"] += res.failed
-        for err in res.errors:
-            log.error("discard failed: %s", err)
-        return res.discarded
-
-    def _discard_chain(self, memory, chain):
-        """Split, trim and discard a chain's writable ranges in one engine
-        call.  False if this memory table needs the per-piece path (nothing
-        was done then)."""
-        raw = chain.raw
-        if raw is None:
-            raw = pack_segments(chain.segments)
-        t0 = time.monotonic()
-        res = self.engine.discard_chain(memory, raw)
-        if res is None:
-            return False
+        res = self.engine.discard(memory, raw)
         self.discard_latency.observe(time.monotonic() - t0)
         c = self.counters
-        c["report_ranges"] += res.nsegs
-        c["bytes_reported"] += res.reported
-        c["bytes_discarded"] += res.discarded
+        if kind == "report":
+            c["report_ranges"] += res.nsegs
+            c["bytes_reported"] += res.reported
+            c["bytes_discarded"] += res.discarded
+        else:
+            c["bytes_inflate_discarded"] += res.discarded
         c["skipped_unaligned"] += res.skipped_unaligned
+        c["skipped_out_of_range"] += res.skipped_out_of_range
         c["skipped_error"] += res.failed
-        if res.out_of_range:
-            c["skipped_out_of_range"] += res.skipped_out_of_range
-            for addr, length in res.out_of_range:
-                try:
-                    memory.split(addr, length)
-                    e = "not inside guest memory"   # not reached: split agrees
-                except GuestMemoryError as exc:
-                    e = exc
-                log.warning("reported range %#x+%#x skipped: %s", addr, length, e)
+        for addr, length, outside in res.out_of_range:
+            why = ("it runs past the end of the 64-bit address space" if addr + length > 1 << 64
+                   else f"guest address {outside:#x} is outside guest memory")
+            log.warning("%s range %#x+%#x skipped: %s",
+                        "reported" if kind == "report" else "inflated", addr, length, why)
         for err in res.errors:
             log.error("discard failed: %s", err)
-        return True
 
     def _handle_reporting(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
@@ -310,18 +285,14 @@ class BalloonDevice(Device):
                     queue.push(chain.head, 0)
                     continue
                 self.counters["report_chains"] += 1
-                if self.discard_allowed and self._discard_chain(memory, chain):
-                    self.last_report = time.time()
-                    queue.push(chain.head, 0)  # only after the discard
-                    continue
-                ranges = chain.writable()
-                total = sum(s.length for s in ranges)
-                self.counters["report_ranges"] += len(ranges)
-                self.counters["bytes_reported"] += total
-                if not self.discard_allowed:
-                    self.counters[self._skip_reason()] += total
+                if self.discard_allowed:
+                    raw = chain.raw if chain.raw is not None else pack_segments(chain.segments)
+                    self._discard(memory, raw, "report")
                 else:
-                    self.counters["bytes_discarded"] += self._discard(self._pieces(memory, ranges))
+                    ranges, total = chain.writable(), chain.writable_len
+                    self.counters["report_ranges"] += len(ranges)
+                    self.counters["bytes_reported"] += total
+                    self.counters[self._skip_reason()] += total
                 self.last_report = time.time()
                 queue.push(chain.head, 0)  # only after the discard
         queue.signal()
@@ -349,16 +320,16 @@ class BalloonDevice(Device):
                     log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
                 self.counters["inflate_pages"] += len(pfns)
                 if pfns and self.discard_allowed:
-                    freed = self._discard(self._inflate_pieces(memory, pfns))
-                    self.counters["bytes_inflate_discarded"] += freed
+                    self._discard(memory, self._inflate_segments(memory, pfns), "inflate")
                 elif pfns:
                     self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
                 queue.push(chain.head, 0)
         queue.signal()
 
-    def _inflate_pieces(self, memory, pfns):
-        """4 KiB pages -> discardable pieces; on huge-page backings only whole host pages."""
-        ranges = []  # merged runs of 4 KiB pages (gpa, length)
+    def _inflate_segments(self, memory, pfns):
+        """4 KiB pages -> merged runs as packed vu_seg records; on huge-page
+        backings only whole host pages, once all their 4 KiB parts came."""
+        runs = []  # [gpa, length]
         for pfn in pfns:
             gpa = pfn << F.PFN_SHIFT
             r = memory.find(gpa)
@@ -372,14 +343,11 @@ class BalloonDevice(Device):
                 gpa, length = whole, r.page_size
             else:
                 length = 1 << F.PFN_SHIFT
-            if ranges and ranges[-1][0] + ranges[-1][1] == gpa:
-                ranges[-1][1] += length
+            if runs and runs[-1][0] + runs[-1][1] == gpa and runs[-1][1] + length <= MAX_RUN:
+                runs[-1][1] += length
             else:
-                ranges.append([gpa, length])
-        pieces = []
-        for gpa, length in ranges:
-            pieces.extend(memory.split(gpa, length))
-        return pieces
+                runs.append([gpa, length])
+        return b"".join([SEG.pack(gpa, length, SEG_WRITE) for gpa, length in runs])
 
     def _track_partial(self, region, gpa):
         """Returns the host page's gpa once all its 4 KiB parts were inflated."""
@@ -434,6 +402,14 @@ class BalloonDevice(Device):
         self._cancel_stats_timer()
         if self.stats_interval > 0 and self.ctx is not None:
             self._stats_timer = self.ctx.call_later(self.stats_interval, self.request_stats)
+
+    def set_stats_interval(self, seconds):
+        """Poll the guest's stats every `seconds` from now on (0 = stop polling)."""
+        if seconds < 0:
+            raise ValueError("stats interval must be >= 0 seconds")
+        self.stats_interval = seconds
+        log.info("stats interval now %g s%s", seconds, " (off)" if not seconds else "")
+        self._schedule_stats()
 
     def _cancel_stats_timer(self):
         if self._stats_timer is not None and self.ctx is not None:

@@ -36,42 +36,24 @@ from vhostuser import handler
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 from vhostuser.testing.driver import DriverQueue, GuestMemory
-from vhostuser.testing.frontend import Frontend
+from vhostuser.testing.frontend import SocketFrontend
 
 MIB = 1 << 20
 CONFIGS = ["quiet", "flood", "unbudgeted"]
 
 
-class SocketFrontend(Frontend):
-    """The test frontend over a real connection to one guest of a Daemon."""
-
-    def __init__(self, daemon, name):
-        self.daemon = daemon
-        self.server = daemon.guests[name].server
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(daemon.guests[name].socket_path)
-        self.backend_sock = None
-        self.eventfds = []
-        self.pump()
-
-    def pump(self, rounds=3):
-        for _ in range(rounds):
-            self.daemon.loop.run_once(timeout=0)
-
-    def close(self):
-        for fd in self.eventfds:
-            os.close(fd)
-        self.sock.close()
-        if self.backend_sock:
-            self.backend_sock.close()
-        self.pump()
+def guest_frontend(daemon, name):
+    """The test frontend connected to guest `name` of a Daemon."""
+    g = daemon.guests[name]
+    fe = SocketFrontend(g.server, g.socket_path, daemon.loop)
+    fe.guest = g
+    return fe
 
 
 class Rig:
     def __init__(self, daemon, name, size, qsize):
         self.mem = GuestMemory(size)
-        self.fe = SocketFrontend(daemon, name)
+        self.fe = guest_frontend(daemon, name)
         offered = self.fe.handshake()
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(offered)) == 0
         assert self.fe.set_mem_table(

@@ -33,12 +33,12 @@ from common import (MIB, Sampler, env_lines, f, md_table, median, mib, pyplot,  
 
 from balloon_device.host.harness import Guest, MemCgroup, alloc_steps  # noqa: E402
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
+from balloon_device.host.harness.reclaim import figures  # noqa: E402
 
 CONFIGS = ("ours", "builtin", "noreport")
 LABELS = {"ours": "ours (vhost-user daemon)", "builtin": "QEMU built-in, reporting on",
           "noreport": "QEMU built-in, reporting off"}
 COLORS = {"ours": "tab:blue", "builtin": "tab:orange", "noreport": "tab:gray"}
-DROP = 16 * MIB  # "first drop": level below peak by this much
 
 
 def run_one(cfg, rnd, ns, accel):
@@ -97,30 +97,6 @@ def run_one(cfg, rnd, ns, accel):
     for key in ("memfd", "usage"):
         rec[key] = figures(rec["samples"], key, ns.watch, t_alloc - t_free)
     return rec
-
-
-def figures(samples, key, watch, t_alloc_rel):
-    """Baseline / peak / after / time to first drop, 50%, 90% (t relative to the free)."""
-    pre = [s[key] for s in samples if s["t"] < t_alloc_rel and s[key] is not None]
-    baseline = median(pre[-10:]) if pre else None
-    vals = [(s["t"], s[key]) for s in samples if s[key] is not None]
-    peak = max(v for _, v in vals)
-    after = [v for t, v in vals if t >= watch - 1.0]
-    level_after = median(after) if after else vals[-1][1]
-    out = {"baseline": baseline, "peak": peak, "after": level_after,
-           "never_returned": None if baseline is None else level_after - baseline,
-           "freed": None if baseline is None else peak - baseline}
-    post = [(t, v) for t, v in vals if t >= 0]
-    # peak at the free (the allocation is complete then; QEMU adds nothing later)
-    peak_free = max([v for t, v in vals if -1.0 <= t <= 0.5] or [peak])
-    out["peak_at_free"] = peak_free
-    for name, frac in (("t_first_drop", None), ("t50", 0.5), ("t90", 0.9)):
-        if baseline is None:
-            out[name] = None
-            continue
-        thresh = peak_free - DROP if frac is None else peak_free - frac * (peak_free - baseline)
-        out[name] = next((t for t, v in post if v <= thresh), None)
-    return out
 
 
 def plot(res, runs, ns):

@@ -14,6 +14,7 @@ A test may lower its own max_examples only if documented in its module.
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,3 +26,12 @@ settings.register_profile("ci", max_examples=2000, **_common)
 settings.register_profile("long", max_examples=50000, **_common)
 settings.register_profile("dev", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(params=[True, False], ids=["C", "python"])
+def impl(request):
+    """Run the test once with the C modules and once with the Python twins
+    (vhostuser.implementation); the value is True for C."""
+    from vhostuser import implementation
+    with implementation.selected(request.param):
+        yield request.param

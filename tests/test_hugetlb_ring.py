@@ -73,7 +73,8 @@ CHILD = textwrap.dedent("""
     guest[:] = b"\\x5a" * (2 * H)
     table = MemoryTable()
     table.add(Region(0, 2 * H, UADDR, 0, os.dup(fd)))
-    vq = VirtQueue(0, 8, use_c=%(use_c)r)
+    vq = VirtQueue(0, 8)
+    assert vq.use_c is %(use_c)r                   # VUB_PURE_PYTHON, from the parent
     vq.set_num(8)
     vq.set_addr(0, UADDR, UADDR + 0x2000, UADDR + 0x1000, 0)   # rings in huge page 0
     vq.set_base(0)
@@ -118,8 +119,10 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
 def test_a_discarded_ring_page_with_an_empty_pool_stops_the_queue_cleanly(hugepages, use_c):
+    env = dict(os.environ, VUB_PURE_PYTHON="" if use_c else "1")
     p = subprocess.run([sys.executable, "-c", CHILD % {"use_c": use_c}], capture_output=True,
-                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+                       text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
+                       env=env)
     assert p.returncode == 0, (f"child ended with {p.returncode} (-7 = SIGBUS)\n"
                                f"{p.stdout}\n{p.stderr}")
     assert "pop refused" in p.stdout and "read refused" in p.stdout and "clean" in p.stdout

@@ -19,7 +19,7 @@ from balloon_device.host.control import request
 from balloon_device.errors import ConfigError
 from balloon_device.host.multi import Daemon, parse_guest_arg, socket_dir_guests
 from vhostuser.testing.driver import DriverQueue, GuestMemory
-from vhostuser.testing.frontend import Frontend
+from vhostuser.testing.frontend import SocketFrontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 
@@ -27,33 +27,12 @@ MiB = 1 << 20
 QSIZE = 64
 
 
-class SocketFrontend(Frontend):
-    """tests/frontend.Frontend over a real connection to one guest of a Daemon."""
-
-    def __init__(self, daemon, name):
-        self.daemon = daemon
-        self.guest = daemon.guests[name]
-        self.server = self.guest.server
-        self.device = self.guest.device
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(self.guest.socket_path)
-        self.backend_sock = None
-        self.eventfds = []
-        self.pump()
-
-    def pump(self, rounds=3):
-        for _ in range(rounds):
-            self.daemon.loop.run_once(timeout=0)
-
-    def close(self):
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
-        if self.backend_sock:
-            self.backend_sock.close()
-        self.sock.close()
-        self.pump()
+def guest_frontend(daemon, name):
+    """The test frontend connected to guest `name` of a Daemon."""
+    g = daemon.guests[name]
+    fe = SocketFrontend(g.server, g.socket_path, daemon.loop)
+    fe.guest = g
+    return fe
 
 
 class GuestRig:
@@ -61,7 +40,7 @@ class GuestRig:
 
     def __init__(self, daemon, name, size=64 * MiB, qsize=QSIZE):
         self.mem = GuestMemory(size)
-        self.fe = SocketFrontend(daemon, name)
+        self.fe = guest_frontend(daemon, name)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30)
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(offered)) == 0
@@ -226,7 +205,7 @@ def test_single_guest_daemon_lets_bugs_propagate(tmp_path):
     """Isolation is for several guests; one guest keeps the plain Server's behaviour."""
     d = Daemon(DaemonConfig(socket_path=str(tmp_path / "one.sock")))
     try:
-        fe = SocketFrontend(d, "one")
+        fe = guest_frontend(d, "one")
 
         def boom(msg):
             raise RuntimeError("simulated bug")

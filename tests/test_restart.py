@@ -399,7 +399,7 @@ def test_kill_after_discard_before_completion_completes_the_chain_once(tmp_path)
         st = d.wait_serving(not_pid=old)
         assert st["process"]["restarts"] == 1
         log = d.log_text()
-        assert "killing myself after discarding chain" in log
+        assert "killing myself after discarding a chain" in log
         assert "1 chain(s) in flight at the restart are redone" in log
         assert g.wait_used("reporting", timeout=1) == []  # once, not twice
         assert before - g.blocks() >= 2 * MiB - 64 * 1024  # (reading it back allocates it)

@@ -67,16 +67,15 @@ class Reply:
 class Backend:
     """One device served over one frontend connection at a time."""
 
-    def __init__(self, device, use_c=True, observer=None, track_inflight=False):
+    def __init__(self, device, observer=None, track_inflight=False):
         self.device = device
-        self.use_c = use_c
         self.observer = observer          # FdObserver (vhostuser/restart.py) or None
         self.track_inflight = track_inflight  # keep our own inflight area if the frontend gives none
         self._own_inflight = False
         self._kept = {}                   # (kind, index) -> fd the observer was told about
         self._region_keys = itertools.count(1)
         self.memory = MemoryTable(max_regions=MAX_MEM_SLOTS)
-        self.queues = [VirtQueue(i, size, use_c=use_c) for i, size in enumerate(device.queue_sizes())]
+        self.queues = [VirtQueue(i, size) for i, size in enumerate(device.queue_sizes())]
         self.backend_channel = None
         self.inflight = None
         self.fds_changed = True  # tells the event loop to resync its watch list

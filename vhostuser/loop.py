@@ -177,7 +177,7 @@ class EventLoop(Loop):
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
-    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True,
+    def __init__(self, device, listener, loop=None, keep_listening=False,
                  observer=None, accept=True):
         """observer: an FdObserver (vhostuser/restart.py) that keeps the session's fds
         and state outside the process; then each message is peeked, handled, checkpointed,
@@ -188,7 +188,7 @@ class Server(DeviceContext):
         self.loop = loop or EventLoop()
         self.keep_listening = keep_listening
         self.observer = observer
-        self.backend = Backend(device, use_c=use_c, observer=observer,
+        self.backend = Backend(device, observer=observer,
                                track_inflight=observer is not None)
         self.conn = None
         self.sessions = 0

@@ -3,8 +3,8 @@
 The hot path (walking descriptor chains, writing the used ring, deciding
 whether to interrupt) is C (c_ext/vring.c, built by cffi as
 vhostuser._vring_c).  vhostuser.vring_py is its pure-Python twin, used in
-differential tests and selectable with VirtQueue(..., use_c=False); it is
-never a silent fallback.
+differential tests and selected by vhostuser.implementation (VUB_PURE_PYTHON=1);
+it is never a silent fallback.
 
 Life of a queue, as driven by the protocol handler::
 
@@ -30,6 +30,7 @@ import os
 import struct
 from typing import NamedTuple
 
+from . import implementation
 from . import vring_py as _py
 from .errors import GuestMemoryError, RequestError, VringError
 from .vring_py import (  # noqa: F401  (re-exported constants)
@@ -39,32 +40,19 @@ from .vring_py import (  # noqa: F401  (re-exported constants)
     VU_E_INDIRECT_NEXT, VU_E_LOOP, VU_E_NESTED, VU_E_NEXT, VU_E_ORDER,
     VU_EMPTY, VU_MAX_QSIZE, VU_OK)
 
-try:
-    from . import _vring_c
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _vring_c = None
-    _IMPORT_ERROR = exc
-else:
-    _IMPORT_ERROR = None
-
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
 
 log = logging.getLogger(__name__)
 
-_SEG = struct.Struct("<QII")
-_SEG_ITER = _SEG.iter_unpack
+# struct vu_seg (c_ext/vu_types.h): addr, len, flags (VU_SEG_WRITE = 1)
+SEG = struct.Struct("<QII")
+_SEG_ITER = SEG.iter_unpack
 _ONE = (1).to_bytes(8, "little")
 
 
-def c_module():
-    """The compiled module (ffi, lib), or ImportError telling how to build it."""
-    if _vring_c is None:
-        raise ImportError(
-            "vhostuser._vring_c (the C virtqueue hot path) is not built: "
-            "run `pip install -e .` in the project root (or, for development, "
-            f"`python c_ext/build_vring.py`); import failed with: {_IMPORT_ERROR}")
-    return _vring_c
+# c_module(): the compiled hot path (ffi, lib), or ImportError telling how to build it
+c_module = implementation.Compiled("vhostuser._vring_c", "build_vring.py")
 
 
 class Segment(NamedTuple):
@@ -140,7 +128,7 @@ class Chain:
 
 def pack_segments(segments):
     """Segments as packed struct vu_seg records (the layout of Chain.raw)."""
-    return b"".join([_SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
+    return b"".join([SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
 
 
 def _always_present(memory, hva):
@@ -158,13 +146,12 @@ def _pow2(n):
 class VirtQueue:
     """One split virtqueue of a vhost-user device (device side)."""
 
-    def __init__(self, index, max_size, use_c=True,
-                 max_segments=DEFAULT_MAX_SEGMENTS):
+    def __init__(self, index, max_size, max_segments=DEFAULT_MAX_SEGMENTS):
         if not (_pow2(max_size) and max_size <= VU_MAX_QSIZE):
             raise ValueError(f"max_size {max_size} is not a power of two <= 32768")
         self.index = index
         self.max_size = max_size
-        self.use_c = bool(use_c)
+        self.use_c = implementation.use_c()   # C or the Python twin, fixed at birth
         self.max_segments = max_segments
         self.kick_fd = None
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
@@ -439,11 +426,8 @@ class VirtQueue:
         """Complete chain `head` with `length` bytes written (0..2^32-1, else
         OverflowError); publishes the used idx.  Returns False (nothing
         written) if the queue is stopped or its rings are no longer mapped."""
-        m = self._memory
-        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+        if not self._can_push():
             return False
-        if self._huge_rings and not self._rings_ok():
-            raise VringError(self.broken)
         if self.inflight is not None:
             self.inflight.pre_put(head)
         if self.use_c:
@@ -459,9 +443,7 @@ class VirtQueue:
             if rc == 0:
                 self.used_idx = used
         if rc == 0:
-            self._in_flight -= 1
-            if self.inflight is not None:
-                self.inflight.clear(head, self.used_idx)
+            self._completed((head,))
             return True
         raise VringError(f"queue {self.index}: cannot complete head {head}: "
                          f"{_py.message(rc)}")
@@ -474,12 +456,8 @@ class VirtQueue:
             for head, length in elems:
                 done = self.push(head, length) or done
             return done
-        m = self._memory
-        if not elems or m is None or (m.generation != self._mem_gen
-                                      and not self._check_mapping()):
+        if not elems or not self._can_push():
             return False
-        if self._huge_rings and not self._rings_ok():
-            raise VringError(self.broken)
         if self.use_c:
             u = self._c_used
             u[0] = self.used_idx
@@ -493,11 +471,26 @@ class VirtQueue:
         if rc != 0:
             raise VringError(f"queue {self.index}: cannot complete {elems!r}: "
                              f"{_py.message(rc)}")
-        self._in_flight -= len(elems)
-        if self.inflight is not None:
-            for head, _len in elems:
-                self.inflight.clear(head, self.used_idx)
+        self._completed(head for head, _len in elems)
         return True
+
+    def _can_push(self):
+        """False if the queue is stopped or its rings are no longer mapped;
+        VringError if a ring page on huge pages cannot be touched."""
+        m = self._memory
+        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+            return False
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
+        return True
+
+    def _completed(self, heads):
+        """Bookkeeping after used entries were published: in-flight count
+        and the inflight area's marks."""
+        for head in heads:
+            self._in_flight -= 1
+            if self.inflight is not None:
+                self.inflight.clear(head, self.used_idx)
 
     def need_signal(self):
         """Does the driver want an interrupt for what was used since the

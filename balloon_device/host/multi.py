@@ -163,11 +163,14 @@ class Guest:
     def request_stats(self):
         return self.call(self.device.request_stats)
 
+    def set_stats_interval(self, seconds):
+        return self.call(self.device.set_stats_interval, seconds)
+
 
 def make_device(cfg):
     return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
                          deflate_on_oom=cfg.deflate_on_oom, no_discard=cfg.no_discard,
-                         stats_interval=cfg.stats_interval, use_c=cfg.use_c)
+                         stats_interval=cfg.stats_interval)
 
 
 class Daemon:
@@ -222,7 +225,7 @@ class Daemon:
                 listener = open_listener(socket_path, fd)
                 try:
                     guest.server = Server(guest.device, listener, loop=gloop,
-                                          keep_listening=keep, use_c=self.cfg.use_c)
+                                          keep_listening=keep)
                 except BaseException:
                     listener.close()
                     raise
@@ -252,8 +255,7 @@ class Daemon:
         connected = not listener.is_listening
         try:
             guest.server = Server(guest.device, listener, loop=gloop, keep_listening=keep,
-                                  use_c=self.cfg.use_c, observer=session,
-                                  accept=state is None)
+                                  observer=session, accept=state is None)
         except BaseException:
             listener.close()
             raise

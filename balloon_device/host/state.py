@@ -52,15 +52,15 @@ def install_crash_points(device, backend):
         backend.notify_config_change = send_then_die
     if CRASH_AT != "discarded:reporting":
         return
-    real = device._discard_chain
+    real = device._discard
 
-    def discard_then_die(memory, chain):
-        done = real(memory, chain)
-        log.warning("VUB_CRASH_AT=%s: killing myself after discarding chain %d", CRASH_AT,
-                    chain.head)
-        os.kill(os.getpid(), 9)
+    def discard_then_die(memory, raw, kind, *args, **kw):
+        done = real(memory, raw, kind, *args, **kw)
+        if kind == "report":
+            log.warning("VUB_CRASH_AT=%s: killing myself after discarding a chain", CRASH_AT)
+            os.kill(os.getpid(), 9)
         return done
-    device._discard_chain = discard_then_die
+    device._discard = discard_then_die
 
 
 class StateError(Exception):

@@ -368,8 +368,9 @@ class DriverQueue:
         vq.enabled = enable
         return vq
 
-    def make_vq(self, use_c=True, index=0, max_size=None, **kw):
-        return self.setup_vq(VirtQueue(index, max_size or max(self.size, 1), use_c=use_c, **kw))
+    def make_vq(self, index=0, max_size=None, **kw):
+        """A VirtQueue (C or Python twin: vhostuser.implementation) on this ring."""
+        return self.setup_vq(VirtQueue(index, max_size or max(self.size, 1), **kw))
 
     # --- raw access (hostile tests) -------------------------------------
 

@@ -71,3 +71,21 @@ def memfd_allocated(pid: int, fd: Optional[int] = None) -> Optional[int]:
     except OSError:
         return None
     return st.st_blocks * 512
+
+
+def find_ram_fds(pid: int, prefixes: Sequence[str]) -> list:
+    """fd numbers in process ``pid`` whose link starts with one of ``prefixes``
+    (e.g. "/memfd:memory-backend-memfd", or a hugetlbfs mount "/mnt/x/"), sorted."""
+    out = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if any(link.startswith(p) for p in prefixes):
+            out.append(int(fd))
+    return sorted(out)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from .cgroup import MemCgroup
 from .markers import Marker, MarkerReader
-from .memory import find_memfd, memfd_allocated, smaps_rollup
+from .memory import find_memfd, find_ram_fds, memfd_allocated, smaps_rollup
 from .proc import start_process, stop_process
 
 REPO = Path(__file__).resolve().parents[3]
@@ -42,15 +42,19 @@ class GuestError(HarnessError):
 _lock = threading.Lock()
 _qemu_path: Optional[str] = None
 _guest_files: Optional[Tuple[Path, Path]] = None
+_other_qemus: Dict[str, str] = {}
+_other_guests: Dict[str, Tuple[Path, Path]] = {}
+DEFAULT_QEMU_SUITE = "trixie-backports"
+DEFAULT_KERNEL_SUITE = "bookworm"
 _accel: Dict[str, str] = {}
 PROBE_INFO: Dict[str, Any] = {}
 
 
 def _run_script(script: str, timeout: float,
-                env: Optional[Dict[str, str]] = None) -> List[str]:
+                env: Optional[Dict[str, str]] = None, args: Sequence[str] = ()) -> List[str]:
     path = SCRIPTS / script
     try:
-        cp = subprocess.run(["bash", str(path)], stdin=subprocess.DEVNULL, capture_output=True,
+        cp = subprocess.run(["bash", str(path), *args], stdin=subprocess.DEVNULL, capture_output=True,
                             text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as e:
         raise HarnessError(f"{script} timed out after {timeout} s:\n{e.stderr or ''}") from e
@@ -62,11 +66,20 @@ def _run_script(script: str, timeout: float,
     return lines
 
 
-def find_qemu(timeout: float = 900) -> str:
+def find_qemu(timeout: float = 900, suite: Optional[str] = None) -> str:
     """Path of a qemu-system-x86_64 with vhost-user-test-device-pci and
     virtio-balloon-pci (runs scripts/provision_qemu.sh once per process;
-    $VUB_QEMU overrides)."""
+    $VUB_QEMU overrides).  ``suite`` picks another Debian QEMU ("sid"),
+    provisioned side by side (``provision_qemu.sh --qemu SUITE``)."""
     global _qemu_path
+    if suite not in (None, DEFAULT_QEMU_SUITE):
+        with _lock:
+            if suite not in _other_qemus:
+                q = _run_script("provision_qemu.sh", timeout, args=["--qemu", suite])[-1]
+                if not os.access(q, os.X_OK):
+                    raise HarnessError(f"QEMU {q!r} is not executable")
+                _other_qemus[suite] = q
+            return _other_qemus[suite]
     with _lock:
         if _qemu_path is None:
             env = os.environ.get("VUB_QEMU")
@@ -76,10 +89,10 @@ def find_qemu(timeout: float = 900) -> str:
         return _qemu_path
 
 
-def _kernel_and_initrd(script: str, timeout: float,
-                       env: Optional[Dict[str, str]] = None) -> Tuple[Path, Path]:
+def _kernel_and_initrd(script: str, timeout: float, env: Optional[Dict[str, str]] = None,
+                       args: Sequence[str] = ()) -> Tuple[Path, Path]:
     """(vmlinuz, initramfs): the last two lines a build script prints, checked."""
-    lines = _run_script(script, timeout, env)
+    lines = _run_script(script, timeout, env, args)
     if len(lines) < 2:
         raise HarnessError(f"{script} printed {lines!r}")
     k, i = Path(lines[-2]), Path(lines[-1])
@@ -89,9 +102,17 @@ def _kernel_and_initrd(script: str, timeout: float,
     return k, i
 
 
-def find_guest(timeout: float = 900) -> Tuple[Path, Path]:
-    """(vmlinuz, initramfs.cpio.gz), built by scripts/build_guest.sh once per process."""
+def find_guest(timeout: float = 900, kernel: Optional[str] = None) -> Tuple[Path, Path]:
+    """(vmlinuz, initramfs.cpio.gz), built by scripts/build_guest.sh once per process.
+    ``kernel`` picks another Debian kernel ("trixie", "trixie-backports", "sid"),
+    built side by side (``build_guest.sh --kernel SUITE``)."""
     global _guest_files
+    if kernel not in (None, DEFAULT_KERNEL_SUITE):
+        with _lock:
+            if kernel not in _other_guests:
+                _other_guests[kernel] = _kernel_and_initrd("build_guest.sh", timeout,
+                                                           args=["--kernel", kernel])
+            return _other_guests[kernel]
     with _lock:
         if _guest_files is None:
             _guest_files = _kernel_and_initrd("build_guest.sh", timeout)
@@ -151,6 +172,7 @@ def _close_all() -> None:
             pass
 
 
+RAM_KINDS = ("memfd", "memfd-hugetlb", "file-hugetlbfs", "memfd-dimm")
 StepSpec = Union[str, Tuple[str, Union[str, Sequence[Any]]]]
 
 
@@ -181,6 +203,13 @@ class Guest:
 
     balloon: "vhost-user" (needs vhost_socket), "builtin" (virtio-balloon-pci
     with free-page-reporting=on), "builtin-noreport", or None.
+    machine: "q35" or "pc".  ram: how guest RAM is backed (all shared):
+      "memfd"          memory-backend-memfd (default)
+      "memfd-hugetlb"  memory-backend-memfd,hugetlb=on,hugetlbsize=2M (needs
+                       free huge pages in /proc/sys/vm/nr_hugepages)
+      "file-hugetlbfs" memory-backend-file in ram_dir (a hugetlbfs mount)
+      "memfd-dimm"     two memfds: half the RAM as boot memory, half as a
+                       pc-dimm (a second region; the guest onlines it)
     """
 
     def __init__(
@@ -200,6 +229,9 @@ class Guest:
         accel: Optional[str] = None,
         cpu: Optional[str] = None,
         smp: int = 1,
+        machine: str = "q35",
+        ram: str = "memfd",
+        ram_dir: Union[str, Path, None] = None,
         cgroup: bool = True,
         cgroup_parent: Union[str, MemCgroup, None] = None,
         mem_limit: Optional[int] = None,
@@ -218,6 +250,12 @@ class Guest:
             raise ValueError("balloon='vhost-user' needs vhost_socket")
         if end not in ("idle", "poweroff"):
             raise ValueError("end must be 'idle' or 'poweroff'")
+        if machine not in ("q35", "pc"):
+            raise ValueError(f"unknown machine {machine!r} (q35 or pc)")
+        if ram not in RAM_KINDS:
+            raise ValueError(f"unknown ram {ram!r} ({', '.join(RAM_KINDS)})")
+        if ram == "file-hugetlbfs" and not ram_dir:
+            raise ValueError("ram='file-hugetlbfs' needs ram_dir (a hugetlbfs mount)")
         self.name = name or f"g{next(_counter)}"
         self.mem_mib = int(mem_mib)
         self.steps = list(steps)
@@ -232,6 +270,8 @@ class Guest:
             self.accel = probe_accel(qemu)
         self.cpu = cpu or ("host" if self.accel == "kvm" else "max")
         self.smp = smp
+        self.machine, self.ram = machine, ram
+        self.ram_dir = str(ram_dir) if ram_dir else None
         self.use_cgroup = cgroup
         self.cgroup_parent = cgroup_parent
         self.mem_limit = mem_limit
@@ -254,6 +294,7 @@ class Guest:
         self._reader: Optional[MarkerReader] = None
         self._qmp = None
         self._memfd_fd: Optional[int] = None
+        self._ram_fds: Optional[List[int]] = None
         self._closed = False
 
     # -- command line ----------------------------------------------------------
@@ -262,19 +303,41 @@ class Guest:
         if self.stats:
             words.append(f"vub.stats={self.stats}")
         words += encode_steps(self.steps)
+        if self.ram == "memfd-dimm":
+            words.append("memhp_default_state=online")
         if self.append_extra:
             words.append(self.append_extra)
         return " ".join(words)
 
+    def memory_args(self) -> List[str]:
+        """-machine/-object/-m/-device arguments for guest RAM (see ``ram``)."""
+        m = self.mem_mib
+        machine = f"{self.machine},memory-backend=mem"
+        if self.ram == "memfd":
+            return ["-machine", machine,
+                    "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on", "-m", f"{m}M"]
+        if self.ram == "memfd-hugetlb":
+            return ["-machine", machine,
+                    "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on,hugetlb=on,"
+                               "hugetlbsize=2M", "-m", f"{m}M"]
+        if self.ram == "file-hugetlbfs":
+            return ["-machine", machine,
+                    "-object", f"memory-backend-file,id=mem,size={m}M,share=on,"
+                               f"mem-path={self.ram_dir}", "-m", f"{m}M"]
+        # memfd-dimm: boot RAM and a cold-plugged DIMM, two backends (two fds)
+        low, dimm = m // 2, m - m // 2
+        return ["-machine", machine,
+                "-object", f"memory-backend-memfd,id=mem,size={low}M,share=on",
+                "-m", f"{low}M,slots=2,maxmem={m + 1024}M",
+                "-object", f"memory-backend-memfd,id=dimm0,size={dimm}M,share=on",
+                "-device", "pc-dimm,id=dimm0dev,memdev=dimm0"]
+
     def build_argv(self) -> List[str]:
         assert self.workdir is not None
-        m = self.mem_mib
         argv = [
             self.qemu, "-name", f"vub-{self.name}",
             "-nodefaults", "-no-user-config",
-            "-machine", "q35,memory-backend=mem",
-            "-object", f"memory-backend-memfd,id=mem,size={m}M,share=on",
-            "-m", f"{m}M",
+            *self.memory_args(),
             "-accel", self.accel, "-cpu", self.cpu, "-smp", str(self.smp),
             "-display", "none", "-vga", "none", "-monitor", "none",
             "-serial", f"file:{self.serial_log}",
@@ -488,9 +551,17 @@ class Guest:
         return smaps_rollup(self.pid) if self.pid else {}
 
     def memfd_allocated(self) -> Optional[int]:
-        """Allocated bytes of the guest-RAM memfd (st_blocks * 512)."""
+        """Allocated bytes of the guest-RAM memfd (st_blocks * 512); with
+        ram="memfd-dimm" or "file-hugetlbfs", of all guest-RAM files."""
         if not self.pid:
             return None
+        if self.ram in ("memfd-dimm", "file-hugetlbfs"):
+            if not self._ram_fds:
+                prefixes = ([f"{self.ram_dir.rstrip('/')}/"] if self.ram == "file-hugetlbfs"
+                            else ["/memfd:memory-backend-memfd"])
+                self._ram_fds = find_ram_fds(self.pid, prefixes)
+            sizes = [memfd_allocated(self.pid, fd) for fd in self._ram_fds]
+            return None if not sizes or None in sizes else sum(sizes)
         if self._memfd_fd is None:
             self._memfd_fd = find_memfd(self.pid)
         return memfd_allocated(self.pid, self._memfd_fd)
