@@ -14,6 +14,7 @@ A test may lower its own max_examples only if documented in its module.
 import os
 import sys
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,3 +26,18 @@ settings.register_profile("ci", max_examples=2000, **_common)
 settings.register_profile("long", max_examples=50000, **_common)
 settings.register_profile("dev", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+UNPRIVILEGED_OPT_OUT = "VUB_ALLOW_UNPRIVILEGED"
+
+
+def require_privilege(problem):
+    """A missing privilege (root, a cgroup-v1 memory controller) FAILS the
+    calling test, unless VUB_ALLOW_UNPRIVILEGED=1 turns it into a skip (the
+    README documents that opt-out).  problem: None when all is there."""
+    if problem is None:
+        return
+    if os.environ.get(UNPRIVILEGED_OPT_OUT) == "1":
+        pytest.skip(f"{problem} ({UNPRIVILEGED_OPT_OUT}=1)")
+    pytest.fail(f"{problem}; run as root on cgroup v1 (see the README), or set "
+                f"{UNPRIVILEGED_OPT_OUT}=1 to skip this test", pytrace=False)

@@ -1,0 +1,242 @@
+"""The balloon device through the socketpair frontend, where state matters:
+huge-page regions, memory tables that change under a running queue, a
+discard that fails, and resets.  Release is measured (memfd allocated
+blocks) and neighbours are checked with canaries; nothing here reaches into
+the discard engine, so these tests hold across its internals changing.
+
+Each test kills a named mutation of scripts/mutate.py (see
+docs/reliability.md): discard-round-outward(-py), stale-region-table,
+discard-raise, reset-noop.
+"""
+
+import fcntl
+import mmap
+import os
+import struct
+
+import pytest
+
+from balloon_device import features as F
+from balloon_device.device import BalloonDevice
+from test_balloon import CANARY, QSIZE, Rig, blocks
+from vhostuser import messages as m
+from vhostuser.messages import Request as R
+from vhostuser.testing.driver import DriverQueue
+from vhostuser.testing.frontend import Frontend
+
+MiB = 1 << 20
+HUGE = 2 * MiB
+LO = 0x1_0000_0000
+TWO = [(LO, 48 * MiB), (LO + 64 * MiB, 48 * MiB)]   # a gap between the regions
+F_ADD_SEALS = 1033
+F_SEAL_FUTURE_WRITE = 0x0010
+
+
+@pytest.fixture(params=[True, False], ids=["C", "python"])
+def use_c(request):
+    return request.param
+
+
+def huge_rig(use_c, per_piece):
+    """A Rig whose region says it is backed by 2 MiB pages (as on hugetlbfs;
+    trimming follows region.page_size).  per_piece: refuse the whole-chain
+    road so the per-piece one runs."""
+    r = Rig(use_c=use_c)
+    for region in r.fe.server.backend.memory.regions:
+        region.page_size = HUGE     # before any report: nothing cached the 4 KiB view
+    if per_piece:
+        r.dev.engine.discard_chain = lambda memory, raw: None
+    return r
+
+
+@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
+def test_huge_pages_report_frees_only_whole_pages_inside(use_c, per_piece):
+    """A report that does not cover whole 2 MiB pages frees nothing outside
+    it: never round the system call outward."""
+    r = huge_rig(use_c, per_piece)
+    try:
+        d = r.data                      # 2 MiB aligned (gpa and file offset), canary-filled
+        before = blocks(r.mem.fd)
+        # straddles two huge pages, covers neither
+        r.post("reporting", [], [(d[2] + MiB, HUGE)])
+        # one 4 KiB page inside a huge page
+        r.post("reporting", [], [(d[6] + 4096, 4096)])
+        assert len(r.used("reporting")) == 2
+        assert blocks(r.mem.fd) == before, "memory outside the reported ranges was freed"
+        # a whole huge page plus 4 KiB on each side: exactly that page goes
+        r.post("reporting", [], [(d[9] - 4096, HUGE + 8192)])
+        assert len(r.used("reporting")) == 1
+        assert before - blocks(r.mem.fd) == HUGE
+        c = r.dev.counters
+        assert c["bytes_discarded"] == HUGE
+        assert c["skipped_unaligned"] == HUGE + 4096 + 8192
+        # contents: measured above before reading (a read of a hole allocates)
+        for k in (2, 3, 5, 6, 7, 8, 10):
+            assert r.mem.read(d[k], HUGE) == bytes([CANARY]) * HUGE, f"data[{k}] touched"
+        assert r.mem.read(d[9], HUGE) == bytes(HUGE)
+    finally:
+        r.close()
+
+
+def _report_and_measure(r, gpa, fd):
+    before = blocks(fd)
+    head = r.post("reporting", [], [(gpa, 2 * MiB)])
+    assert [u.id for u in r.used("reporting")] == [head]
+    return before - blocks(fd)
+
+
+def test_report_into_memory_added_later(use_c):
+    """ADD_MEM_REG after reporting ran: reports into the new region free it
+    (a region table cached from the old memory table would skip them)."""
+    r = Rig(regions=TWO, use_c=use_c, table=[0])
+    try:
+        g2, s2, u2, o2 = r.mem.layout[1]
+        assert _report_and_measure(r, r.data[0], r.mem.fd) == 2 * MiB   # the table is in use
+        r.mem.fill(g2, s2, CANARY)
+        reg = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(g2, s2, u2, o2)
+        assert r.fe.ack(R.ADD_MEM_REG, reg, [r.mem.fd]) == 0
+        assert _report_and_measure(r, g2 + 4 * MiB, r.mem.fd) == 2 * MiB
+        assert r.dev.counters["skipped_out_of_range"] == 0
+        assert r.mem.read(g2 + 4 * MiB, 2 * MiB) == bytes(2 * MiB)
+        assert r.mem.read(g2 + 6 * MiB, MiB) == bytes([CANARY]) * MiB
+        # and after REM_MEM_REG + ADD_MEM_REG of the same range, again
+        assert r.fe.ack(R.REM_MEM_REG, reg, [r.mem.fd]) == 0
+        assert r.fe.ack(R.ADD_MEM_REG, reg, [r.mem.fd]) == 0
+        assert _report_and_measure(r, g2 + 8 * MiB, r.mem.fd) == 2 * MiB
+    finally:
+        r.close()
+
+
+def test_report_after_a_second_set_mem_table(use_c):
+    """A second SET_MEM_TABLE puts another file behind the same guest range:
+    reports go to the new file at its own offsets, the old one is left alone."""
+    r = Rig(regions=TWO, use_c=use_c)
+    other = os.memfd_create("other-ram", os.MFD_CLOEXEC)
+    try:
+        g2, s2, u2, _ = r.mem.layout[1]
+        r.mem.fill(g2, s2, CANARY)
+        assert _report_and_measure(r, g2, r.mem.fd) == 2 * MiB   # the old table is in use
+        os.ftruncate(other, s2)
+        view = mmap.mmap(other, s2)
+        view[:] = bytes([CANARY]) * s2
+        g1, s1, u1, o1 = r.mem.layout[0]
+        assert r.fe.set_mem_table([(g1, s1, u1, o1, r.mem.fd), (g2, s2, u2, 0, other)]) == 0
+        old_before = blocks(r.mem.fd)
+        assert _report_and_measure(r, g2 + 4 * MiB, other) == 2 * MiB
+        assert blocks(r.mem.fd) == old_before, "the old file was punched"
+        assert view[4 * MiB:6 * MiB] == bytes(2 * MiB)
+        assert view[6 * MiB:7 * MiB] == bytes([CANARY]) * MiB
+        assert r.mem.read(g2 + 4 * MiB, 2 * MiB) == bytes([CANARY]) * (2 * MiB)
+        assert r.dev.counters["skipped_error"] == 0
+        view.close()
+    finally:
+        os.close(other)
+        r.close()
+
+
+def test_failed_discard_completes_the_chain_and_goes_on(use_c, caplog):
+    """A discard the kernel refuses (EPERM: the file is sealed against writes
+    after it was mapped) is counted in skipped_error and logged; the chain is
+    still completed and the next chain in the same kick is served."""
+    r = Rig(regions=TWO, use_c=use_c, table=[0])
+    sealed = os.memfd_create("sealed-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        g2, s2, u2, _ = r.mem.layout[1]
+        os.ftruncate(sealed, s2)
+        view = mmap.mmap(sealed, s2)
+        view[:] = bytes([CANARY]) * s2
+        reg = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(g2, s2, u2, 0)
+        assert r.fe.ack(R.ADD_MEM_REG, reg, [sealed]) == 0
+        fcntl.fcntl(sealed, F_ADD_SEALS, F_SEAL_FUTURE_WRITE)   # punch-hole now EPERM
+        dq = r.q["reporting"]
+        bad = dq.add([], [(g2 + 2 * MiB, 2 * MiB)])
+        good = dq.add([], [(r.data[3], 2 * MiB)])
+        before = blocks(r.mem.fd)
+        r.fe.kick(r.kicks["reporting"])          # one kick, two chains
+        assert [u.id for u in r.used("reporting")] == [bad, good]
+        assert before - blocks(r.mem.fd) == 2 * MiB
+        c = r.dev.counters
+        assert c["skipped_error"] == 2 * MiB and c["bytes_discarded"] == 2 * MiB
+        assert r.fe.server.backend.counters["ring_errors"] == 0
+        assert any("discard failed" in rec.getMessage() and "EPERM" in rec.getMessage()
+                   for rec in caplog.records)
+        assert view[2 * MiB:4 * MiB] == bytes([CANARY]) * (2 * MiB)
+        assert r.fe.alive
+        view.close()
+    finally:
+        os.close(sealed)
+        r.close()
+
+
+# ---- resets -----------------------------------------------------------------
+
+def _dirty(r):
+    """Give the device session state: a poison value, actual, and half of a
+    2 MiB host page inflated. Returns (host page gpa, its first PFN)."""
+    r.fe.server.backend.memory.regions[0].page_size = HUGE
+    page = r.data[12]
+    base = page >> 12
+    before = blocks(r.mem.fd)
+    r.post("inflate", [struct.pack("<256I", *range(base, base + 256))], [])
+    assert len(r.used("inflate")) == 1 and blocks(r.mem.fd) == before
+    cfg = struct.pack("<IIII", 0, 1000, 0, 0xAA)
+    assert r.fe.ack(R.SET_CONFIG, m.encode_config(0, 0, cfg)) == 0
+    assert struct.unpack("<IIII", r.fe.get_config())[1:] == (1000, 0, 0xAA)
+    return page, base
+
+
+def _check_clean(r, page, base):
+    """After a reset: config reads zero actual and poison, reporting frees
+    memory again, and the other half of the huge page does not complete the
+    half inflated before the reset."""
+    assert struct.unpack("<IIII", r.fe.get_config())[1:] == (0, 0, 0)
+    assert r.dev.status()["poison_val"] == 0 and r.dev.status()["actual_pages"] == 0
+    r.fe.server.backend.memory.regions[0].page_size = HUGE
+    before = blocks(r.mem.fd)
+    r.post("inflate", [struct.pack("<256I", *range(base + 256, base + 512))], [])
+    assert len(r.used("inflate")) == 1
+    assert blocks(r.mem.fd) == before, "a huge page half-inflated before the reset was freed"
+    assert _report_and_measure(r, r.data[13], r.mem.fd) == 2 * MiB, "poison survived the reset"
+    assert r.mem.read(page, HUGE) == bytes([CANARY]) * HUGE
+
+
+def _restart(r):
+    """What QEMU does after a reset: features, table and queues again."""
+    assert r.fe.ack(R.SET_FEATURES, m.U64.pack(r.features | (1 << 30))) == 0
+    assert r.fe.set_mem_table([(g, s, u, o, r.mem.fd) for g, s, u, o in r.mem.layout]) == 0
+    for index, role in enumerate(F.queue_roles(r.features)):
+        dq = DriverQueue(r.mem, QSIZE, event_idx=bool(r.features & (1 << 29)))
+        r.kicks[role] = r.fe.start_queue(index, QSIZE, dq.desc_uva, dq.avail_uva, dq.used_uva)[0]
+        r.q[role] = dq
+
+
+@pytest.mark.parametrize("req", [R.RESET_DEVICE, R.RESET_OWNER])
+def test_reset_forgets_poison_actual_and_partial_page(use_c, req):
+    r = Rig(use_c=use_c)
+    try:
+        page, base = _dirty(r)
+        assert r.fe.ack(req) == 0
+        _restart(r)
+        _check_clean(r, page, base)
+    finally:
+        r.close()
+
+
+def test_disconnect_forgets_poison_actual_and_partial_page(use_c):
+    """The same device object serves the next frontend after a disconnect."""
+    dev = BalloonDevice(use_c=use_c)
+    r = Rig(device=dev, use_c=use_c)
+    try:
+        page, base = _dirty(r)
+        r.fe.sock.close()
+        r.fe.pump()
+        assert not r.fe.alive
+        old = r.fe
+        r.fe = Frontend(dev, use_c=use_c)
+        old.close()
+        r.fe.handshake()
+        _restart(r)
+        _check_clean(r, page, base)
+    finally:
+        r.close()
+
