@@ -134,11 +134,14 @@ def test_report_after_a_second_set_mem_table(use_c):
         r.close()
 
 
-def test_failed_discard_completes_the_chain_and_goes_on(use_c, caplog):
+@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
+def test_failed_discard_completes_the_chain_and_goes_on(use_c, per_piece, caplog):
     """A discard the kernel refuses (EPERM: the file is sealed against writes
     after it was mapped) is counted in skipped_error and logged; the chain is
     still completed and the next chain in the same kick is served."""
     r = Rig(regions=TWO, use_c=use_c, table=[0])
+    if per_piece:
+        r.dev.engine.discard_chain = lambda memory, raw: None
     sealed = os.memfd_create("sealed-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         g2, s2, u2, _ = r.mem.layout[1]
@@ -240,3 +243,26 @@ def test_disconnect_forgets_poison_actual_and_partial_page(use_c):
     finally:
         r.close()
 
+
+
+# ---- --deflate-on-oom -----------------------------------------------------------
+
+def test_deflate_on_oom_is_offered_only_when_asked():
+    """`--deflate-on-oom` reaches the device the daemon builds and the
+    feature the frontend sees; without it the bit is not offered.  (What the
+    guest does with it: tests/e2e/test_daemon.py, deflate_on_oom tests.)"""
+    from balloon_device.host import cli, multi
+    for argv, want in (([], False), (["--deflate-on-oom"], True)):
+        ns = cli._daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", *argv])
+        dev = multi.make_device(cli.config_from_args(ns))
+        fe = Frontend(dev)
+        try:
+            offered = fe.handshake()
+            assert bool(offered & F.DEFLATE_ON_OOM) is want, argv
+            assert ("DEFLATE_ON_OOM" in dev.status()["features_offered"]) is want
+            # the queue layout does not depend on it
+            assert F.queue_roles(offered) == ["inflate", "deflate", "stats", "reporting"]
+            assert fe.ack(R.SET_FEATURES, m.U64.pack(offered)) == 0
+            assert ("DEFLATE_ON_OOM" in dev.status()["features_acked"]) is want
+        finally:
+            fe.close()

@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""Named mutations: apply one small change to the code, run tests, report
+whether some test noticed (killed) or not (survived).
+
+Each mutation names a file, an exact snippet and its replacement.  It runs
+on a temporary copy of the tree (tracked and new files plus the built C
+extensions), never on the checkout; C mutations rebuild the extension in the
+copy (`python c_ext/build_discard.py`).  A snippet that is not in the file
+(exactly `count` times) is an error: "mutation X does not apply: snippet not
+found", exit status 2, never a pass.  Keep the snippets in step when the code
+they name changes.
+
+    python scripts/mutate.py --list
+    python scripts/mutate.py                       # all, each with its own tests
+    python scripts/mutate.py reset-noop stale-region-table
+    python scripts/mutate.py discard-raise -- tests/test_balloon_state.py -k failed
+
+Before the mutations, the same tests run on an unmutated copy (--no-baseline
+skips that): a baseline failure makes every "killed" meaningless, so it stops
+the run.  Exit status: 0 if every mutation was killed, 1 if one survived, 2
+on an error.  Results are documented in docs/reliability.md.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+STATE_TESTS = ["tests/test_balloon_state.py"]
+CHAIN_TESTS = ["tests/test_balloon.py", "tests/test_balloon_state.py"]
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list
+    what: str
+    count: int = 1
+    c_build: str = None          # build script to run in the copy after applying
+    extra: list = field(default_factory=list)   # more (path, old, new) edits
+
+
+MUTATIONS = [
+    Mutation(
+        "discard-round-outward", "c_ext/discard.c",
+        "lo = (base + mask) & ~mask;\n                hi = (base + n) & ~mask;",
+        "lo = base & ~mask;\n                hi = (base + n + mask) & ~mask;",
+        STATE_TESTS, "whole-chain discard (C) rounds the range outward to whole host pages",
+        c_build="c_ext/build_discard.py"),
+    Mutation(
+        "discard-round-outward-py", "balloon_device/discard.py",
+        "lo = (base + mask) & ~mask\n                hi = (base + n) & ~mask",
+        "lo = base & ~mask\n                hi = (base + n + mask) & ~mask",
+        STATE_TESTS, "whole-chain discard (Python twin) rounds outward"),
+    Mutation(
+        "trim-round-outward", "c_ext/discard.c",
+        "lo = (start + mask) & ~mask;\n    hi = (start + len) & ~mask;",
+        "lo = start & ~mask;\n    hi = (start + len + mask) & ~mask;",
+        STATE_TESTS, "per-piece trim (C vub_trim) rounds outward",
+        c_build="c_ext/build_discard.py"),
+    Mutation(
+        "trim-round-outward-py", "balloon_device/discard.py",
+        "lo = (start + mask) & ~mask\n    hi = (start + length) & ~mask",
+        "lo = start & ~mask\n    hi = (start + length + mask) & ~mask",
+        STATE_TESTS, "per-piece trim (Python twin) rounds outward"),
+    Mutation(
+        "stale-region-table", "balloon_device/discard.py",
+        "if tab is not None and tab.memory is memory and tab.generation == memory.generation:",
+        "if tab is not None and tab.memory is memory:",
+        STATE_TESTS, "the cached region table outlives ADD_MEM_REG / SET_MEM_TABLE"),
+    Mutation(
+        "discard-raise", "balloon_device/device.py",
+        '        for err in res.errors:\n            log.error("discard failed: %s", err)\n'
+        '        return True',
+        "        res.raise_for_errors()\n        return True",
+        STATE_TESTS, "a failed whole-chain discard raises out of handle_queue"),
+    Mutation(
+        "discard-raise-pieces", "balloon_device/device.py",
+        '        for err in res.errors:\n            log.error("discard failed: %s", err)\n'
+        '        return res.discarded',
+        "        res.raise_for_errors()\n        return res.discarded",
+        STATE_TESTS, "a failed per-piece discard raises out of handle_queue"),
+    Mutation(
+        "reset-noop", "balloon_device/device.py",
+        "    def reset(self):\n        self._cancel_stats_timer()\n        self._reset_state()",
+        "    def reset(self):\n        self._cancel_stats_timer()",
+        STATE_TESTS + ["tests/test_protocol.py"],
+        "device reset keeps poison_val, actual, acked features and the half-inflated page"),
+    Mutation(
+        "deflate-on-oom-not-offered", "balloon_device/features.py",
+        "        f |= DEFLATE_ON_OOM", "        pass",
+        STATE_TESTS + ["tests/test_cli.py"], "--deflate-on-oom does not offer the feature"),
+    Mutation(
+        "poison-ignored", "balloon_device/device.py",
+        "return not self.inhibited and not (self.acked & F.PAGE_POISON and self.poison_val)",
+        "return not self.inhibited",
+        CHAIN_TESTS, "reports are discarded although the guest poisons its free pages"),
+    Mutation(
+        "complete-before-discard", "balloon_device/device.py",
+        "            if self.discard_allowed and self._discard_chain(memory, chain):\n"
+        "                self.last_report = time.time()\n"
+        "                queue.push(chain.head, 0)  # only after the discard",
+        "            if self.discard_allowed and (queue.push(chain.head, 0) or True) "
+        "and self._discard_chain(memory, chain):\n"
+        "                self.last_report = time.time()",
+        CHAIN_TESTS, "the chain is completed before its memory is discarded"),
+]
+BY_NAME = {m.name: m for m in MUTATIONS}
+
+
+class MutationError(Exception):
+    pass
+
+
+def tree_files(root):
+    """Tracked and new (not ignored) files, plus the built C extensions."""
+    out = subprocess.run(["git", "-C", root, "ls-files", "-z", "--cached", "--others",
+                          "--exclude-standard"], check=True, capture_output=True).stdout
+    files = [f for f in out.decode().split("\0") if f and os.path.isfile(os.path.join(root, f))]
+    for pkg in ("vhostuser", "balloon_device"):
+        files += [os.path.join(pkg, f) for f in os.listdir(os.path.join(root, pkg))
+                  if f.endswith(".so")]
+    return files
+
+
+def copy_tree(root, dest):
+    for rel in tree_files(root):
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(root, rel), target)
+
+
+def apply(mutation, tree):
+    edits = [(mutation.path, mutation.old, mutation.new)] + list(mutation.extra)
+    for rel, old, new in edits:
+        path = os.path.join(tree, rel)
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise MutationError(f"mutation {mutation.name} does not apply: "
+                                f"{rel} does not exist") from None
+        n = text.count(old)
+        if n != mutation.count:
+            raise MutationError(
+                f"mutation {mutation.name} does not apply: snippet not found in {rel} "
+                f"({n} matches, {mutation.count} expected):\n{old}")
+        with open(path, "w") as f:
+            f.write(text.replace(old, new))
+    if mutation.c_build:
+        cp = subprocess.run([sys.executable, mutation.c_build], cwd=tree,
+                            capture_output=True, text=True)
+        if cp.returncode != 0:
+            raise MutationError(f"mutation {mutation.name}: {mutation.c_build} failed:\n"
+                                f"{cp.stdout[-2000:]}{cp.stderr[-2000:]}")
+
+
+def run_tests(tree, tests, timeout):
+    """pytest in the copy: (returncode, failed test ids, seconds)."""
+    env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
+    where = subprocess.run([sys.executable, "-c", "import balloon_device, vhostuser;"
+                            "print(balloon_device.__file__, vhostuser.__file__)"],
+                           cwd=tree, env=env, capture_output=True, text=True, check=True)
+    if any(not p.startswith(tree) for p in where.stdout.split()):
+        raise MutationError(f"the copy does not import its own code: {where.stdout}")
+    t0 = time.monotonic()
+    cp = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                         "-rf", *tests], cwd=tree, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+    failed = [ln.split()[1] for ln in cp.stdout.splitlines() if ln.startswith("FAILED ")]
+    return cp.returncode, failed, time.monotonic() - t0, cp.stdout
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="do not run the tests on an unmutated copy first")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run")
+    args, rest = ap.parse_known_args(argv)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:28s} {m.path:28s} {m.what}")
+        return 0
+    unknown = [n for n in args.names if n not in BY_NAME]
+    if unknown:
+        print(f"unknown mutations: {unknown}; see --list", file=sys.stderr)
+        return 2
+    chosen = [BY_NAME[n] for n in args.names] or MUTATIONS
+    results = []
+    with tempfile.TemporaryDirectory(prefix="vub-mutate-") as tmp:
+        if not args.no_baseline:
+            base = os.path.join(tmp, "baseline")
+            copy_tree(ROOT, base)
+            tests = rest or sorted({t for m in chosen for t in m.tests})
+            rc, failed, secs, out = run_tests(base, tests, args.timeout)
+            print(f"baseline ({' '.join(tests)}): rc={rc} in {secs:.0f} s", flush=True)
+            if rc != 0:
+                print(out[-4000:])
+                print("the unmutated tree fails these tests: no mutation result means anything",
+                      file=sys.stderr)
+                return 2
+            shutil.rmtree(base)
+        for m in chosen:
+            tree = os.path.join(tmp, m.name)
+            copy_tree(ROOT, tree)
+            try:
+                apply(m, tree)
+                tests = rest or m.tests
+                rc, failed, secs, out = run_tests(tree, tests, args.timeout)
+            except MutationError as e:
+                print(f"ERROR {e}", file=sys.stderr, flush=True)
+                results.append((m, "error", []))
+                shutil.rmtree(tree, ignore_errors=True)
+                continue
+            shutil.rmtree(tree, ignore_errors=True)
+            verdict = "killed" if rc == 1 else "survived" if rc == 0 else f"broken(rc={rc})"
+            results.append((m, verdict, failed))
+            print(f"{verdict:9s} {m.name:28s} {secs:5.0f} s  "
+                  f"{'by ' + failed[0] if failed else ''}", flush=True)
+            if rc not in (0, 1):
+                print(out[-3000:])
+    print("\nsummary:")
+    for m, verdict, failed in results:
+        print(f"  {m.name:28s} {verdict:9s} {m.what}")
+    if any(v == "error" or v.startswith("broken") for _, v, _ in results):
+        return 2
+    return 1 if any(v == "survived" for _, v, _ in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
