@@ -5,7 +5,10 @@
     does not when reporting is not offered (control);
 (c) inflate/deflate through the daemon's control path;
 (d) guest memory integrity while reporting is active;
-(e) the daemon exits cleanly when QEMU quits; QEMU fails clearly without it.
+(e) the daemon exits cleanly when QEMU quits; QEMU fails clearly without it;
+(f) --deflate-on-oom: a guest whose balloon holds most of its RAM still runs a
+    workload that needs it (the balloon deflates, no OOM kill), and without
+    the feature the same workload fails (control).
 
 QEMU and the guest are provisioned by the scripts; when that fails these
 tests FAIL (never skip). Run: python -m pytest tests/e2e/test_daemon.py -v -s
