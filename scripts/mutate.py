@@ -14,6 +14,7 @@ they name changes.
     python scripts/mutate.py                       # all, each with its own tests
     python scripts/mutate.py reset-noop stale-region-table
     python scripts/mutate.py discard-raise -- tests/test_balloon_state.py -k failed
+    python scripts/mutate.py --rev 49659af reset-noop -- tests/test_balloon.py tests/test_protocol.py
 
 Before the mutations, the same tests run on an unmutated copy (--no-baseline
 skips that): a baseline failure makes every "killed" meaningless, so it stops
@@ -132,8 +133,17 @@ def tree_files(root):
     return files
 
 
-def copy_tree(root, dest):
-    for rel in tree_files(root):
+def copy_tree(root, dest, rev=None):
+    """The working tree (rev None) or commit `rev` (git archive), plus the
+    working tree's built C extensions (rebuilt by C mutations anyway)."""
+    files = tree_files(root)
+    if rev is not None:
+        os.makedirs(dest)
+        archive = subprocess.run(["git", "-C", root, "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+        files = [f for f in files if f.endswith(".so")]
+    for rel in files:
         target = os.path.join(dest, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy2(os.path.join(root, rel), target)
@@ -187,9 +197,14 @@ def main(argv=None):
     ap.add_argument("--no-baseline", action="store_true",
                     help="do not run the tests on an unmutated copy first")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run")
-    args, rest = ap.parse_known_args(argv)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
+    ap.add_argument("--rev", help="mutate the tree of this commit instead of the working "
+                    "tree (e.g. to show that a mutation survived the tests before a change)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = []
+    if "--" in argv:       # what follows goes to pytest
+        rest = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    args = ap.parse_args(argv)
     if args.list:
         for m in MUTATIONS:
             print(f"{m.name:28s} {m.path:28s} {m.what}")
@@ -203,7 +218,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="vub-mutate-") as tmp:
         if not args.no_baseline:
             base = os.path.join(tmp, "baseline")
-            copy_tree(ROOT, base)
+            copy_tree(ROOT, base, args.rev)
             tests = rest or sorted({t for m in chosen for t in m.tests})
             rc, failed, secs, out = run_tests(base, tests, args.timeout)
             print(f"baseline ({' '.join(tests)}): rc={rc} in {secs:.0f} s", flush=True)
@@ -215,7 +230,7 @@ def main(argv=None):
             shutil.rmtree(base)
         for m in chosen:
             tree = os.path.join(tmp, m.name)
-            copy_tree(ROOT, tree)
+            copy_tree(ROOT, tree, args.rev)
             try:
                 apply(m, tree)
                 tests = rest or m.tests
