@@ -9,6 +9,7 @@ to ask for fresh values.
 import logging
 import struct
 import time
+from types import MappingProxyType
 
 from vhostuser.device import Device
 from vhostuser.errors import GuestMemoryError
@@ -18,6 +19,7 @@ from . import features as F
 from . import stats as stats_mod
 from .discard import DiscardEngine
 from .latency import LatencyHistogram
+from .status import DeviceStatus
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +104,20 @@ class BalloonDevice(Device):
         if offset <= 4 and end >= 8 and actual != self.actual:
             log.debug("guest balloon now holds %d pages (target %d)", actual, self.target_pages)
             self.actual = actual
-        if offset <= 12 and end >= 16 and self.acked & F.PAGE_POISON:
-            if poison != self.poison_val:
-                log.info("guest poison value is %#x%s", poison,
-                         ": reported pages will not be discarded" if poison else "")
+        # Kept whatever the acked features: Linux writes poison_val in probe,
+        # before DRIVER_OK, and QEMU's generic device sends SET_FEATURES only
+        # at DRIVER_OK, so this write arrives before the features it needs.
+        if offset <= 12 and end >= 16 and poison != self.poison_val:
+            log.info("guest poison value is %#x%s", poison,
+                     ": reported pages will not be discarded" if poison else "")
             self.poison_val = poison
 
+    def check_memory(self, regions):
+        self.engine.check(regions)  # refuse a table the discard mode cannot free
+
     def memory_changed(self, memory):
-        if len(memory):
-            self.engine.check(memory)
-            for r in memory.regions:
-                log.info("guest memory %r", r)
+        for r in memory.regions:
+            log.info("guest memory %r", r)
 
     def queue_started(self, queue):
         log.debug("queue %d (%s) started, size %d", queue.index, self.role(queue), queue.size)
@@ -152,7 +157,9 @@ class BalloonDevice(Device):
 
     @property
     def discard_allowed(self):
-        return not self.inhibited and not (self.acked & F.PAGE_POISON and self.poison_val)
+        # A non-zero poison value forbids discards whatever was acked: a
+        # discarded page comes back as zeros, not as the guest's pattern.
+        return not self.inhibited and not self.poison_val
 
     def _skip_reason(self):
         if self.inhibited:
@@ -369,20 +376,20 @@ class BalloonDevice(Device):
     # ---- status ------------------------------------------------------------
 
     def status(self):
-        return {
-            "features_offered": F.names(self.offer),
-            "features_acked": F.names(self.acked),
-            "queues": self.roles,
-            "target_pages": self.target_pages,
-            "target_bytes": self.target_pages << F.PFN_SHIFT,
-            "actual_pages": self.actual,
-            "actual_bytes": self.actual << F.PFN_SHIFT,
-            "poison_val": self.poison_val,
-            "discard_mode": self.engine.mode,
-            "discard_inhibited": self.inhibited,
-            "last_report_age": None if self.last_report is None else time.time() - self.last_report,
-            "stats": self.latest_stats,
-            "stats_age": None if self.stats_time is None else time.time() - self.stats_time,
-            "discard_latency": self.discard_latency.snapshot(),
-            "counters": dict(self.counters),
-        }
+        """A frozen DeviceStatus snapshot (safe to take from another thread)."""
+        now = time.time()
+        return DeviceStatus(
+            features_offered=tuple(F.names(self.offer)),
+            features_acked=tuple(F.names(self.acked)),
+            queues=tuple(self.roles),
+            target_pages=self.target_pages,
+            actual_pages=self.actual,
+            poison_val=self.poison_val,
+            discard_mode=self.engine.mode,
+            discard_inhibited=self.inhibited,
+            last_report_age=None if self.last_report is None else now - self.last_report,
+            stats=MappingProxyType(dict(self.latest_stats)),
+            stats_age=None if self.stats_time is None else now - self.stats_time,
+            discard_latency=MappingProxyType(self.discard_latency.snapshot()),
+            counters=MappingProxyType(dict(self.counters)),
+        )

@@ -102,7 +102,7 @@ MUTATIONS = [
         STATE_TESTS + ["tests/test_cli.py"], "--deflate-on-oom does not offer the feature"),
     Mutation(
         "poison-ignored", "balloon_device/device.py",
-        "return not self.inhibited and not (self.acked & F.PAGE_POISON and self.poison_val)",
+        "return not self.inhibited and not self.poison_val",
         "return not self.inhibited",
         CHAIN_TESTS, "reports are discarded although the guest poisons its free pages"),
     Mutation(
@@ -197,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--no-baseline", action="store_true",
                     help="do not run the tests on an unmutated copy first")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that every chosen mutation still applies (no tests)")
     ap.add_argument("--rev", help="mutate the tree of this commit instead of the working "
                     "tree (e.g. to show that a mutation survived the tests before a change)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -214,6 +216,21 @@ def main(argv=None):
         print(f"unknown mutations: {unknown}; see --list", file=sys.stderr)
         return 2
     chosen = [BY_NAME[n] for n in args.names] or MUTATIONS
+    if args.check:
+        bad = 0
+        for m in chosen:
+            for rel, old, _ in [(m.path, m.old, m.new)] + list(m.extra):
+                try:
+                    with open(os.path.join(ROOT, rel)) as f:
+                        n = f.read().count(old)
+                except FileNotFoundError:
+                    n = -1
+                if n != m.count:
+                    bad += 1
+                    print(f"mutation {m.name} does not apply: snippet not found in {rel} "
+                          f"({n} matches, {m.count} expected)")
+        print(f"{len(chosen) - bad} of {len(chosen)} mutations apply")
+        return 2 if bad else 0
     results = []
     with tempfile.TemporaryDirectory(prefix="vub-mutate-") as tmp:
         if not args.no_baseline:

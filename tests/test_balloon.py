@@ -28,7 +28,8 @@ def blocks(fd):
 class Rig:
     """A guest (memfd + 4 driver queues) attached to a BalloonDevice."""
 
-    def __init__(self, device=None, use_c=True, features=None, regions=None, table=None):
+    def __init__(self, device=None, use_c=True, features=None, regions=None, early_config=None,
+                 table=None):
         """table: indices of the layout's regions the first SET_MEM_TABLE
         holds (default all); the queues and data live in the first one."""
         self.mem = GuestMemory(GUEST, regions=regions)
@@ -36,6 +37,10 @@ class Rig:
         self.fe = Frontend(self.dev, use_c=use_c)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30) if features is None else features
+        if early_config is not None:
+            # QEMU's generic device: the driver's config writes during probe
+            # arrive before SET_FEATURES, which it sends only at DRIVER_OK.
+            assert self.fe.ack(R.SET_CONFIG, m.encode_config(0, 0, early_config)) == 0
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(self.features | (1 << 30))) == 0
         layout = self.mem.layout if table is None else [self.mem.layout[i] for i in table]
         assert self.fe.set_mem_table([(g, s, u, o, self.mem.fd) for g, s, u, o in layout]) == 0
@@ -154,6 +159,45 @@ def test_out_of_range_report_is_skipped_not_discarded(rig):
     # the queue keeps working
     rig.post("reporting", [], [(rig.data[0], 2 * MiB)])
     assert rig.dev.counters["bytes_discarded"] == 2 * MiB
+
+
+@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
+def test_poison_written_before_set_features_blocks_discard(use_c):
+    """QEMU's real order: SET_CONFIG(poison) during probe, SET_FEATURES at
+    DRIVER_OK.  The value must survive and stop every discard."""
+    poison = 0xAAAAAAAA  # Linux's PAGE_POISON byte, page_poison=1
+    r = Rig(use_c=use_c, early_config=struct.pack("<IIII", 0, 0, 0, poison))
+    try:
+        assert r.features & F.PAGE_POISON
+        assert r.dev.poison_val == poison
+        assert not r.dev.discard_allowed
+        assert struct.unpack("<IIII", r.fe.get_config())[3] == poison
+        before = blocks(r.mem.fd)
+        r.post("reporting", [], [(r.data[1], 2 * MiB), (r.data[3], 2 * MiB)])
+        assert len(r.used("reporting")) == 1  # completed, nothing freed
+        assert blocks(r.mem.fd) == before
+        assert r.mem.read(r.data[1], 2 * MiB) == bytes([CANARY]) * (2 * MiB)
+        assert r.dev.counters["bytes_discarded"] == 0
+        assert r.dev.counters["skipped_poison"] == 4 * MiB
+        r.post("inflate", [struct.pack("<4I", *[(r.data[3] >> 12) + i for i in range(4)])], [])
+        assert blocks(r.mem.fd) == before
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
+def test_zero_poison_before_set_features_allows_discard(use_c):
+    """init_on_free=1: Linux writes poison_val 0 early; discards go on."""
+    r = Rig(use_c=use_c, early_config=struct.pack("<IIII", 0, 0, 0, 0))
+    try:
+        assert r.dev.poison_val == 0 and r.dev.discard_allowed
+        before = blocks(r.mem.fd)
+        r.post("reporting", [], [(r.data[1], 2 * MiB)])
+        assert len(r.used("reporting")) == 1
+        assert blocks(r.mem.fd) == before - 2 * MiB
+        assert r.dev.counters["bytes_discarded"] == 2 * MiB
+    finally:
+        r.close()
 
 
 def test_poison_value_blocks_discard(rig):
@@ -291,8 +335,8 @@ def test_reporting_declined_by_guest():
 def test_disconnect_releases_memory_and_status():
     r = Rig()
     status = r.dev.status()
-    assert status["queues"] == ["inflate", "deflate", "stats", "reporting"]
-    assert "REPORTING" in status["features_acked"]
+    assert status.queues == ("inflate", "deflate", "stats", "reporting")
+    assert "REPORTING" in status.features_acked
     backend = r.fe.server.backend
     r.fe.sock.close()
     r.fe.pump()
@@ -301,7 +345,7 @@ def test_disconnect_releases_memory_and_status():
         assert len(backend.memory) == 0 and backend.backend_channel is None
         assert not any(backend.started)
         status = r.dev.status()
-        assert status["features_acked"] == [] and status["actual_pages"] == 0
+        assert status.features_acked == () and status.actual_pages == 0
     finally:
         r.close()   # closes the frontend's eventfds too; its socket is closed already
 

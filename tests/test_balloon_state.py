@@ -193,7 +193,8 @@ def _check_clean(r, page, base):
     memory again, and the other half of the huge page does not complete the
     half inflated before the reset."""
     assert struct.unpack("<IIII", r.fe.get_config())[1:] == (0, 0, 0)
-    assert r.dev.status()["poison_val"] == 0 and r.dev.status()["actual_pages"] == 0
+    st = r.dev.status()
+    assert st.poison_val == 0 and st.actual_pages == 0
     r.fe.server.backend.memory.regions[0].page_size = HUGE
     before = blocks(r.mem.fd)
     r.post("inflate", [struct.pack("<256I", *range(base + 256, base + 512))], [])
@@ -259,10 +260,10 @@ def test_deflate_on_oom_is_offered_only_when_asked():
         try:
             offered = fe.handshake()
             assert bool(offered & F.DEFLATE_ON_OOM) is want, argv
-            assert ("DEFLATE_ON_OOM" in dev.status()["features_offered"]) is want
+            assert ("DEFLATE_ON_OOM" in dev.status().features_offered) is want
             # the queue layout does not depend on it
             assert F.queue_roles(offered) == ["inflate", "deflate", "stats", "reporting"]
             assert fe.ack(R.SET_FEATURES, m.U64.pack(offered)) == 0
-            assert ("DEFLATE_ON_OOM" in dev.status()["features_acked"]) is want
+            assert ("DEFLATE_ON_OOM" in dev.status().features_acked) is want
         finally:
             fe.close()

@@ -36,3 +36,20 @@ def test_pop_marks_and_push_clears():
 def test_region_size_is_aligned():
     assert queue_region_size(64) % 64 == 0 and queue_region_size(64) >= 16 + 16 * 64
     assert mmap.PAGESIZE % 64 == 0
+
+
+def test_push_many_clears_like_push():
+    mem = GuestMemory(4 << 20)
+    try:
+        dq = DriverQueue(mem, 64)
+        vq = dq.make_vq()
+        area = InflightArea.create(1, 64)
+        vq.inflight = area.queue(0)
+        heads = [dq.add([], [4096]) for _ in range(4)]
+        chains = [vq.pop(mem.table) for _ in range(4)]
+        assert vq.push_many([(chains[0].head, 0), (chains[2].head, 0)])
+        assert area.queue(0).pending() == [heads[1], heads[3]]
+        assert sorted(e.id for e in dq.pop_used()) == sorted([heads[0], heads[2]])
+        area.close()
+    finally:
+        mem.close()

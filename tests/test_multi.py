@@ -109,14 +109,14 @@ def test_garbage_on_one_guest_leaves_the_other_serving(daemon):
         a.fe.send_raw(b"\xff" * 12)  # header with a bad version: protocol error
         a.fe.pump()
         assert not a.fe.alive and b.fe.alive
-        assert daemon.guests["a"].status()["protocol_errors"] == 1
+        assert daemon.guests["a"].status().protocol_errors == 1
         assert not daemon.loop._stopping
         # b is untouched: config space, targets and reporting all still work
         assert b.report(4 * MiB) == 4 * MiB
         assert daemon.guests["b"].set_target(1024)
         assert b.fe.backend_sock.recv(64)[:4] == struct.pack("<I", m.BackendRequest.CONFIG_CHANGE_MSG)
         assert struct.unpack("<I", b.fe.get_config(0, 4))[0] == 1024
-        assert daemon.guests["b"].status()["protocol_errors"] == 0
+        assert daemon.guests["b"].status().protocol_errors == 0
     finally:
         a.close()
         b.close()
@@ -131,7 +131,7 @@ def test_dropped_guest_reconnects(daemon):
     again = GuestRig(daemon, "a")
     try:
         assert again.report(2 * MiB) == 2 * MiB
-        assert daemon.guests["a"].status()["sessions"] == 2
+        assert daemon.guests["a"].status().sessions == 2
     finally:
         again.close()
 
@@ -144,9 +144,9 @@ def test_exception_in_one_guest_is_contained(daemon):
         daemon.guests["a"].server.backend.handle = boom
         a.fe.send(R.GET_FEATURES)
         assert not a.fe.alive and b.fe.alive
-        assert daemon.guests["a"].status()["internal_errors"] == 1
+        assert daemon.guests["a"].status().internal_errors == 1
         assert b.report(2 * MiB) == 2 * MiB
-        assert daemon.guests["b"].status()["internal_errors"] == 0
+        assert daemon.guests["b"].status().internal_errors == 0
     finally:
         a.close()
         b.close()

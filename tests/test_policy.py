@@ -6,6 +6,7 @@ import struct
 import pytest
 
 from balloon_device.host.config import DaemonConfig
+from balloon_device.host.status import GuestStatus
 from balloon_device.errors import ConfigError
 from balloon_device.host.policy import (GuestView, HostMemory, HostReader, PolicyConfig, PolicyLoop,
                                    decide, parse_meminfo, parse_psi, view_of)
@@ -188,12 +189,12 @@ class FakeGuest:
         self.features = ["REPORTING"]
 
     def status(self):
-        return {"connected": self.connected,
+        return GuestStatus.from_dict({"connected": self.connected,
                 "features_acked": self.features if self.connected else [],
                 "target_pages": self.target,
                 "actual_pages": self.target if self.actual is None else self.actual,
                 "memory_bytes": 4 * GiB, "stats_age": self.stats_age,
-                "stats": {} if self.avail is None else {"available_memory": self.avail * MiB}}
+                "stats": {} if self.avail is None else {"available_memory": self.avail * MiB}})
 
     def set_target(self, pages):
         self.set_calls.append(pages)

@@ -36,6 +36,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 import balloon_device.host.policy as policy
 from balloon_device.host.policy import HostMemory, PolicyConfig, PolicyLoop
+from balloon_device.host.status import GuestStatus
 
 MiB = 1 << 20
 PAGE = 4096
@@ -76,10 +77,11 @@ class Guest:
     def status(self):
         age = None if self.stats_time is None else Clock.now - self.stats_time
         feats = (["STATS_VQ", "REPORTING"] if self.reporting else ["STATS_VQ"])
-        return {"connected": self.connected, "features_acked": feats if self.connected else [],
-                "target_pages": self.target, "actual_pages": self.actual,
-                "memory_bytes": self.ram, "stats_age": age,
-                "stats": {} if self.stats is None else {"available_memory": self.stats}}
+        return GuestStatus.from_dict({
+            "connected": self.connected, "features_acked": feats if self.connected else [],
+            "target_pages": self.target, "actual_pages": self.actual,
+            "memory_bytes": self.ram, "stats_age": age,
+            "stats": {} if self.stats is None else {"available_memory": self.stats}})
 
     def set_target(self, pages):
         # the policy sets targets of connected guests only, except to give a swept
@@ -204,8 +206,8 @@ class PolicyMachine(RuleBasedStateMachine):
             if before is None or before[0] != swept:   # it started in this tick
                 assert before is None, "a sweep started while another was running"
                 st_ = g.status()
-                assert "REPORTING" in st_["features_acked"]
-                assert st_["stats_age"] <= CFG.stats_max_age and g.stats is not None
+                assert "REPORTING" in st_.device.features_acked
+                assert st_.device.stats_age <= CFG.stats_max_age and g.stats is not None
                 assert host.available_bytes < LIMIT
                 quiet = max(self.fresh[swept], self.pol._last_fall.get(swept, 0))
                 assert now - quiet >= CFG.sweep_quiet, "swept before sweep_quiet"

@@ -233,6 +233,42 @@ def test_add_and_remove_mem_reg(fe, memfd):
     assert not fe.alive
 
 
+class OneRegionDevice(BalloonDevice):
+    """Accepts tables of one region only."""
+
+    def check_memory(self, regions):
+        if len(regions) > 1:
+            raise ValueError("one region only")
+
+
+def test_refused_table_is_never_installed(memfd):
+    f = Frontend(OneRegionDevice())
+    try:
+        f.handshake()
+        mem = f.server.backend.memory
+        assert f.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 0, memfd)]) == 0
+        first = list(mem.regions)
+        assert f.set_mem_table([(0, 4 * MiB, 0x7F0000000000, 0, memfd),
+                                (8 * MiB, 4 * MiB, 0x7F0000800000, 8 * MiB, memfd)]) == 1
+        assert list(mem.regions) == first and mem.translate(8 * MiB - 1, 1)
+        reg = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(8 * MiB, 8 * MiB, 0x7F0000800000, 8 * MiB)
+        assert f.ack(R.ADD_MEM_REG, reg, [memfd]) == 1
+        assert list(mem.regions) == first
+        assert f.alive
+    finally:
+        f.close()
+
+
+def test_table_the_discard_mode_cannot_free_is_refused_before_install(memfd):
+    f = Frontend(BalloonDevice(discard_mode="dontneed"))
+    try:
+        f.handshake()
+        assert f.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 0, memfd)]) == 1
+        assert len(f.server.backend.memory) == 0
+    finally:
+        f.close()
+
+
 def test_add_mem_reg_needs_feature(memfd):
     f = Frontend(BalloonDevice())
     try:

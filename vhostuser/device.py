@@ -12,11 +12,22 @@ VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 
 
-class DeviceContext:
-    """What the backend gives a device: a way to ask for a config interrupt."""
+class DeviceContext(abc.ABC):
+    """What the backend gives a device (Device.attach): a config interrupt
+    and the event loop's timers.  The device never sees the socket."""
 
-    def notify_config_change(self):  # pragma: no cover - interface
-        """Send BACKEND_CONFIG_CHANGE_MSG so that the guest re-reads config."""
+    @abc.abstractmethod
+    def notify_config_change(self):
+        """Send BACKEND_CONFIG_CHANGE_MSG so that the guest re-reads config.
+        True if it was sent (a driver and a backend channel are there)."""
+
+    @abc.abstractmethod
+    def call_later(self, delay, callback):
+        """Run callback() once after delay seconds; returns a handle."""
+
+    @abc.abstractmethod
+    def cancel(self, handle):
+        """Cancel a call_later() handle (None is ignored)."""
 
 
 class Device(abc.ABC):
@@ -49,8 +60,13 @@ class Device(abc.ABC):
     def attach(self, ctx):
         """Called once with the DeviceContext."""
 
+    def check_memory(self, regions):
+        """A proposed memory table (a list of regions), before it is installed.
+        Raise to refuse it: the frontend gets an error reply and the table in
+        place stays as it was."""
+
     def memory_changed(self, memory):
-        """The memory table changed. Raise to refuse it (error reply)."""
+        """The memory table changed (after check_memory accepted it)."""
 
     def queue_started(self, queue):
         """queue is enabled and ready to pop."""

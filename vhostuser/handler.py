@@ -15,7 +15,7 @@ from .connection import Connection
 from .device import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX
 from .errors import ConnectionClosed, GuestMemoryError, ProtocolError, RequestError, VringError
 from .inflight import InflightArea
-from .memory import MemoryTable, Region
+from .memory import MAX_MEM_SLOTS, MemoryTable, Region
 from .messages import ProtocolFeature as PF
 from .messages import Request as R
 from .vring import VirtQueue
@@ -25,8 +25,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
     | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE) | (1 << PF.CONFIGURE_MEM_SLOTS))
-MAX_MEM_SLOTS = 32
-
 # Requests that carry their own reply; every other one may get a REPLY_ACK.
 _OWN_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_VRING_BASE,
               R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS}
@@ -213,6 +211,7 @@ class Backend:
             for r in regions:
                 r.close()
             raise
+        self._check_memory(regions, regions)
         self.memory.replace(regions)
         self._memory_changed()
 
@@ -224,7 +223,9 @@ class Backend:
         if not self.has_protocol(PF.CONFIGURE_MEM_SLOTS):
             raise RequestError("ADD_MEM_REG without the CONFIGURE_MEM_SLOTS protocol feature")
         spec = m.decode_mem_reg(msg, 1)
-        self.memory.add(self._take_region(msg, spec, msg.fds[0]))
+        region = self._take_region(msg, spec, msg.fds[0])
+        self._check_memory(list(self.memory.regions) + [region], [region])
+        self.memory.add(region)
         self._memory_changed()
 
     def _rem_mem_reg(self, msg):
@@ -233,6 +234,17 @@ class Backend:
         spec = m.decode_mem_reg(msg, min(len(msg.fds), 1))  # QEMU attaches the fd; it is closed
         self.memory.remove(spec.gpa, spec.size, spec.uaddr)
         self._memory_changed()
+
+    def _check_memory(self, proposed, new):
+        """Ask the device before installing a table (validate, then commit):
+        a refused table is never installed; its new regions are unmapped."""
+        try:
+            self.device.check_memory(proposed)
+        except Exception as e:
+            for r in new:
+                r.close()
+            log.error("device refused the memory table: %s", e)
+            raise RequestError(f"device refused the memory table: {e}") from e
 
     def _memory_changed(self):
         for q in self.queues:
@@ -243,11 +255,7 @@ class Backend:
                     log.error("queue %d: rings are no longer in guest memory (%s); stopping it",
                               q.index, e)
                     self._stop_queue(q)
-        try:
-            self.device.memory_changed(self.memory)
-        except Exception as e:
-            log.error("device refused the memory table: %s", e)
-            raise RequestError(f"device refused the memory table: {e}") from e
+        self.device.memory_changed(self.memory)
 
     # ---- rings -------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Event loop (selectors/epoll, timers, no busy polling) and the backend server."""
 
+import abc
 import heapq
 import itertools
 import logging
@@ -18,7 +19,45 @@ from .handler import Backend
 log = logging.getLogger(__name__)
 
 
-class EventLoop:
+class Loop(abc.ABC):
+    """What a Server needs from an event loop: fd readers, one-shot timers,
+    stop.  EventLoop implements it; a daemon may wrap one (a guest's view of
+    a shared loop) as long as it keeps this interface."""
+
+    @abc.abstractmethod
+    def add_reader(self, fd, callback):
+        """Call callback() whenever fd is readable (replaces an earlier one)."""
+
+    @abc.abstractmethod
+    def remove_reader(self, fd):
+        """Stop watching fd (no error if it was not watched)."""
+
+    @abc.abstractmethod
+    def call_later(self, delay, callback):
+        """Run callback() once after delay seconds; returns a handle for cancel()."""
+
+    @abc.abstractmethod
+    def cancel(self, handle):
+        """Cancel a call_later() handle (None and fired handles are ignored)."""
+
+    @abc.abstractmethod
+    def stop(self):
+        """Make run() return."""
+
+    @abc.abstractmethod
+    def run(self):
+        """Run until stop()."""
+
+    @abc.abstractmethod
+    def run_once(self, timeout=None):
+        """Wait for one round of events (at most timeout seconds) and run them."""
+
+    @abc.abstractmethod
+    def close(self):
+        """Release the loop's resources."""
+
+
+class EventLoop(Loop):
     """Readers on fds plus one-shot timers; sleeps in epoll when idle."""
 
     def __init__(self):
@@ -46,8 +85,7 @@ class EventLoop:
         heapq.heappush(self._timers, entry)
         return entry
 
-    @staticmethod
-    def cancel(handle):
+    def cancel(self, handle):
         if handle is not None:
             handle[2] = None
 
@@ -126,6 +164,7 @@ class Server(DeviceContext):
         self.backend = Backend(device, use_c=use_c)
         self.conn = None
         self.sessions = 0
+        self.protocol_errors = 0   # frontends dropped for a protocol error
         self._watched = {}
         self._runnable = set()
         device.attach(self)
@@ -187,6 +226,10 @@ class Server(DeviceContext):
         log.info("frontend connected")
         self.loop.add_reader(conn.fileno(), self._on_message)
 
+    def disconnect(self, reason):
+        """Drop the current frontend (no-op without one); reason is logged."""
+        self._close(reason)
+
     def _close(self, reason):
         if self.conn is None:
             return
@@ -219,6 +262,7 @@ class Server(DeviceContext):
             return
         except ProtocolError as e:
             log.error("protocol error, dropping the frontend: %s", e)
+            self.protocol_errors += 1
             self._close(f"protocol error: {e}")
             return
         self._sync()
@@ -263,10 +307,6 @@ class Server(DeviceContext):
         self.backend.read_backend_channel()
         if self.backend.fds_changed:
             self._sync()
-
-    def process_queue(self, q):
-        """For devices: process a queue outside a kick (e.g. from a timer)."""
-        self.backend.process(q)
 
     def serve_forever(self):
         try:

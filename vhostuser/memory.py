@@ -16,7 +16,7 @@ from .errors import GuestMemoryError, RequestError
 U64 = 1 << 64
 SMALL_PAGE = 4096
 DEFAULT_MAX_REGIONS = 8
-MAX_MEM_SLOTS = 509  # the most QEMU asks for with CONFIGURE_MEM_SLOTS
+MAX_MEM_SLOTS = 32   # regions we accept (GET_MAX_MEM_SLOTS); QEMU allows up to 509
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -207,13 +207,6 @@ class MemoryTable:
         for r in self.regions:
             if r.uaddr <= uva and uva + length <= r.uaddr + r.size:
                 return r.hva + (uva - r.uaddr)
-        raise GuestMemoryError(
-            f"frontend address range {uva:#x}+{length:#x} is not inside one memory region")
-
-    def uva_to_gpa(self, uva, length):
-        for r in self.regions:
-            if r.uaddr <= uva and uva + length <= r.uaddr + r.size:
-                return r.gpa + (uva - r.uaddr)
         raise GuestMemoryError(
             f"frontend address range {uva:#x}+{length:#x} is not inside one memory region")
 

@@ -71,21 +71,6 @@ class Segment(NamedTuple):
     writable: bool
 
 
-class SegmentList(list):
-    """A list of segments that may also be called (returns itself).
-
-    Lets `chain.readable` and `chain.readable()` both work.
-    """
-    __slots__ = ()
-
-    def __call__(self):
-        return self
-
-    @property
-    def total(self):
-        return sum(s.length for s in self)
-
-
 class Chain:
     """A popped descriptor chain.
 
@@ -128,15 +113,13 @@ class Chain:
             self._split = k
         return self._split
 
-    @property
     def readable(self):
-        """Device-readable segments (callable too: chain.readable())."""
-        return SegmentList(self.segments[:self._split_at()])
+        """The device-readable segments (a new list)."""
+        return self.segments[:self._split_at()]
 
-    @property
     def writable(self):
-        """Device-writable segments (callable too: chain.writable())."""
-        return SegmentList(self.segments[self._split_at():])
+        """The device-writable segments (a new list)."""
+        return self.segments[self._split_at():]
 
     @property
     def readable_len(self):
@@ -422,6 +405,9 @@ class VirtQueue:
             raise VringError(f"queue {self.index}: cannot complete {elems!r}: "
                              f"{_py.message(rc)}")
         self._in_flight -= len(elems)
+        if self.inflight is not None:
+            for head, _len in elems:
+                self.inflight.clear(head, self.used_idx)
         return True
 
     def need_signal(self):

@@ -137,11 +137,6 @@ def vu_range_ok(regions, gpa, length):
         gpa += room
 
 
-class _ChainError(Exception):
-    def __init__(self, rc):
-        self.rc = rc
-
-
 class _Walk:
     __slots__ = ("regions", "max_out", "segs", "seen_write")
 

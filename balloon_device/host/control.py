@@ -24,18 +24,14 @@ MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
 
 
-
 class ControlServer:
-    def __init__(self, path, device=None, server=None, *, guests=None, loop=None,
-                 name="default", policy=None):
-        if guests is None:  # one device on one Server
-            from .multi import Guest
-            guest = Guest(name, device)
-            guest.server = server
-            guests, loop = {name: guest}, server
+    """The control socket of a Daemon: JSON requests over a Unix socket,
+    served on the daemon's event loop (anything with add_reader/remove_reader)."""
+
+    def __init__(self, path, *, guests, loop, policy=None):
         self.guests = guests  # name -> multi.Guest
         self.policy = policy  # policy.PolicyLoop or None
-        self.server = loop    # anything with add_reader / remove_reader
+        self.server = loop
         try:
             self.listener = Listener.at_path(path)
         except SetupError as e:
@@ -121,11 +117,11 @@ class ControlServer:
 
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
-            return {"guests": {name: g.status(rings=True) for name, g in self.guests.items()}}
-        return {"status": self._guest(req).status(rings=True)}
+            return {"guests": {name: g.status(rings=True).to_dict() for name, g in self.guests.items()}}
+        return {"status": self._guest(req).status(rings=True).to_dict()}
 
     def _cmd_list(self, req):
-        out = {"guests": [g.status() for g in self.guests.values()]}
+        out = {"guests": [g.status().to_dict() for g in self.guests.values()]}
         if self.policy is not None:
             out["policy"] = self.policy.last or {}   # {} until its first tick
         return out

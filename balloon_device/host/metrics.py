@@ -20,7 +20,7 @@ from .errors import MetricsError
 log = logging.getLogger(__name__)
 
 PREFIX = "vhost_user_balloon_"
-# counter name in device.status()["counters"] -> (metric, help, extra labels)
+# counter name in DeviceStatus.counters -> (metric, help, extra labels)
 _COUNTERS = {
     "bytes_reported": ("reported_bytes", "Bytes the guest reported free", {}),
     "bytes_discarded": ("discarded_bytes", "Bytes returned to the host",
@@ -57,47 +57,48 @@ def _collect(guests, policy=None):
 
     for name, guest in list(guests.items()):
         st = guest.status()
+        dev = st.device
         for key, (metric, doc, extra) in _COUNTERS.items():
-            if key in st["counters"]:
+            if key in dev.counters:
                 fam(CounterMetricFamily, metric, doc, list(extra)).add_metric(
-                    [name, *extra.values()], st["counters"][key])
-        proto = st.get("protocol", {})
+                    [name, *extra.values()], dev.counters[key])
+        proto = st.protocol
         errors = {"request": proto.get("errors", 0), "ring": proto.get("ring_errors", 0),
-                  "disconnect": st.get("protocol_errors", 0),
-                  "internal": st.get("internal_errors", 0),
-                  "malformed_chain": st["counters"].get("malformed_chains", 0)}
+                  "disconnect": st.protocol_errors,
+                  "internal": st.internal_errors,
+                  "malformed_chain": dev.counters.get("malformed_chains", 0)}
         for kind, value in errors.items():
             fam(CounterMetricFamily, "errors",
                 "Errors: refused requests, broken rings, protocol errors that dropped the "
                 "frontend, internal errors, malformed chains", ["kind"]).add_metric(
                     [name, kind], value)
         fam(CounterMetricFamily, "sessions", "Frontend connections accepted (reconnects + 1)",
-            []).add_metric([name], st.get("sessions", 0))
+            []).add_metric([name], st.sessions)
         fam(GaugeMetricFamily, "connected", "1 while a frontend (QEMU) is connected",
-            []).add_metric([name], 1 if st.get("connected") else 0)
-        if st.get("ram_backed_bytes") is not None:
+            []).add_metric([name], 1 if st.connected else 0)
+        if st.ram_backed_bytes is not None:
             fam(GaugeMetricFamily, "guest_ram_backed_bytes",
                 "Host memory allocated to the guest's RAM files now (memfd/hugetlbfs st_blocks)",
-                []).add_metric([name], st["ram_backed_bytes"])
+                []).add_metric([name], st.ram_backed_bytes)
         fam(GaugeMetricFamily, "target_bytes", "Balloon target (memory asked from the guest)",
-            []).add_metric([name], st["target_bytes"])
+            []).add_metric([name], dev.target_bytes)
         fam(GaugeMetricFamily, "actual_bytes", "Balloon size the guest reports", []).add_metric(
-            [name], st["actual_bytes"])
+            [name], dev.actual_bytes)
         fam(GaugeMetricFamily, "guest_memory_bytes", "Guest RAM shared with the daemon",
-            []).add_metric([name], st.get("memory_bytes", 0))
-        if st.get("last_report_age") is not None:
+            []).add_metric([name], st.memory_bytes)
+        if dev.last_report_age is not None:
             fam(GaugeMetricFamily, "last_report_age_seconds",
                 "Seconds since the last free page report", []).add_metric(
-                    [name], st["last_report_age"])
-        for stat, value in sorted((st.get("stats") or {}).items()):
+                    [name], dev.last_report_age)
+        for stat, value in sorted(dev.stats.items()):
             fam(GaugeMetricFamily, "guest_stat",
                 "Latest guest memory statistic (bytes for *_memory / disk_caches, else counts)",
                 ["stat"]).add_metric([name, stat], value)
-        if st.get("stats_age") is not None:
+        if dev.stats_age is not None:
             fam(GaugeMetricFamily, "guest_stats_age_seconds",
                 "Seconds since the guest last sent memory statistics", []).add_metric(
-                    [name], st["stats_age"])
-        lat = st.get("discard_latency")
+                    [name], dev.stats_age)
+        lat = dev.discard_latency
         if lat:
             cum, buckets = 0, []
             for bound, count in zip(lat["buckets"] + ["+Inf"], lat["counts"]):

@@ -18,12 +18,14 @@ and ``GuestLogFilter``).
 import contextvars
 import logging
 import os
+from types import MappingProxyType
 
-from vhostuser.loop import EventLoop, Server, open_listener
+from vhostuser.loop import EventLoop, Loop, Server, open_listener
 
 from . import notify
 from ..device import BalloonDevice
 from .errors import ConfigError
+from .status import GuestStatus
 
 log = logging.getLogger("vhost-user-balloon")
 
@@ -43,19 +45,8 @@ class GuestLogFilter(logging.Filter):
         return True
 
 
-class GuestServer(Server):
-    """Server that also counts the protocol errors that dropped its frontend."""
-
-    protocol_errors = 0
-
-    def _close(self, reason):
-        if self.conn is not None and reason.startswith("protocol error"):
-            self.protocol_errors += 1
-        super()._close(reason)
-
-
-class GuestLoop:
-    """One guest's view of the shared EventLoop: same API, guarded callbacks."""
+class GuestLoop(Loop):
+    """One guest's view of the shared EventLoop: same interface, guarded callbacks."""
 
     def __init__(self, loop, guest, stop_shared, isolate=True):
         self.shared = loop
@@ -120,27 +111,28 @@ class Guest:
         log.exception("guest %s: internal error; dropping its frontend (other guests are "
                       "not affected)", self.name)
         try:
-            self.server._close("internal error in the daemon")
+            self.server.disconnect("internal error in the daemon")
         except Exception:
             log.exception("guest %s: closing the connection failed too", self.name)
 
     def status(self, rings=False):
-        """A snapshot; safe to call from the metrics thread (only copies and reads)
-        unless rings=True (ring indices read from guest memory: loop thread only)."""
-        st = self.device.status()
+        """A GuestStatus snapshot; safe to call from the metrics thread (only copies and
+        reads) unless rings=True (ring indices read from guest memory: loop thread only)."""
+        dev = self.device.status()
         server = self.server
         backend = server.backend
-        st.update(
-            name=self.name, socket=self.socket_path, connected=server.connected,
-            sessions=server.sessions, protocol=dict(backend.counters),
-            protocol_errors=getattr(server, "protocol_errors", 0), internal_errors=self.internal_errors,
-            memory_bytes=sum(r.size for r in list(backend.memory.regions)),
-            ram_backed_bytes=backend.memory.backed_bytes())
+        ring_info = None
         if rings:
-            roles = st.get("queues") or []
-            st["rings"] = [dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
-                           for i, q in enumerate(backend.queues)]
-        return st
+            roles = dev.queues
+            ring_info = tuple(dict(q.diagnostics(), role=roles[i] if i < len(roles) else None)
+                              for i, q in enumerate(backend.queues))
+        return GuestStatus(
+            name=self.name, device=dev, socket=self.socket_path, connected=server.connected,
+            sessions=server.sessions, protocol=MappingProxyType(dict(backend.counters)),
+            protocol_errors=server.protocol_errors,
+            internal_errors=self.internal_errors,
+            memory_bytes=sum(r.size for r in list(backend.memory.regions)),
+            ram_backed_bytes=backend.memory.backed_bytes(), rings=ring_info)
 
     def call(self, fn, *args):
         """Run fn in this guest's logging context (control socket, policy)."""
@@ -202,7 +194,7 @@ class Daemon:
         gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
         token = current_guest.set(name)
         try:
-            guest.server = GuestServer(guest.device, listener, loop=gloop, keep_listening=keep,
+            guest.server = Server(guest.device, listener, loop=gloop, keep_listening=keep,
                                        use_c=self.cfg.use_c)
         except BaseException:
             listener.close()

@@ -223,14 +223,14 @@ class HostReader:
 # ---- the loop --------------------------------------------------------------
 
 def view_of(status, cfg):
-    """A guest's status dict (multi.Guest.status()) -> GuestView."""
-    stats = status.get("stats") or {}
-    age = status.get("stats_age")
+    """A guest's GuestStatus (multi.Guest.status()) -> GuestView."""
+    dev = status.device
+    age = dev.stats_age
     fresh = age is not None and age <= cfg.stats_max_age
-    available = stats.get("available_memory") if fresh else None
-    return GuestView(target_pages=status["target_pages"], actual_pages=status["actual_pages"],
-                     memory_bytes=status.get("memory_bytes", 0), available_bytes=available,
-                     reporting="REPORTING" in status.get("features_acked", ()))
+    available = dev.stats.get("available_memory") if fresh else None
+    return GuestView(target_pages=dev.target_pages, actual_pages=dev.actual_pages,
+                     memory_bytes=status.memory_bytes, available_bytes=available,
+                     reporting=dev.reporting)
 
 
 class PolicyLoop:
@@ -297,7 +297,7 @@ class PolicyLoop:
         now = time.monotonic()
         for name, guest in self.guests.items():
             st = guest.status()
-            if st["connected"] and st["features_acked"]:
+            if st.serving:
                 v = self._mark_busy(name, view_of(st, self.cfg), now)
                 current[name] = v.target_pages
                 v = replace(v, target_pages=self.sweeper.base_target(name, v.target_pages))

@@ -10,6 +10,7 @@ import sys
 import time
 
 from .control import request
+from .status import GuestStatus
 
 COLUMNS = ("GUEST", "STATE", "TARGET", "ACTUAL", "REPORTED", "RETURNED", "LAST REPORT",
            "GUEST AVAIL", "HOST RAM", "SESSIONS")
@@ -35,17 +36,16 @@ def human_age(seconds):
 
 
 def row(st):
-    c = st.get("counters", {})
-    if st.get("connected"):
-        state = "serving" if st.get("features_acked") else "connected"
-    else:
-        state = "waiting"
-    avail = (st.get("stats") or {}).get("available_memory")
-    return (st.get("name", "?"), state, human_bytes(st.get("target_bytes")),
-            human_bytes(st.get("actual_bytes")), human_bytes(c.get("bytes_reported", 0)),
+    """One table row of a GuestStatus (or of its to_dict() form, as sent by ctl)."""
+    if isinstance(st, dict):
+        st = GuestStatus.from_dict(st)
+    dev, c = st.device, st.device.counters
+    state = ("serving" if dev.driver_ok else "connected") if st.connected else "waiting"
+    return (st.name, state, human_bytes(dev.target_bytes),
+            human_bytes(dev.actual_bytes), human_bytes(c.get("bytes_reported", 0)),
             human_bytes(c.get("bytes_discarded", 0) + c.get("bytes_inflate_discarded", 0)),
-            human_age(st.get("last_report_age")), human_bytes(avail),
-            human_bytes(st.get("ram_backed_bytes")), str(st.get("sessions", 0)))
+            human_age(dev.last_report_age), human_bytes(dev.stats.get("available_memory")),
+            human_bytes(st.ram_backed_bytes), str(st.sessions))
 
 
 def format_table(statuses):
