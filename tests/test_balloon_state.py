@@ -267,3 +267,63 @@ def test_deflate_on_oom_is_offered_only_when_asked():
             assert ("DEFLATE_ON_OOM" in dev.status().features_acked) is want
         finally:
             fe.close()
+
+
+# ---- small contracts the mutation run found unpinned ----------------------------
+
+def test_set_target_bounds_and_result():
+    dev = BalloonDevice()
+    for bad in (-1, 1 << 32):
+        with pytest.raises(ValueError, match="0 to 2\\^32-1 pages"):
+            dev.set_target(bad)
+    assert dev.set_target(0) is False            # no driver yet: nothing sent
+    assert dev.set_target((1 << 32) - 1) is False
+    assert dev.status().target_pages == (1 << 32) - 1
+    r = Rig(device=dev)
+    try:
+        assert dev.set_target(256) is True
+        assert dev.status().counters["config_changes_sent"] == 1
+    finally:
+        r.close()
+
+
+def test_deflate_counts_pages_and_malformed_chains(use_c):
+    r = Rig(use_c=use_c)
+    try:
+        before = blocks(r.mem.fd)
+        r.post("deflate", [struct.pack("<3I", 1, 2, 3) + b"\0\0"], [])   # 14 bytes: 3 PFNs
+        assert len(r.used("deflate")) == 1
+        assert r.dev.counters["deflate_pages"] == 3
+        dq = r.q["deflate"]
+        used = dq.used_idx
+        dq.write_desc(0, r.data[0], 8, flags=1, next=0)          # a loop: malformed
+        dq.put_avail(0, publish=True)
+        r.fe.kick(r.kicks["deflate"])
+        assert dq.used_idx == used + 1                 # completed all the same
+        c = r.dev.counters
+        assert c["malformed_chains"] == 1 and c["deflate_pages"] == 3
+        assert blocks(r.mem.fd) == before              # deflate never frees memory
+    finally:
+        r.close()
+
+
+def test_inflate_pfn_array_cap_and_trailing_bytes(use_c):
+    from balloon_device.device import MAX_PFNS_PER_CHAIN
+    r = Rig(use_c=use_c)
+    try:
+        base = r.data[4] >> 12
+        # 2 PFNs and 2 stray bytes: the stray bytes are no third PFN
+        r.post("inflate", [struct.pack("<2I", base, base + 1) + b"\xff\xff"], [])
+        assert len(r.used("inflate")) == 1
+        assert r.dev.counters["inflate_pages"] == 2
+        # exactly the cap is read; one more PFN is refused as malformed
+        pfns = struct.pack("<I", 0xFFFFFFFF) * MAX_PFNS_PER_CHAIN
+        r.post("inflate", [pfns], [])
+        assert len(r.used("inflate")) == 1
+        c = r.dev.counters
+        assert c["inflate_pages"] == 2 + MAX_PFNS_PER_CHAIN and c["malformed_chains"] == 0
+        r.post("inflate", [pfns, struct.pack("<I", 0xFFFFFFFF)], [])
+        assert len(r.used("inflate")) == 1
+        assert c["malformed_chains"] == 1 and c["inflate_pages"] == 2 + MAX_PFNS_PER_CHAIN
+    finally:
+        r.close()
