@@ -327,3 +327,27 @@ def test_inflate_pfn_array_cap_and_trailing_bytes(use_c):
         assert c["malformed_chains"] == 1 and c["inflate_pages"] == 2 + MAX_PFNS_PER_CHAIN
     finally:
         r.close()
+
+
+def test_config_writes_keep_only_whole_writable_fields():
+    """SET_CONFIG of part of the config: `actual` (bytes 4-7) and `poison_val`
+    (12-15) change only when the write covers the whole field; the rest of
+    the config is the device's own."""
+    r = Rig()
+    try:
+        def write(offset, data):
+            assert r.fe.ack(R.SET_CONFIG, m.encode_config(offset, 0, data)) == 0
+            return struct.unpack("<IIII", r.fe.get_config())
+
+        r.dev.set_target(7)
+        assert write(4, struct.pack("<I", 99)) == (7, 99, 0, 0)
+        assert write(5, b"\1\1\1") == (7, 99, 0, 0)            # part of actual
+        assert write(0, struct.pack("<II", 1, 100)) == (7, 100, 0, 0)   # num_pages is ours
+        assert write(12, struct.pack("<I", 0xAB)) == (7, 100, 0, 0xAB)
+        assert write(13, b"\2\2\2") == (7, 100, 0, 0xAB)       # part of poison_val
+        assert write(8, struct.pack("<I", 5)) == (7, 100, 0, 0xAB)      # hint cmd id: ours
+        assert write(0, struct.pack("<IIII", 3, 100, 9, 0)) == (7, 100, 0, 0)
+        # writes past the 16 bytes are refused
+        assert r.fe.ack(R.SET_CONFIG, m.encode_config(12, 0, b"\0" * 8)) == 1
+    finally:
+        r.close()
