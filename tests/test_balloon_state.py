@@ -292,7 +292,7 @@ def test_deflate_counts_pages_and_malformed_chains(use_c):
     try:
         before = blocks(r.mem.fd)
         r.post("deflate", [struct.pack("<3I", 1, 2, 3) + b"\0\0"], [])   # 14 bytes: 3 PFNs
-        assert len(r.used("deflate")) == 1
+        assert [u.len for u in r.used("deflate")] == [0]
         assert r.dev.counters["deflate_pages"] == 3
         dq = r.q["deflate"]
         used = dq.used_idx
@@ -313,9 +313,11 @@ def test_inflate_pfn_array_cap_and_trailing_bytes(use_c):
     try:
         base = r.data[4] >> 12
         # 2 PFNs and 2 stray bytes: the stray bytes are no third PFN
+        before = blocks(r.mem.fd)
         r.post("inflate", [struct.pack("<2I", base, base + 1) + b"\xff\xff"], [])
-        assert len(r.used("inflate")) == 1
+        assert [u.len for u in r.used("inflate")] == [0]    # nothing written
         assert r.dev.counters["inflate_pages"] == 2
+        assert before - blocks(r.mem.fd) == 2 * 4096         # two adjacent pages, merged
         # exactly the cap is read; one more PFN is refused as malformed
         pfns = struct.pack("<I", 0xFFFFFFFF) * MAX_PFNS_PER_CHAIN
         r.post("inflate", [pfns], [])
@@ -349,5 +351,26 @@ def test_config_writes_keep_only_whole_writable_fields():
         assert write(0, struct.pack("<IIII", 3, 100, 9, 0)) == (7, 100, 0, 0)
         # writes past the 16 bytes are refused
         assert r.fe.ack(R.SET_CONFIG, m.encode_config(12, 0, b"\0" * 8)) == 1
+    finally:
+        r.close()
+
+
+@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
+def test_reporting_counters_add_up_over_chains(use_c, per_piece):
+    r = Rig(use_c=use_c)
+    if per_piece:
+        r.dev.engine.discard_chain = lambda memory, raw: None
+    try:
+        r.post("reporting", [], [(r.data[0], 2 * MiB), (r.data[1], MiB)])
+        r.post("reporting", [], [(r.data[2], 2 * MiB)])
+        assert [u.len for u in r.used("reporting")] == [0, 0]
+        c = r.dev.counters
+        assert (c["report_chains"], c["report_ranges"]) == (2, 3)
+        assert c["bytes_reported"] == c["bytes_discarded"] == 5 * MiB
+        r.dev.inhibited = True
+        r.post("reporting", [], [(r.data[3], MiB)])
+        r.post("reporting", [], [(r.data[4], MiB)])
+        assert c["skipped_inhibited"] == 2 * MiB and c["bytes_reported"] == 7 * MiB
+        assert r.dev.status().last_report_age is not None
     finally:
         r.close()
