@@ -6,14 +6,15 @@ pages (whole host pages only). Stats: keep the guest's buffer, return it
 to ask for fresh values.
 """
 
+import contextlib
 import logging
 import struct
 import time
 from types import MappingProxyType
 
 from vhostuser.device import Device
-from vhostuser.errors import GuestMemoryError
-from vhostuser.vring import pack_segments
+from vhostuser.errors import GuestMemoryError, VringError
+from vhostuser.vring import SEG, pack_segments
 
 from . import features as F
 from . import stats as stats_mod
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 CONFIG = struct.Struct("<IIII")  # num_pages, actual, free_page_hint_cmd_id, poison_val
 MAX_PFNS_PER_CHAIN = 1 << 16      # Linux sends 256; refuse absurd buffers
 QUEUE_MAX = 32768
+SEG_WRITE = 1                     # vu_seg flags: device-writable
+MAX_RUN = 1 << 31                 # a vu_seg length is 32 bits
+MIN_GUEST_BYTES = 64 << 20        # a target always leaves the guest this (or half its RAM)
 
 COUNTER_NAMES = (
     "report_chains", "report_ranges", "bytes_reported", "bytes_discarded",
@@ -38,14 +42,15 @@ class BalloonDevice(Device):
     device_id = F.DEVICE_ID
 
     def __init__(self, discard_mode="auto", reporting=True, stats=True, deflate_on_oom=False,
-                 no_discard=False, stats_interval=0.0, use_c=True):
+                 no_discard=False, stats_interval=0.0):
         self.offer = F.offered(reporting=reporting, stats=stats, deflate_on_oom=deflate_on_oom)
-        self.engine = DiscardEngine(discard_mode, use_c=use_c)
+        self.engine = DiscardEngine(discard_mode)
         self.inhibited = no_discard
         self.stats_interval = stats_interval
         self.ctx = None
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.target_pages = 0
+        self.memory_bytes = 0  # guest RAM in the last memory table (kept across resets)
         self.last_report = None
         self.latest_stats = {}
         self.stats_time = None
@@ -116,6 +121,14 @@ class BalloonDevice(Device):
         self.engine.check(regions)  # refuse a table the discard mode cannot free
 
     def memory_changed(self, memory):
+        self.memory_bytes = sum(r.size for r in memory.regions)
+        if len(memory):
+            limit = self.target_limit()
+            if self.target_pages > limit:
+                log.warning("balloon target %d MiB is more than this guest's %d MiB of RAM "
+                            "can give; lowered to %d MiB", self.target_pages >> 8,
+                            self.memory_bytes >> 20, limit >> 8)
+                self.target_pages = limit
         for r in memory.regions:
             log.info("guest memory %r", r)
 
@@ -142,9 +155,34 @@ class BalloonDevice(Device):
 
     # ---- control -----------------------------------------------------------
 
+    def target_limit(self):
+        """Largest target in pages: guest RAM minus what it always keeps
+        (min(MIN_GUEST_BYTES, half its RAM)); None while its RAM is unknown."""
+        if not self.memory_bytes:
+            return None
+        keep = min(MIN_GUEST_BYTES, self.memory_bytes // 2)
+        return (self.memory_bytes - keep) >> F.PFN_SHIFT
+
+    def check_target(self, pages):
+        """ValueError unless pages is a target this guest can give (ctl target)."""
+        if not isinstance(pages, int) or pages < 0 or pages > 0xFFFFFFFF:
+            raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:
+            raise ValueError(
+                f"target {pages << F.PFN_SHIFT >> 20} MiB is more than this guest can give: "
+                f"it has {self.memory_bytes >> 20} MiB of RAM and keeps at least "
+                f"{(self.memory_bytes - (limit << F.PFN_SHIFT)) >> 20} MiB, so the largest "
+                f"target is {limit >> 8} MiB")
+
     def set_target(self, pages):
         if pages < 0 or pages > 0xFFFFFFFF:
             raise ValueError("target must be 0 to 2^32-1 pages of 4 KiB")
+        limit = self.target_limit()
+        if limit is not None and pages > limit:  # callers check first; never ask the impossible
+            log.warning("balloon target %d MiB lowered to %d MiB: the guest has %d MiB of RAM",
+                        pages >> 8, limit >> 8, self.memory_bytes >> 20)
+            pages = limit
         self.target_pages = pages
         log.info("balloon target set to %d pages (%d MiB)", pages, pages >> 8)
         if not self.acked:
@@ -168,87 +206,77 @@ class BalloonDevice(Device):
 
     # ---- queues ------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _completing(self, queue, chain, role):
+        """Every popped chain is completed, whatever happens while it is handled: if the
+        handler neither completed it (used idx unchanged) nor kept it (the stats buffer),
+        it is completed with length 0; an error is this chain's alone."""
+        used = queue.used_idx
+        try:
+            yield
+        except VringError:
+            raise  # the ring itself is broken: the queue stops
+        except GuestMemoryError as e:
+            self.counters["malformed_chains"] += 1
+            log.warning("%s queue: chain %d skipped: %s", role, chain.head, e)
+        except Exception:
+            self.counters["malformed_chains"] += 1
+            log.exception("%s queue: chain %d failed; completing it untouched", role, chain.head)
+        finally:
+            if queue.used_idx == used and chain.head != self._stats_head:
+                queue.push(chain.head, 0)
+
     def _complete_all(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
             if chain.error:
                 self.counters["malformed_chains"] += 1
             queue.push(chain.head, 0)
 
-    def _pieces(self, memory, segments):
-        """Split guest ranges at region ends; out-of-range ones are counted and dropped."""
-        pieces = []
-        for seg in segments:
-            try:
-                pieces.extend(memory.split(seg.addr, seg.length))
-            except GuestMemoryError as e:
-                self.counters["skipped_out_of_range"] += seg.length
-                log.warning("reported range %#x+%#x skipped: %s", seg.addr, seg.length, e)
-        return pieces
-
-    def _discard(self, pieces):
+    def _discard(self, memory, raw, kind):
+        """The one way memory is released: segments (packed vu_seg records)
+        through the engine, then its counters and log lines.  kind: "report"
+        (a reporting chain) or "inflate" (an inflate chain's page runs)."""
         t0 = time.monotonic()
-        res = self.engine.discard(pieces)
-        self.discard_latency.observe(time.monotonic() - t0)
-        self.counters["skipped_unaligned"] += res.skipped_unaligned
-        self.counters["skipped_error"] += res.failed
-        for err in res.errors:
-            log.error("discard failed: %s", err)
-        return res.discarded
-
-    def _discard_chain(self, memory, chain):
-        """Split, trim and discard a chain's writable ranges in one engine
-        call.  False if this memory table needs the per-piece path (nothing
-        was done then)."""
-        raw = chain.raw
-        if raw is None:
-            raw = pack_segments(chain.segments)
-        t0 = time.monotonic()
-        res = self.engine.discard_chain(memory, raw)
-        if res is None:
-            return False
+        res = self.engine.discard(memory, raw)
         self.discard_latency.observe(time.monotonic() - t0)
         c = self.counters
-        c["report_ranges"] += res.nsegs
-        c["bytes_reported"] += res.reported
-        c["bytes_discarded"] += res.discarded
+        if kind == "report":
+            c["report_ranges"] += res.nsegs
+            c["bytes_reported"] += res.reported
+            c["bytes_discarded"] += res.discarded
+        else:
+            c["bytes_inflate_discarded"] += res.discarded
         c["skipped_unaligned"] += res.skipped_unaligned
+        c["skipped_out_of_range"] += res.skipped_out_of_range
         c["skipped_error"] += res.failed
-        if res.out_of_range:
-            c["skipped_out_of_range"] += res.skipped_out_of_range
-            for addr, length in res.out_of_range:
-                try:
-                    memory.split(addr, length)
-                    e = "not inside guest memory"   # not reached: split agrees
-                except GuestMemoryError as exc:
-                    e = exc
-                log.warning("reported range %#x+%#x skipped: %s", addr, length, e)
+        for addr, length, outside in res.out_of_range:
+            why = ("it runs past the end of the 64-bit address space" if addr + length > 1 << 64
+                   else f"guest address {outside:#x} is outside guest memory")
+            log.warning("%s range %#x+%#x skipped: %s",
+                        "reported" if kind == "report" else "inflated", addr, length, why)
         for err in res.errors:
             log.error("discard failed: %s", err)
-        return True
 
     def _handle_reporting(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                log.warning("reporting queue: malformed chain %d skipped: %s",
-                            chain.head, chain.error)
-                queue.push(chain.head, 0)
-                continue
-            self.counters["report_chains"] += 1
-            if self.discard_allowed and self._discard_chain(memory, chain):
+            with self._completing(queue, chain, "reporting"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("reporting queue: malformed chain %d skipped: %s",
+                                chain.head, chain.error)
+                    queue.push(chain.head, 0)
+                    continue
+                self.counters["report_chains"] += 1
+                if self.discard_allowed:
+                    raw = chain.raw if chain.raw is not None else pack_segments(chain.segments)
+                    self._discard(memory, raw, "report")
+                else:
+                    ranges, total = chain.writable(), chain.writable_len
+                    self.counters["report_ranges"] += len(ranges)
+                    self.counters["bytes_reported"] += total
+                    self.counters[self._skip_reason()] += total
                 self.last_report = time.time()
                 queue.push(chain.head, 0)  # only after the discard
-                continue
-            ranges = chain.writable()
-            total = sum(s.length for s in ranges)
-            self.counters["report_ranges"] += len(ranges)
-            self.counters["bytes_reported"] += total
-            if not self.discard_allowed:
-                self.counters[self._skip_reason()] += total
-            else:
-                self.counters["bytes_discarded"] += self._discard(self._pieces(memory, ranges))
-            self.last_report = time.time()
-            queue.push(chain.head, 0)  # only after the discard
         queue.signal()
 
     def _read_pfns(self, memory, chain):
@@ -262,27 +290,28 @@ class BalloonDevice(Device):
 
     def _handle_inflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            error, pfns = chain.error, ()
-            if not error:
-                try:
-                    pfns = self._read_pfns(memory, chain)
-                except GuestMemoryError as e:
-                    error = str(e)
-            if error:
-                self.counters["malformed_chains"] += 1
-                log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
-            self.counters["inflate_pages"] += len(pfns)
-            if pfns and self.discard_allowed:
-                freed = self._discard(self._inflate_pieces(memory, pfns))
-                self.counters["bytes_inflate_discarded"] += freed
-            elif pfns:
-                self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
-            queue.push(chain.head, 0)
+            with self._completing(queue, chain, "inflate"):
+                error, pfns = chain.error, ()
+                if not error:
+                    try:
+                        pfns = self._read_pfns(memory, chain)
+                    except GuestMemoryError as e:
+                        error = str(e)
+                if error:
+                    self.counters["malformed_chains"] += 1
+                    log.warning("inflate queue: chain %d skipped: %s", chain.head, error)
+                self.counters["inflate_pages"] += len(pfns)
+                if pfns and self.discard_allowed:
+                    self._discard(memory, self._inflate_segments(memory, pfns), "inflate")
+                elif pfns:
+                    self.counters[self._skip_reason()] += len(pfns) << F.PFN_SHIFT
+                queue.push(chain.head, 0)
         queue.signal()
 
-    def _inflate_pieces(self, memory, pfns):
-        """4 KiB pages -> discardable pieces; on huge-page backings only whole host pages."""
-        ranges = []  # merged runs of 4 KiB pages (gpa, length)
+    def _inflate_segments(self, memory, pfns):
+        """4 KiB pages -> merged runs as packed vu_seg records; on huge-page
+        backings only whole host pages, once all their 4 KiB parts came."""
+        runs = []  # [gpa, length]
         for pfn in pfns:
             gpa = pfn << F.PFN_SHIFT
             r = memory.find(gpa)
@@ -296,14 +325,11 @@ class BalloonDevice(Device):
                 gpa, length = whole, r.page_size
             else:
                 length = 1 << F.PFN_SHIFT
-            if ranges and ranges[-1][0] + ranges[-1][1] == gpa:
-                ranges[-1][1] += length
+            if runs and runs[-1][0] + runs[-1][1] == gpa and runs[-1][1] + length <= MAX_RUN:
+                runs[-1][1] += length
             else:
-                ranges.append([gpa, length])
-        pieces = []
-        for gpa, length in ranges:
-            pieces.extend(memory.split(gpa, length))
-        return pieces
+                runs.append([gpa, length])
+        return b"".join([SEG.pack(gpa, length, SEG_WRITE) for gpa, length in runs])
 
     def _track_partial(self, region, gpa):
         """Returns the host page's gpa once all its 4 KiB parts were inflated."""
@@ -322,11 +348,12 @@ class BalloonDevice(Device):
 
     def _handle_deflate(self, queue, memory):
         while (chain := queue.pop(memory)) is not None:
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-            else:
-                self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
-            queue.push(chain.head, 0)  # pages come back on the guest's next touch
+            with self._completing(queue, chain, "deflate"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                else:
+                    self.counters["deflate_pages"] += sum(s.length for s in chain.readable()) // 4
+                queue.push(chain.head, 0)  # pages come back on the guest's next touch
         queue.signal()
 
     def _handle_stats(self, queue, memory):
@@ -335,27 +362,36 @@ class BalloonDevice(Device):
                 # A driver keeps one buffer; return a stale extra one.
                 queue.push(self._stats_head, 0)
             self._stats_head = None
-            if chain.error:
-                self.counters["malformed_chains"] += 1
-                queue.push(chain.head, 0)
-                continue
-            data = b""
-            for seg in chain.readable():
-                if len(data) + seg.length > stats_mod.MAX_BUFFER:
-                    break
-                data += memory.read(seg.addr, seg.length)
-            self.latest_stats = stats_mod.parse(data)
-            self.stats_time = time.time()
-            self.counters["stats_updates"] += 1
-            self._stats_head = chain.head
-            self._stats_queue = queue
-            self._schedule_stats()
+            with self._completing(queue, chain, "stats"):
+                if chain.error:
+                    self.counters["malformed_chains"] += 1
+                    queue.push(chain.head, 0)
+                    continue
+                data = b""
+                for seg in chain.readable():
+                    if len(data) + seg.length > stats_mod.MAX_BUFFER:
+                        break
+                    data += memory.read(seg.addr, seg.length)
+                self.latest_stats = stats_mod.parse(data)
+                self.stats_time = time.time()
+                self.counters["stats_updates"] += 1
+                self._stats_head = chain.head
+                self._stats_queue = queue
+                self._schedule_stats()
         queue.signal()
 
     def _schedule_stats(self):
         self._cancel_stats_timer()
         if self.stats_interval > 0 and self.ctx is not None:
             self._stats_timer = self.ctx.call_later(self.stats_interval, self.request_stats)
+
+    def set_stats_interval(self, seconds):
+        """Poll the guest's stats every `seconds` from now on (0 = stop polling)."""
+        if seconds < 0:
+            raise ValueError("stats interval must be >= 0 seconds")
+        self.stats_interval = seconds
+        log.info("stats interval now %g s%s", seconds, " (off)" if not seconds else "")
+        self._schedule_stats()
 
     def _cancel_stats_timer(self):
         if self._stats_timer is not None and self.ctx is not None:
@@ -369,7 +405,11 @@ class BalloonDevice(Device):
         if q is None or head is None or q.broken is not None:
             return False
         self._stats_head = None
-        q.push(head, 0)
+        try:
+            q.push(head, 0)
+        except VringError as e:  # from a timer or the policy: never raise out of it
+            log.error("stats queue: cannot return the stats buffer: %s", e)
+            return False
         q.signal()
         return True
 

@@ -9,13 +9,9 @@ class ConfigError(BalloonError):
     """A command-line or configuration option is invalid."""
 
 
-class DiscardPolicyError(BalloonError):
+class DiscardModeError(BalloonError):
     """The discard mode cannot free the memory backing it would be used on.
 
     The message names the region, says why the mode frees nothing there and
     which mode to use instead.
     """
-
-
-class DiscardError(BalloonError):
-    """A discard system call (fallocate / madvise) failed."""

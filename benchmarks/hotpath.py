@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GIB, MIB, Results, cpu_seconds, env_lines, environment, f,  # noqa: E402
                     md_table, pct, proc_memory, pyplot, ratio)
 
-from balloon_device import discard as D  # noqa: E402
+from balloon_device.discard.engine import c_module  # noqa: E402
 from balloon_device import features as F  # noqa: E402
 from vhostuser.testing.driver import DriverQueue, GuestMemory  # noqa: E402
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
@@ -155,7 +155,7 @@ class Bench:
         self.mem = GuestMemory(size, guard=False)
         self.size = size
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem.mm))
-        self.ffi, self.lib = D._discard_c.ffi, D._discard_c.lib
+        self.ffi, self.lib = c_module().ffi, c_module().lib
         self.done = self.ffi.new("uint64_t *")
         self.daemon = Daemon(tempfile.mkdtemp(prefix="vub-hotpath-"), log_level="info",
                              args=ns.daemon_args.split() if ns.daemon_args else ())
@@ -305,8 +305,10 @@ def main():
     ap.add_argument("--daemon-args", default="", help="extra daemon arguments")
     ap.add_argument("--out", help="results folder (default benchmarks/results/hotpath)")
     ns = ap.parse_args()
-    if not D.c_available():
-        sys.exit("balloon_device._discard_c is not built: python c_ext/build_discard.py")
+    try:
+        c_module()
+    except ImportError as e:
+        sys.exit(str(e))
     res = Results("hotpath", ns.out)
     res.data["environment"] = environment()
     res.data["params"] = vars(ns)

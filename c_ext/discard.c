@@ -47,64 +47,6 @@ static int advise(uint64_t hva, uint64_t len, int advice)
     return rc == 0 ? 0 : -errno;
 }
 
-int vub_discard(const struct vub_range *r, uint32_t n, int mode,
-                uint32_t *done)
-{
-    uint32_t i;
-    int rc = 0;
-
-    if (done)
-        *done = 0;
-    if (mode < VUB_PUNCH_HOLE || mode > VUB_FREE)
-        return -EINVAL;
-    for (i = 0; i < n; i++) {
-        if (r[i].len == 0)
-            continue;
-        switch (mode) {
-        case VUB_PUNCH_HOLE:
-            rc = punch(r[i].fd, r[i].offset, r[i].len);
-            break;
-        case VUB_REMOVE:
-            rc = advise(r[i].hva, r[i].len, MADV_REMOVE);
-            break;
-        case VUB_DONTNEED:
-            rc = advise(r[i].hva, r[i].len, MADV_DONTNEED);
-            break;
-        default:
-            rc = advise(r[i].hva, r[i].len, MADV_FREE);
-            break;
-        }
-        if (rc != 0)
-            break;
-    }
-    if (done)
-        *done = i;
-    return rc;
-}
-
-int vub_trim(uint64_t start, uint64_t len, uint64_t page,
-             uint64_t *out_start, uint64_t *out_len)
-{
-    uint64_t lo, hi, mask;
-
-    *out_start = start;
-    *out_len = 0;
-    if (page == 0 || (page & (page - 1)) != 0)
-        return -EINVAL;
-    if (len > UINT64_MAX - start)
-        return -EINVAL;
-    mask = page - 1;
-    if (start > UINT64_MAX - mask)     /* rounding up would overflow */
-        return 1;
-    lo = (start + mask) & ~mask;
-    hi = (start + len) & ~mask;
-    if (hi <= lo)
-        return 1;
-    *out_start = lo;
-    *out_len = hi - lo;
-    return 0;
-}
-
 int vub_punch_loop(int fd, uint64_t offset, uint64_t piece, uint64_t count,
                    uint64_t *done)
 {
@@ -121,9 +63,22 @@ int vub_punch_loop(int fd, uint64_t offset, uint64_t piece, uint64_t count,
     return rc;
 }
 
-/* ---- whole reporting chains (see discard.h) ---------------------------- */
+/* Trim [base, base+n) inward to whole pages (mask = page - 1): the first
+ * whole page's start in *lo, the bytes of whole pages returned (0: none). */
+static inline uint64_t trim(uint64_t base, uint64_t n, uint64_t mask,
+                            uint64_t *lo)
+{
+    uint64_t hi;
 
-static int discard_one(int mode, int fd, uint64_t offset, uint64_t hva,
+    *lo = base;
+    if (base > UINT64_MAX - mask)       /* rounding up would overflow */
+        return 0;
+    *lo = (base + mask) & ~mask;
+    hi = (base + n) & ~mask;
+    return hi > *lo ? hi - *lo : 0;
+}
+
+static int discard_one(uint32_t mode, int fd, uint64_t offset, uint64_t hva,
                        uint64_t len)
 {
     switch (mode) {
@@ -138,31 +93,25 @@ static int discard_one(int mode, int fd, uint64_t offset, uint64_t hva,
     }
 }
 
-/* Index of the region holding gpa, or nregs.  Size-0 regions hold nothing. */
-static uint32_t find_region(const struct vub_region *regs, uint32_t nregs,
-                            uint64_t gpa)
-{
-    uint32_t i;
-
-    for (i = 0; i < nregs; i++)
-        if (regs[i].size && regs[i].gpa <= gpa && gpa - regs[i].gpa < regs[i].size)
-            return i;
-    return nregs;
-}
-
-/* 1 if every byte of [addr, addr+len) is in some region (len > 0). */
-static int covered(const struct vub_region *regs, uint32_t nregs,
-                   uint64_t addr, uint64_t len)
+/* 1 if every byte of [addr, addr+len) is in some region (len > 0), else 0
+ * and *outside = the first byte that is not (addr if the range runs past
+ * 2^64). */
+static int covered(const struct vu_region *regs, uint32_t nregs,
+                   uint64_t addr, uint64_t len, uint64_t *outside)
 {
     uint64_t g = addr, rem = len, room;
-    uint32_t k;
+    int64_t k;
 
-    if (addr > UINT64_MAX - (len - 1))      /* end beyond 2^64 */
+    if (addr > UINT64_MAX - (len - 1)) {    /* end beyond 2^64 */
+        *outside = addr;
         return 0;
+    }
     while (rem > 0) {
-        k = find_region(regs, nregs, g);
-        if (k == nregs)
+        k = vu_region_find(regs, nregs, g);
+        if (k < 0) {
+            *outside = g;
             return 0;
+        }
         room = regs[k].size - (g - regs[k].gpa);
         if (room >= rem)
             return 1;
@@ -172,42 +121,51 @@ static int covered(const struct vub_region *regs, uint32_t nregs,
     return 1;
 }
 
-int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
-                     const struct vub_seg *segs, uint32_t nsegs, int mode,
-                     struct vub_totals *t)
+/* 0 if the region table is one vub_discard_segs() can use. */
+static int check_regions(const struct vu_region *regs, uint32_t nregs)
 {
     uint32_t i;
 
-    if (mode < VUB_PUNCH_HOLE || mode > VUB_FREE || t->seg > nsegs)
-        return VUB_SEGS_EARG;
     for (i = 0; i < nregs; i++) {
-        const struct vub_region *r = &regs[i];
+        const struct vu_region *r = &regs[i];
         uint64_t page = r->page_size;
 
-        if (page == 0 || (page & (page - 1)) != 0)
-            return VUB_SEGS_EARG;
+        if (page == 0 || (page & (page - 1)) != 0 || r->mode > VUB_FREE)
+            return -1;
+        if (i > 0 && (r->gpa < regs[i - 1].gpa ||
+                      r->gpa - regs[i - 1].gpa < regs[i - 1].size))
+            return -1;                               /* unsorted, overlap */
         if (r->size == 0)
             continue;
         if (r->gpa > UINT64_MAX - (r->size - 1) ||   /* gpa end <= 2^64 */
             r->hva > UINT64_MAX - r->size ||         /* hva end < 2^64 */
             r->file_offset > UINT64_MAX - r->size)   /* offset end < 2^64 */
-            return VUB_SEGS_EARG;
+            return -1;
     }
+    return 0;
+}
+
+int vub_discard_segs(const struct vu_region *regs, uint32_t nregs,
+                     const struct vu_seg *segs, uint32_t nsegs,
+                     struct vub_totals *t)
+{
+    if (t->seg > nsegs || check_regions(regs, nregs) != 0)
+        return VUB_SEGS_EARG;
     if (t->seg < nsegs && t->seg_done > segs[t->seg].len)
         return VUB_SEGS_EARG;
 
     for (; t->seg < nsegs; t->seg++, t->seg_done = 0) {
-        const struct vub_seg *s = &segs[t->seg];
+        const struct vu_seg *s = &segs[t->seg];
         uint64_t g, rem;
 
-        if (!(s->flags & VUB_SEG_WRITE))
+        if (!(s->flags & VU_SEG_WRITE))
             continue;
         if (t->seg_done == 0) {
             t->nsegs++;
             t->reported += s->len;
             if (s->len == 0)
                 continue;
-            if (!covered(regs, nregs, s->addr, s->len)) {
+            if (!covered(regs, nregs, s->addr, s->len, &t->ev_gpa)) {
                 t->skipped_out_of_range += s->len;
                 t->ev_seg = t->seg;
                 t->seg++;
@@ -218,12 +176,12 @@ int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
         g = s->addr + t->seg_done;
         rem = s->len - t->seg_done;
         while (rem > 0) {
-            uint32_t k = find_region(regs, nregs, g);
-            const struct vub_region *r;
-            uint64_t rel, n, off, hva, base, mask, lo, hi, m, delta;
+            int64_t k = vu_region_find(regs, nregs, g);
+            const struct vu_region *r;
+            uint64_t rel, n, off, hva, base, lo, m, delta;
             int rc;
 
-            if (k == nregs)        /* cannot happen: covered() said so */
+            if (k < 0)             /* cannot happen: covered() said so */
                 return VUB_SEGS_EARG;
             r = &regs[k];
             rel = g - r->gpa;
@@ -232,16 +190,8 @@ int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
                 n = rem;
             off = r->file_offset + rel;
             hva = r->hva + rel;
-            base = mode == VUB_PUNCH_HOLE ? off : hva;
-            mask = (uint64_t)r->page_size - 1;
-            m = 0;
-            lo = base;
-            if (base <= UINT64_MAX - mask) {
-                lo = (base + mask) & ~mask;
-                hi = (base + n) & ~mask;
-                if (hi > lo)
-                    m = hi - lo;
-            }
+            base = r->mode == VUB_PUNCH_HOLE ? off : hva;
+            m = trim(base, n, (uint64_t)r->page_size - 1, &lo);
             t->skipped_unaligned += n - m;
             g += n;
             rem -= n;
@@ -250,7 +200,7 @@ int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
                 continue;
             delta = lo - base;
             t->ranges++;
-            rc = discard_one(mode, r->fd, off + delta, hva + delta, m);
+            rc = discard_one(r->mode, r->fd, off + delta, hva + delta, m);
             if (rc == 0) {
                 t->discarded += m;
                 continue;
@@ -261,7 +211,7 @@ int vub_discard_segs(const struct vub_region *regs, uint32_t nregs,
                 t->first_err_seg = t->seg;
             }
             t->ev_seg = t->seg;
-            t->ev_region = k;
+            t->ev_region = (uint32_t)k;
             t->ev_errno = -rc;
             t->ev_gpa = g - n + delta;
             t->ev_len = m;

@@ -45,31 +45,10 @@ static inline int qsize_ok(uint32_t qsize)
     return qsize >= 1 && qsize <= VU_MAX_QSIZE && (qsize & (qsize - 1)) == 0;
 }
 
-/* Index of the region holding gpa, or -1 (binary search: last region
- * whose start is <= gpa). */
-static int64_t region_find(const struct vu_region *r, uint32_t n,
-                           uint64_t gpa)
-{
-    uint32_t lo = 0, hi = n;
-
-    while (lo < hi) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        if (r[mid].gpa <= gpa)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    if (lo == 0)
-        return -1;
-    if (gpa - r[lo - 1].gpa >= r[lo - 1].size)
-        return -1;
-    return (int64_t)lo - 1;
-}
-
 int vu_translate(const struct vu_region *r, uint32_t n, uint64_t gpa,
                  uint64_t len, uint64_t *hva)
 {
-    int64_t i = region_find(r, n, gpa);
+    int64_t i = vu_region_find(r, n, gpa);
     uint64_t off;
 
     if (i < 0)
@@ -87,7 +66,7 @@ int vu_range_ok(const struct vu_region *r, uint32_t n, uint64_t gpa,
     if (len > UINT64_MAX - gpa)
         return 0;
     for (;;) {
-        int64_t i = region_find(r, n, gpa);
+        int64_t i = vu_region_find(r, n, gpa);
         uint64_t room;
 
         if (i < 0)

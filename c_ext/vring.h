@@ -16,28 +16,13 @@
 
 #include <stdint.h>
 
-/* One region of guest memory: guest-physical start, size, host address.
- * Arrays of regions are sorted by gpa and do not overlap. */
-struct vu_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint64_t hva;
-};
-
-/* One buffer of a popped chain (guest-physical). */
-struct vu_seg {
-    uint64_t addr;
-    uint32_t len;
-    uint32_t flags;             /* VU_SEG_WRITE: device-writable */
-};
+#include "vu_types.h"   /* struct vu_region, struct vu_seg, vu_region_find() */
 
 /* One used-ring element, for vu_push_n(). */
 struct vu_used_elem {
     uint32_t id;
     uint32_t len;
 };
-
-#define VU_SEG_WRITE 1u
 
 #define VU_DESC_F_NEXT 1u
 #define VU_DESC_F_WRITE 2u

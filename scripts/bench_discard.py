@@ -12,8 +12,9 @@ vhostuser.memory.Region (as the daemon maps guest RAM):
                over the whole memfd, pieces of 2 MiB and of 4 MiB.
   chains       32 x 2 MiB pieces (one Linux free-page-reporting chain):
                raw = vub_punch_loop(fd, off, 2 MiB, 32); engine =
-               DiscardEngine.discard(32 pieces) (trim + pack + one
-               vub_discard call); python = the ctypes twin.  p50/p99 latency.
+               DiscardEngine.discard(32 segments) (one vub_discard_segs
+               call: split, trim, discard); python = the ctypes twin.
+               p50/p99 latency.
 
 Pages are allocated before every pass with fallocate() (not mapped in
 this process), like guest RAM that QEMU touched and this daemon never did.
@@ -32,7 +33,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from balloon_device import discard as d  # noqa: E402
+from balloon_device.discard import DiscardEngine  # noqa: E402
+from balloon_device.discard.engine import c_module  # noqa: E402
+from balloon_device.testing import allocated_bytes  # noqa: E402
+from vhostuser import implementation  # noqa: E402
+from vhostuser.vring import SEG  # noqa: E402
 from vhostuser.memory import MemoryTable, Region  # noqa: E402
 
 MiB = 1 << 20
@@ -46,11 +51,11 @@ def fill(fd, region, size, touched):
         ctypes.memset(region.hva, 0x5a, size)
     else:
         os.posix_fallocate(fd, 0, size)
-    assert d.allocated_bytes(fd) == size
+    assert allocated_bytes(fd) == size
 
 
 def raw_loop(fd, size, piece):
-    ffi, lib = d._discard_c.ffi, d._discard_c.lib
+    ffi, lib = c_module().ffi, c_module().lib
     done = ffi.new("uint64_t *")
     t = time.perf_counter_ns()
     rc = lib.vub_punch_loop(fd, 0, piece, size // piece, done)
@@ -60,7 +65,7 @@ def raw_loop(fd, size, piece):
 
 
 def chains_raw(fd, size):
-    ffi, lib = d._discard_c.ffi, d._discard_c.lib
+    ffi, lib = c_module().ffi, c_module().lib
     done = ffi.new("uint64_t *")
     out = []
     for off in range(0, size, CHAIN * PIECE):
@@ -74,12 +79,10 @@ def chains_raw(fd, size):
 def chains_engine(table, size, engine):
     out = []
     for off in range(0, size, CHAIN * PIECE):
-        # one 2 MiB buffer = one split, as the device does per descriptor
-        pieces = []
-        for i in range(CHAIN):
-            pieces += table.split(off + i * PIECE, PIECE)
+        # one device-writable 2 MiB buffer per segment, as a reporting chain
+        raw = b"".join(SEG.pack(off + i * PIECE, PIECE, 1) for i in range(CHAIN))
         t = time.perf_counter_ns()
-        res = engine.discard(pieces)
+        res = engine.discard(table, raw)
         out.append(time.perf_counter_ns() - t)
         assert res.discarded == CHAIN * PIECE and not res.errors, res
     return out
@@ -104,8 +107,10 @@ def run(size, passes, touched):
     table = MemoryTable()
     table.add(Region(0, size, 0x7000_0000_0000, 0, os.dup(fd)))
     region = table.regions[0]
-    engine_c = d.DiscardEngine("auto", use_c=True)
-    engine_py = d.DiscardEngine("auto", use_c=False)
+    with implementation.selected(True):
+        engine_c = DiscardEngine("auto")
+    with implementation.selected(False):
+        engine_py = DiscardEngine("auto")
     engine_c.check(table)
     what = "touched (mapped)" if touched else "allocated, unmapped"
     print(f"memfd {size // GiB} GiB, pages {what}, kernel {os.uname().release}")
@@ -182,8 +187,10 @@ def main():
         return subprocess.call(
             [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
              os.path.join(ROOT, "tests", "test_discard_table.py")], cwd=ROOT)
-    if not d.c_available():
-        sys.exit("balloon_device._discard_c is not built: python c_ext/build_discard.py")
+    try:
+        c_module()
+    except ImportError as e:
+        sys.exit(str(e))
     run(args.size_gib * GiB, args.passes, args.touched)
     return 0
 

@@ -18,6 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from vhostuser import implementation  # noqa: E402
 from vhostuser.testing.driver import MiB, DriverQueue, GuestMemory  # noqa: E402
 
 SIZE = 256
@@ -32,7 +33,8 @@ def setup(mem, segs, use_c, event_idx):
         ins = [(mem.start + 0x200000, 2 << 20)] * (segs - segs // 2)
         heads.append(dq.add(outs, ins, indirect=indirect, publish=False))
     # make avail slot k hold a head so that every round can replay the ring
-    vq = dq.make_vq(use_c=use_c)
+    with implementation.selected(use_c):   # C or the Python twin
+        vq = dq.make_vq()
     return dq, vq
 
 

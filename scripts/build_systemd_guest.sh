@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the systemd test VM: a Debian bookworm rootfs with systemd as PID 1,
-# the package (wheel built from this checkout), the unit files of
-# contrib/systemd/ and the in-VM check (tests/e2e/systemd_vm/), packed as one
-# gzip cpio initramfs booted with rdinit=/sbin/init.  The kernel is the one
-# of scripts/build_guest.sh.
+# the project's Debian package (scripts/build_deb.sh, installed with dpkg -i:
+# /usr/bin/vhost-user-balloon and the unit files of contrib/systemd/ in
+# /lib/systemd/system, as an operator gets them) and the in-VM check
+# (tests/e2e/systemd_vm/), packed as gzip cpio initramfs booted with
+# rdinit=/sbin/init.  The kernel is the one of scripts/build_guest.sh.
 #
 # Output (the last two lines on stdout):
 #   CACHE/systemd-guest/vmlinuz   (a copy of the test guest's kernel)
@@ -12,10 +13,12 @@
 #
 # Two cached layers, each rebuilt only when its stamp changes:
 #   base.cpio.gz     mmdebstrap tree (stamp: build_base below, the mirror)
-#   initramfs.cpio.gz = base.cpio.gz + overlay (stamp: this script, the units,
-#                     the package sources, the check files)
-# Needs root (mmdebstrap --mode=root), Python 3.11 ($VUB_PYTHON, default
-# python3) to build the wheel for bookworm's python3.11.
+#   initramfs.cpio.gz = the base tree with the package installed, packed, +
+#                     overlay (stamp: this script, the package sources and
+#                     debian/, the check files)
+# Needs root (mmdebstrap --mode=root, dpkg-buildpackage's build dependencies).
+# VUB_PYTHON is accepted and no longer used (the package builds with Debian's
+# python3).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 
@@ -23,7 +26,6 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 CACHE="${VUB_CACHE:-$HOME/.cache/vhost-user-balloon}"
 SDIR="$CACHE/systemd-guest"
-PY="${VUB_PYTHON:-python3}"
 export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-1700000000}"
 VMDIR="$REPO/tests/e2e/systemd_vm"
 
@@ -63,8 +65,11 @@ pack() {
 
 hash_files() { local f; for f in "$@"; do echo "== ${f#"$REPO"/}"; cat "$f"; done | sha256sum | cut -d' ' -f1; }
 
-SRC_FILES=("$HERE/build_systemd_guest.sh" "$REPO/pyproject.toml" "$REPO/setup.py"
+SRC_FILES=("$HERE/build_systemd_guest.sh" "$HERE/build_deb.sh" "$HERE/cli_docs.py"
+           "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/README.md"
            "$REPO"/contrib/systemd/* "$REPO/vhostuser/testing/driver.py" "$REPO/tests/fuzz/real_session.py")
+while IFS= read -r f; do SRC_FILES+=("$f"); done < <(
+  find "$REPO/debian" "$REPO/docs" "$REPO/contrib" -type f | sort)
 while IFS= read -r f; do SRC_FILES+=("$f"); done < <(
   find "$REPO/vhostuser" "$REPO/balloon_device" "$REPO/c_ext" "$VMDIR" -type f \
        \( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name '*.json' -o -name '*.service' \) \
@@ -81,8 +86,6 @@ flock -w 1200 9 || die "timed out waiting for $SDIR/.lock"
 if outputs_ok; then done_print; fi     # another process built it meanwhile
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (mmdebstrap --mode=root)"
-pyver="$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" || die "no $PY"
-[ "$pyver" = 3.11 ] || die "$PY is Python $pyver; bookworm has 3.11 (set VUB_PYTHON)"
 for tool in mmdebstrap cpio gzip; do
   command -v "$tool" >/dev/null 2>&1 || { bash "$HERE/install_host_deps.sh"; break; }
 done
@@ -111,40 +114,29 @@ else
   log "base layer built in $(( $(date +%s) - t0 )) s ($(du -h "$SDIR/base.cpio.gz" | cut -f1))"
 fi
 
-# ---- overlay: the package, the units, the check -----------------------------
+# ---- the package, installed as an operator would -----------------------------
 t0=$(date +%s)
-log "building the wheel with $PY"
-# From a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
-mkdir -p "$WORK/src"
-cp -a "$REPO/pyproject.toml" "$REPO/setup.py" "$REPO/README.md" "$REPO/vhostuser" \
-      "$REPO/balloon_device" "$REPO/c_ext" "$WORK/src/"
-find "$WORK/src" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
-"$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$WORK/wheel" "$WORK/src" >&2 \
-  || die "pip wheel failed"
-O="$WORK/overlay"
-SITE="$O/usr/lib/python3/dist-packages"
-mkdir -p "$SITE" "$O/usr/bin" "$O/etc/default" "$O/etc/systemd/system/multi-user.target.wants" \
-         "$O/usr/lib/vub-check" "$O/dev"
-"$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' \
-  "$(ls "$WORK"/wheel/vhost_user_balloon-*.whl)" "$SITE"
-cat > "$O/usr/bin/vhost-user-balloon" <<'EOF'
-#!/usr/bin/python3
-import sys
-from balloon_device.host.cli import main
-sys.exit(main())
-EOF
-chmod 0755 "$O/usr/bin/vhost-user-balloon"
-# The wheel's C modules must load in bookworm's python3.
-mkdir -p "$SDIR/base/tmp/vubchk"
-cp -a "$SITE/." "$SDIR/base/tmp/vubchk/"
-chroot "$SDIR/base" python3 -c 'import sys; sys.path.insert(0, "/tmp/vubchk")
-import vhostuser._vring_c, balloon_device._discard_c, balloon_device.host.cli, prometheus_client' \
-  || { rm -rf "$SDIR/base/tmp/vubchk"; die "the wheel does not import in the bookworm rootfs"; }
-rm -rf "$SDIR/base/tmp/vubchk"
+log "building the Debian package (scripts/build_deb.sh)"
+DEB="$(bash "$HERE/build_deb.sh" | tail -n1)" || die "scripts/build_deb.sh failed"
+[ -s "$DEB" ] || die "scripts/build_deb.sh printed no package ($DEB)"
+ROOTFS="$WORK/root"
+cp -a "$SDIR/base" "$ROOTFS"
+cp "$DEB" "$ROOTFS/tmp/"
+# The base has its Depends (python3-cffi-backend, python3-prometheus-client).
+chroot "$ROOTFS" dpkg -i "/tmp/${DEB##*/}" >&2 || die "dpkg -i ${DEB##*/} failed in the rootfs"
+rm -f "$ROOTFS/tmp/${DEB##*/}"
+chroot "$ROOTFS" python3 -c 'import vhostuser._vring_c, balloon_device._discard_c, prometheus_client' \
+  || die "the installed package does not import in the bookworm rootfs"
+[ -f "$ROOTFS/lib/systemd/system/vhost-user-balloon@.service" ] \
+  || die "the package installed no unit files"
+pack "$ROOTFS" "$WORK/root.cpio.gz"
 
-install -m 0644 "$REPO"/contrib/systemd/*.service "$REPO"/contrib/systemd/*.socket "$O/etc/systemd/system/"
-# The shipped example with this test's guests a and b.
-sed 's/^VUB_GUESTS=.*/VUB_GUESTS=a,b/' "$REPO/contrib/systemd/vhost-user-balloon.default" \
+# ---- overlay: this test's guests, the check --------------------------------
+O="$WORK/overlay"
+mkdir -p "$O/etc/default" "$O/etc/systemd/system/multi-user.target.wants" \
+         "$O/usr/lib/vub-check" "$O/dev"
+# The package's /etc/default file with this test's guests a and b.
+sed 's/^VUB_GUESTS=.*/VUB_GUESTS=a,b/' "$ROOTFS/etc/default/vhost-user-balloon" \
   > "$O/etc/default/vhost-user-balloon"
 install -m 0644 "$VMDIR/vub-systemd-check.service" "$O/etc/systemd/system/"
 ln -s ../vub-systemd-check.service "$O/etc/systemd/system/multi-user.target.wants/"
@@ -154,7 +146,7 @@ mknod -m 600 "$O/dev/console" c 5 1
 pack "$O" "$WORK/overlay.cpio.gz" -R 0:0
 
 # Concatenated cpio archives: the kernel unpacks both, the overlay last.
-cat "$SDIR/base.cpio.gz" "$WORK/overlay.cpio.gz" > "$WORK/initramfs.cpio.gz"
+cat "$WORK/root.cpio.gz" "$WORK/overlay.cpio.gz" > "$WORK/initramfs.cpio.gz"
 cp "$KERNEL" "$WORK/vmlinuz"
 mv -f "$WORK/vmlinuz" "$SDIR/vmlinuz"
 mv -f "$WORK/initramfs.cpio.gz" "$SDIR/initramfs.cpio.gz"

@@ -3,7 +3,10 @@
 Starts vhost-user-balloon, boots a 1 GiB Linux guest under QEMU (TCG) on
 it, lets the guest touch 800 MiB and exit, and prints the host memory of
 that guest (the memfd behind guest RAM, and its memory cgroup) every
-second until the freed memory is back. Run through scripts/demo.sh.
+second until the freed memory is back. It ends with a terminal sparkline of
+that memory over time and a PNG of it (results/demo/host-memory.png, needs
+matplotlib, which scripts/demo.sh installs into the venv). Run through
+scripts/demo.sh.
 """
 
 import argparse
@@ -16,6 +19,48 @@ sys.path.insert(0, str(ROOT))
 
 from balloon_device.host.harness import MIB, Guest, HarnessError, find_guest, find_qemu  # noqa: E402
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+PNG = ROOT / "results" / "demo" / "host-memory.png"
+
+
+def sparkline(values, width=60):
+    """One line of block characters, lowest value ▁, highest █; at most `width`
+    characters (each the maximum of its share of the values)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [max(values[int(i * step):max(int((i + 1) * step), int(i * step) + 1)])
+                  for i in range(width)]
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return BLOCKS[0] * len(values)
+    return "".join(BLOCKS[round((v - lo) / (hi - lo) * (len(BLOCKS) - 1))] for v in values)
+
+
+def plot(samples, freed_at, base_mib, path=PNG, title="host memory of a 1 GiB guest"):
+    """samples: [(t, host MiB)]; a PNG with the guest's free and the baseline marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    ax.plot([t for t, _ in samples], [m for _, m in samples], lw=2,
+            label="guest RAM allocated on the host (memfd)")
+    ax.axhline(base_mib, color="gray", ls=":", label="baseline")
+    if freed_at is not None:
+        ax.axvline(freed_at, color="tab:red", ls="--", label="guest frees its memory")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def main():
@@ -49,8 +94,10 @@ def main():
             print(f"{'t (s)':>6}  {'host MiB':>9}  {'returned MiB':>12}  phase")
             t0 = time.monotonic()
             peak, freed_at, back_at = base, None, None
+            samples = [(0.0, base / MIB)]
             while time.monotonic() - t0 < 300:
                 now = g.sample_memory()["memfd_allocated"]
+                samples.append((time.monotonic() - t0, now / MIB))
                 peak = max(peak, now)
                 done = g.find_marker("step-done", name="alloc") is not None
                 if done and freed_at is None:
@@ -68,6 +115,16 @@ def main():
                 time.sleep(1.0)
             c = d.status()["counters"]
         print()
+        print(f"host memory of the guest, {samples[-1][0]:.0f} s: "
+              f"{sparkline([m for _, m in samples])}  ({base / MIB:.0f} -> {peak / MIB:.0f} -> "
+              f"{now / MIB:.0f} MiB)")
+        try:
+            path = plot(samples, None if freed_at is None else freed_at - t0, base / MIB,
+                        title=f"host memory of a {ns.guest_mib} MiB guest that touches and "
+                              f"frees {ns.alloc_mib} MiB")
+            print(f"picture: {path}")
+        except ImportError:
+            print("no picture: matplotlib is missing (pip install -e '.[bench]')")
         print(f"peak {peak / MIB:.0f} MiB, now {now / MIB:.0f} MiB (baseline {base / MIB:.0f} MiB)")
         print(f"daemon: {c['bytes_reported'] / MIB:.0f} MiB reported by the guest, "
               f"{c['bytes_discarded'] / MIB:.0f} MiB returned to the host in {c['report_chains']} chains")

@@ -29,6 +29,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from fuzz.guest_gen import ROLES, HostileGuest, OracleViolation, hostile_actions  # noqa: E402
 from fuzz.source import RandomSource  # noqa: E402
+from vhostuser import implementation  # noqa: E402
 
 
 def main():
@@ -52,8 +53,8 @@ def main():
             print("time limit reached", flush=True)
             break
         k = totals["guests"]
-        g = HostileGuest(use_c=k % 2 == 0, two_regions=k % 3 == 1, event_idx=k % 4 >= 2,
-                         qsize=ns.qsize)
+        with implementation.selected(k % 2 == 0):   # C, then the Python twins
+            g = HostileGuest(two_regions=k % 3 == 1, event_idx=k % 4 >= 2, qsize=ns.qsize)
         popped = [0]
         for vq in g.vq:
             real = vq.pop

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Install the Debian host packages that scripts/provision_qemu.sh and
-# scripts/build_guest.sh need.  Idempotent and non-interactive: it only runs
+# Install the Debian host packages that scripts/setup_env.sh (the venv and the
+# C extensions), scripts/provision_qemu.sh and scripts/build_guest.sh need.
+# tests/test_fresh_machine.py runs it in a minimal bookworm root.  Idempotent and non-interactive: it only runs
 # `apt-get update` when a package is missing (and at most once per run).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
 PKGS=(
+  python3 python3-venv  # the project's virtualenv (ensurepip)
+  groff-base          # tests/test_cli_docs.py renders the man page
+  python3-dev         # Python.h for the cffi C extensions
   mmdebstrap          # private Debian trixie tree with a recent QEMU
   busybox-static      # guest userland
   cpio gzip xz-utils zstd   # initramfs packing, kernel module decompression

@@ -56,48 +56,45 @@ MUTATIONS = [
         # the counters keep the inward range; only the system call grows by one
         # host page on each side, on regions of 2 MiB pages or more
         "discard-round-outward", "c_ext/discard.c",
-        "rc = discard_one(mode, r->fd, off + delta, hva + delta, m);",
-        "rc = discard_one(mode, r->fd,\n"
+        "rc = discard_one(r->mode, r->fd, off + delta, hva + delta, m);",
+        "rc = discard_one(r->mode, r->fd,\n"
         "                 off + delta - (r->page_size >= (1u << 21) ? r->page_size : 0),\n"
         "                 hva + delta - (r->page_size >= (1u << 21) ? r->page_size : 0),\n"
         "                 m + (r->page_size >= (1u << 21) ? 2ull * r->page_size : 0));",
-        STATE_TESTS, "whole-chain discard (C and twin) rounds its system call outward on "
+        STATE_TESTS, "the discard (C and twin) rounds its system call outward on "
         "huge-page regions",
         c_build="c_ext/build_discard.py",
-        extra=[("balloon_device/discard.py",
-                "err = _py_one(code, fd, off + delta, hva + delta, m)",
+        extra=[("balloon_device/discard/twin.py",
+                "err = discard_one(mode, fd, off + delta, hva + delta, m)",
                 "out = page if page >= 1 << 21 else 0\n"
-                "            err = _py_one(code, fd, off + delta - out, hva + delta - out, "
+                "            err = discard_one(mode, fd, off + delta - out, hva + delta - out, "
                 "m + 2 * out)")]),
     Mutation(
         "trim-round-outward", "c_ext/discard.c",
-        "lo = (start + mask) & ~mask;\n    hi = (start + len) & ~mask;",
-        "lo = mask > 4095 ? (start & ~mask) : ((start + mask) & ~mask);\n"
-        "    hi = mask > 4095 ? ((start + len + mask) & ~mask) : ((start + len) & ~mask);",
-        STATE_TESTS, "per-piece trim (C vub_trim and twin) rounds outward on huge-page regions",
+        "*lo = (base + mask) & ~mask;\n    hi = (base + n) & ~mask;",
+        "*lo = mask > 4095 ? (base & ~mask) : ((base + mask) & ~mask);\n"
+        "    hi = mask > 4095 ? ((base + n + mask) & ~mask) : ((base + n) & ~mask);",
+        STATE_TESTS, "the trim (C and twin) rounds outward on huge-page regions",
         c_build="c_ext/build_discard.py",
-        extra=[("balloon_device/discard.py",
+        extra=[("balloon_device/discard/twin.py",
                 "lo = (start + mask) & ~mask\n    hi = (start + length) & ~mask",
                 "lo = start & ~mask if mask > 4095 else (start + mask) & ~mask\n"
                 "    hi = (start + length + mask) & ~mask & _U64 if mask > 4095 "
                 "else (start + length) & ~mask")]),
     Mutation(
-        "stale-region-table", "balloon_device/discard.py",
-        "if tab is not None and tab.memory is memory and tab.generation == memory.generation:",
-        "if tab is not None and tab.memory is memory:",
+        "stale-region-table", "balloon_device/discard/engine.py",
+        "return memory is self.memory and self.generation is not None \\\n"
+        "            and memory.generation == self.generation",
+        "return memory is self.memory and self.generation is not None",
         STATE_TESTS, "the cached region table outlives ADD_MEM_REG / SET_MEM_TABLE"),
     Mutation(
         "discard-raise", "balloon_device/device.py",
         '        for err in res.errors:\n            log.error("discard failed: %s", err)\n'
-        '        return True',
-        "        res.raise_for_errors()\n        return True",
-        STATE_TESTS, "a failed whole-chain discard raises out of handle_queue"),
-    Mutation(
-        "discard-raise-pieces", "balloon_device/device.py",
-        '        for err in res.errors:\n            log.error("discard failed: %s", err)\n'
-        '        return res.discarded',
-        "        res.raise_for_errors()\n        return res.discarded",
-        STATE_TESTS, "a failed per-piece discard raises out of handle_queue"),
+        "\n    def _handle_reporting",
+        '        if res.errors:\n            raise RuntimeError("; ".join(res.errors))\n'
+        "\n    def _handle_reporting",
+        STATE_TESTS, "a failed discard raises out of the chain's handling instead of "
+        "counting skipped_error and going on"),
     Mutation(
         "reset-noop", "balloon_device/device.py",
         "    def reset(self):\n        self._cancel_stats_timer()\n        self._reset_state()",
@@ -115,12 +112,13 @@ MUTATIONS = [
         CHAIN_TESTS, "reports are discarded although the guest poisons its free pages"),
     Mutation(
         "complete-before-discard", "balloon_device/device.py",
-        "            if self.discard_allowed and self._discard_chain(memory, chain):\n"
-        "                self.last_report = time.time()\n"
-        "                queue.push(chain.head, 0)  # only after the discard",
-        "            if self.discard_allowed and (queue.push(chain.head, 0) or True) "
-        "and self._discard_chain(memory, chain):\n"
-        "                self.last_report = time.time()",
+        "                if self.discard_allowed:\n"
+        "                    raw = chain.raw if chain.raw is not None else "
+        "pack_segments(chain.segments)\n",
+        "                if self.discard_allowed:\n"
+        "                    queue.push(chain.head, 0)\n"
+        "                    raw = chain.raw if chain.raw is not None else "
+        "pack_segments(chain.segments)\n",
         CHAIN_TESTS, "the chain is completed before its memory is discarded"),
 ]
 BY_NAME = {m.name: m for m in MUTATIONS}

@@ -2,8 +2,8 @@
 # Sets VENV. Idempotent; quiet when everything is in place.
 VENV="${VUB_VENV:-$PWD/.venv}"
 bash scripts/install_host_deps.sh
-if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv "$VENV"
+if [ ! -x "$VENV/bin/pip" ]; then     # (a venv made without ensurepip has no pip)
+    python3 -m venv --clear "$VENV"
 fi
 stamp="$VENV/.vub-installed"
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py c_ext -newer "$stamp" 2>/dev/null)" ]; then

@@ -41,3 +41,12 @@ def require_privilege(problem):
         pytest.skip(f"{problem} ({UNPRIVILEGED_OPT_OUT}=1)")
     pytest.fail(f"{problem}; run as root on cgroup v1 (see the README), or set "
                 f"{UNPRIVILEGED_OPT_OUT}=1 to skip this test", pytrace=False)
+
+
+@pytest.fixture(params=[True, False], ids=["C", "python"])
+def impl(request):
+    """Run the test once with the C modules and once with the Python twins
+    (vhostuser.implementation); the value is True for C."""
+    from vhostuser import implementation
+    with implementation.selected(request.param):
+        yield request.param

@@ -10,6 +10,7 @@ import pytest
 
 from balloon_device import features as F
 from balloon_device.device import BalloonDevice
+from vhostuser import implementation
 from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
@@ -28,13 +29,12 @@ def blocks(fd):
 class Rig:
     """A guest (memfd + 4 driver queues) attached to a BalloonDevice."""
 
-    def __init__(self, device=None, use_c=True, features=None, regions=None, early_config=None,
-                 table=None):
+    def __init__(self, device=None, features=None, regions=None, early_config=None, table=None):
         """table: indices of the layout's regions the first SET_MEM_TABLE
         holds (default all); the queues and data live in the first one."""
         self.mem = GuestMemory(GUEST, regions=regions)
-        self.dev = device or BalloonDevice(use_c=use_c)
-        self.fe = Frontend(self.dev, use_c=use_c)
+        self.dev = device or BalloonDevice()
+        self.fe = Frontend(self.dev)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30) if features is None else features
         if early_config is not None:
@@ -68,9 +68,9 @@ class Rig:
         self.mem.close()
 
 
-@pytest.fixture(params=[True, False], ids=["C", "python"])
-def rig(request):
-    r = Rig(use_c=request.param)
+@pytest.fixture
+def rig(impl):
+    r = Rig()
     yield r
     r.close()
 
@@ -126,10 +126,8 @@ def test_completion_only_after_discard(rig):
             return real(*args)
         return wrapped
 
-    # reporting chains go through discard_chain (whole chain in one call),
-    # or discard (per piece) when the memory table needs the general path
+    # a reporting chain goes through discard (the whole chain in one call)
     engine.discard = spy(engine.discard)
-    engine.discard_chain = spy(engine.discard_chain)
     start = dq.used_idx
     rig.post("reporting", [], [(rig.data[0], 2 * MiB)])
     assert seen == [start], "the chain was completed before its memory was discarded"
@@ -161,12 +159,11 @@ def test_out_of_range_report_is_skipped_not_discarded(rig):
     assert rig.dev.counters["bytes_discarded"] == 2 * MiB
 
 
-@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
-def test_poison_written_before_set_features_blocks_discard(use_c):
+def test_poison_written_before_set_features_blocks_discard(impl):
     """QEMU's real order: SET_CONFIG(poison) during probe, SET_FEATURES at
     DRIVER_OK.  The value must survive and stop every discard."""
     poison = 0xAAAAAAAA  # Linux's PAGE_POISON byte, page_poison=1
-    r = Rig(use_c=use_c, early_config=struct.pack("<IIII", 0, 0, 0, poison))
+    r = Rig(early_config=struct.pack("<IIII", 0, 0, 0, poison))
     try:
         assert r.features & F.PAGE_POISON
         assert r.dev.poison_val == poison
@@ -185,10 +182,9 @@ def test_poison_written_before_set_features_blocks_discard(use_c):
         r.close()
 
 
-@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
-def test_zero_poison_before_set_features_allows_discard(use_c):
+def test_zero_poison_before_set_features_allows_discard(impl):
     """init_on_free=1: Linux writes poison_val 0 early; discards go on."""
-    r = Rig(use_c=use_c, early_config=struct.pack("<IIII", 0, 0, 0, 0))
+    r = Rig(early_config=struct.pack("<IIII", 0, 0, 0, 0))
     try:
         assert r.dev.poison_val == 0 and r.dev.discard_allowed
         before = blocks(r.mem.fd)
@@ -306,6 +302,26 @@ def test_stats_interval_requests_refresh(monkeypatch):
         r.close()
 
 
+def test_stats_interval_changed_at_run_time():
+    dev = BalloonDevice(stats_interval=0)
+    r = Rig(device=dev)
+    try:
+        r.post("stats", [struct.pack("<HQ", 4, 1)], [])
+        r.fe.server.loop.run_once(timeout=0.2)
+        r.fe.pump()
+        assert r.used("stats") == []        # polling off: the device keeps the buffer
+        dev.set_stats_interval(0.05)
+        r.fe.server.loop.run_once(timeout=0.5)
+        r.fe.pump()
+        assert len(r.used("stats")) == 1    # asked for fresh stats once the interval passed
+        dev.set_stats_interval(0)
+        assert dev._stats_timer is None
+        with pytest.raises(ValueError):
+            dev.set_stats_interval(-1)
+    finally:
+        r.close()
+
+
 def test_two_regions_report_across_boundary():
     r = Rig(regions=[(0x1_0000_0000, 48 * MiB), (0x1_0000_0000 + 48 * MiB, 48 * MiB)])
     try:
@@ -350,10 +366,9 @@ def test_disconnect_releases_memory_and_status():
         r.close()   # closes the frontend's eventfds too; its socket is closed already
 
 
-@pytest.mark.parametrize("use_c", [True, False], ids=["C", "python"])
-def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
-    """discard_chain (one engine call per chain) and the per-piece path
-    (split + discard) give the same counters, logs and memory."""
+def test_whole_chain_discard_counts_the_same_in_c_and_python(caplog):
+    """The C engine and its Python twin (one engine call per chain) give
+    the same counters, logs and memory."""
     lo = 0x1_0000_0000
     layout = [(lo, 48 * MiB), (lo + 48 * MiB, 48 * MiB)]
     bufs = [(lo + 47 * MiB + 123, 2 * MiB),          # straddles the regions, unaligned
@@ -363,11 +378,11 @@ def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
     # (out-of-range buffers never get this far: the ring refuses the chain;
     # tests/test_discard_segs.py covers them at the engine level)
     outcome = []
-    for fast in (True, False):
-        r = Rig(regions=layout, use_c=use_c)
+    for use_c in (True, False):
+        with implementation.selected(use_c):
+            r = Rig(regions=layout)
         try:
-            if not fast:
-                r.dev.engine.discard_chain = lambda memory, raw: None
+            assert r.dev.engine.use_c is use_c
             r.mem.fill(lo, 96 * MiB, CANARY)
             caplog.clear()
             r.post("reporting", [], bufs)
@@ -385,3 +400,98 @@ def test_whole_chain_discard_counts_like_the_per_piece_path(use_c, caplog):
     assert counters["bytes_discarded"] == 2 * MiB - 4096 + 4096 + 4096 + 64 * 1024
     assert counters["bytes_discarded"] + counters["skipped_unaligned"] == counters["bytes_reported"]
     assert logs == []
+
+
+def test_out_of_range_and_failed_ranges_are_logged_per_range(impl, caplog):
+    """One engine call per chain, and still one log line per skipped or
+    failed range, naming what a person needs to act on."""
+    from vhostuser.memory import MemoryTable, Region
+    from vhostuser.vring import SEG
+    fd = os.memfd_create("vub-log")
+    table = MemoryTable()
+    try:
+        os.ftruncate(fd, 4 * MiB)
+        table.add(Region(0, 2 * MiB, 0x7000_0000_0000, 0, os.dup(fd)))
+        table.add(Region(2 * MiB, 2 * MiB, 0x7100_0000_0000, 2 * MiB, os.dup(fd)))
+        real = table.regions[1].fd
+        table.regions[1].fd = 1 << 20       # punching there fails with EBADF
+        dev = BalloonDevice()
+        raw = b"".join(SEG.pack(a, n, 1) for a, n in [
+            (MiB, MiB), (3 * MiB, 2 * MiB), (2 * MiB, 4096), (MiB, 4096)])
+        caplog.clear()
+        dev._discard(table, raw, "report")
+        table.regions[1].fd = real
+    finally:
+        table.clear()
+        os.close(fd)
+    logs = [(rec.levelname, rec.getMessage()) for rec in caplog.records
+            if rec.name.startswith("balloon_device")]
+    assert logs[0] == ("WARNING", "reported range 0x300000+0x200000 skipped: "
+                                  "guest address 0x400000 is outside guest memory")
+    assert logs[1][0] == "ERROR" and logs[1][1].startswith("discard failed: punch-hole Region(gpa=0x200000")
+    assert "gpa=0x200000 len=0x1000 (file offset 0x200000): Bad file descriptor (EBADF)" in logs[1][1]
+    assert len(logs) == 2
+    c = dev.counters
+    assert (c["report_ranges"], c["bytes_reported"]) == (4, 3 * MiB + 2 * 4096)
+    assert c["bytes_discarded"] == MiB + 4096 and c["skipped_error"] == 4096
+    assert c["skipped_out_of_range"] == 2 * MiB
+
+
+def _add_region(rig, gpa, size):
+    """ADD_MEM_REG of a (sealed) memfd of its own at gpa; returns the ack."""
+    from vhostuser.testing import sealed_memfd
+    fd = sealed_memfd("extra", 1 * MiB)
+    payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(gpa, size, 0x7E00_0000_0000, 0)
+    try:
+        return rig.fe.ack(R.ADD_MEM_REG, payload, [fd])
+    finally:
+        os.close(fd)
+
+
+def test_inflate_across_an_unaligned_region_end_is_completed(rig):
+    """A PFN whose page runs past a region's end (region size not page-aligned) used to
+    raise after the pop and leave the chain in flight for ever: every popped chain is
+    completed, whatever happens while it is handled."""
+    gpa = 0x40_0000_0000
+    assert _add_region(rig, gpa, 6 * 1024) == 0          # ends in the middle of a page
+    pfns = [gpa >> 12, (gpa >> 12) + 1, rig.data[3] >> 12]
+    before = blocks(rig.mem.fd)
+    rig.post("inflate", [struct.pack("<3I", *pfns)], [])
+    assert len(rig.used("inflate")) == 1, "inflate chain never completed"
+    assert rig.q["inflate"].inflight == {}
+    rig.post("inflate", [struct.pack("<1I", rig.data[4] >> 12)], [])  # the queue goes on
+    assert len(rig.used("inflate")) == 1
+    assert before - blocks(rig.mem.fd) >= 4096
+
+
+@pytest.mark.parametrize("role", ["reporting", "inflate", "stats"])
+def test_a_chain_whose_handling_fails_is_still_completed(rig, role, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+    if role == "reporting":
+        monkeypatch.setattr(rig.dev, "_discard", boom)
+        rig.post(role, [], [(rig.data[1], 2 * MiB)])
+    elif role == "inflate":
+        monkeypatch.setattr(rig.dev, "_read_pfns", boom)
+        rig.post(role, [struct.pack("<I", rig.data[1] >> 12)], [])
+    else:
+        import balloon_device.stats as stats_mod
+        monkeypatch.setattr(stats_mod, "parse", boom)
+        rig.post(role, [bytes(10)], [])
+    assert len(rig.used(role)) == 1
+    assert rig.q[role].inflight == {}
+    assert rig.dev.counters["malformed_chains"] == 1
+
+
+def test_returning_the_stats_buffer_never_raises_out_of_a_timer(rig, monkeypatch):
+    """request_stats runs from the stats timer and the policy, outside any message: a
+    queue that cannot take the buffer back is logged, not raised."""
+    from vhostuser.errors import VringError
+    rig.post("stats", [bytes(10)], [])
+    q = rig.dev._stats_queue
+    assert q is not None and rig.dev._stats_head is not None
+
+    def broken(head, length):
+        raise VringError("queue 2: a ring page has no memory behind it")
+    monkeypatch.setattr(q, "push", broken)
+    assert rig.dev.request_stats() is False

@@ -21,6 +21,7 @@ from balloon_device.device import BalloonDevice
 from test_balloon import CANARY, QSIZE, Rig, blocks
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
+from vhostuser.testing import sealed_memfd
 from vhostuser.testing.driver import DriverQueue
 from vhostuser.testing.frontend import Frontend
 
@@ -32,28 +33,19 @@ F_ADD_SEALS = 1033
 F_SEAL_FUTURE_WRITE = 0x0010
 
 
-@pytest.fixture(params=[True, False], ids=["C", "python"])
-def use_c(request):
-    return request.param
-
-
-def huge_rig(use_c, per_piece):
+def huge_rig():
     """A Rig whose region says it is backed by 2 MiB pages (as on hugetlbfs;
-    trimming follows region.page_size).  per_piece: refuse the whole-chain
-    road so the per-piece one runs."""
-    r = Rig(use_c=use_c)
+    trimming follows region.page_size)."""
+    r = Rig()
     for region in r.fe.server.backend.memory.regions:
         region.page_size = HUGE     # before any report: nothing cached the 4 KiB view
-    if per_piece:
-        r.dev.engine.discard_chain = lambda memory, raw: None
     return r
 
 
-@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
-def test_huge_pages_report_frees_only_whole_pages_inside(use_c, per_piece):
+def test_huge_pages_report_frees_only_whole_pages_inside(impl):
     """A report that does not cover whole 2 MiB pages frees nothing outside
     it: never round the system call outward."""
-    r = huge_rig(use_c, per_piece)
+    r = huge_rig()
     try:
         d = r.data                      # 2 MiB aligned (gpa and file offset), canary-filled
         before = blocks(r.mem.fd)
@@ -85,10 +77,10 @@ def _report_and_measure(r, gpa, fd):
     return before - blocks(fd)
 
 
-def test_report_into_memory_added_later(use_c):
+def test_report_into_memory_added_later(impl):
     """ADD_MEM_REG after reporting ran: reports into the new region free it
     (a region table cached from the old memory table would skip them)."""
-    r = Rig(regions=TWO, use_c=use_c, table=[0])
+    r = Rig(regions=TWO, table=[0])
     try:
         g2, s2, u2, o2 = r.mem.layout[1]
         assert _report_and_measure(r, r.data[0], r.mem.fd) == 2 * MiB   # the table is in use
@@ -107,16 +99,15 @@ def test_report_into_memory_added_later(use_c):
         r.close()
 
 
-def test_report_after_a_second_set_mem_table(use_c):
+def test_report_after_a_second_set_mem_table(impl):
     """A second SET_MEM_TABLE puts another file behind the same guest range:
     reports go to the new file at its own offsets, the old one is left alone."""
-    r = Rig(regions=TWO, use_c=use_c)
-    other = os.memfd_create("other-ram", os.MFD_CLOEXEC)
+    r = Rig(regions=TWO)
+    g2, s2, u2, _ = r.mem.layout[1]
+    other = sealed_memfd("other-ram", s2)
     try:
-        g2, s2, u2, _ = r.mem.layout[1]
         r.mem.fill(g2, s2, CANARY)
         assert _report_and_measure(r, g2, r.mem.fd) == 2 * MiB   # the old table is in use
-        os.ftruncate(other, s2)
         view = mmap.mmap(other, s2)
         view[:] = bytes([CANARY]) * s2
         g1, s1, u1, o1 = r.mem.layout[0]
@@ -134,18 +125,14 @@ def test_report_after_a_second_set_mem_table(use_c):
         r.close()
 
 
-@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
-def test_failed_discard_completes_the_chain_and_goes_on(use_c, per_piece, caplog):
+def test_failed_discard_completes_the_chain_and_goes_on(impl, caplog):
     """A discard the kernel refuses (EPERM: the file is sealed against writes
     after it was mapped) is counted in skipped_error and logged; the chain is
     still completed and the next chain in the same kick is served."""
-    r = Rig(regions=TWO, use_c=use_c, table=[0])
-    if per_piece:
-        r.dev.engine.discard_chain = lambda memory, raw: None
-    sealed = os.memfd_create("sealed-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    r = Rig(regions=TWO, table=[0])
+    g2, s2, u2, _ = r.mem.layout[1]
+    sealed = sealed_memfd("sealed-ram", s2)
     try:
-        g2, s2, u2, _ = r.mem.layout[1]
-        os.ftruncate(sealed, s2)
         view = mmap.mmap(sealed, s2)
         view[:] = bytes([CANARY]) * s2
         reg = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(g2, s2, u2, 0)
@@ -160,6 +147,7 @@ def test_failed_discard_completes_the_chain_and_goes_on(use_c, per_piece, caplog
         assert before - blocks(r.mem.fd) == 2 * MiB
         c = r.dev.counters
         assert c["skipped_error"] == 2 * MiB and c["bytes_discarded"] == 2 * MiB
+        assert c["malformed_chains"] == 0, "a failed discard is no malformed chain"
         assert r.fe.server.backend.counters["ring_errors"] == 0
         assert any("discard failed" in rec.getMessage() and "EPERM" in rec.getMessage()
                    for rec in caplog.records)
@@ -215,8 +203,8 @@ def _restart(r):
 
 
 @pytest.mark.parametrize("req", [R.RESET_DEVICE, R.RESET_OWNER])
-def test_reset_forgets_poison_actual_and_partial_page(use_c, req):
-    r = Rig(use_c=use_c)
+def test_reset_forgets_poison_actual_and_partial_page(impl, req):
+    r = Rig()
     try:
         page, base = _dirty(r)
         assert r.fe.ack(req) == 0
@@ -226,17 +214,17 @@ def test_reset_forgets_poison_actual_and_partial_page(use_c, req):
         r.close()
 
 
-def test_disconnect_forgets_poison_actual_and_partial_page(use_c):
+def test_disconnect_forgets_poison_actual_and_partial_page(impl):
     """The same device object serves the next frontend after a disconnect."""
-    dev = BalloonDevice(use_c=use_c)
-    r = Rig(device=dev, use_c=use_c)
+    dev = BalloonDevice()
+    r = Rig(device=dev)
     try:
         page, base = _dirty(r)
         r.fe.sock.close()
         r.fe.pump()
         assert not r.fe.alive
         old = r.fe
-        r.fe = Frontend(dev, use_c=use_c)
+        r.fe = Frontend(dev)
         old.close()
         r.fe.handshake()
         _restart(r)
@@ -287,8 +275,8 @@ def test_set_target_bounds_and_result():
         r.close()
 
 
-def test_deflate_counts_pages_and_malformed_chains(use_c):
-    r = Rig(use_c=use_c)
+def test_deflate_counts_pages_and_malformed_chains(impl):
+    r = Rig()
     try:
         before = blocks(r.mem.fd)
         r.post("deflate", [struct.pack("<3I", 1, 2, 3) + b"\0\0"], [])   # 14 bytes: 3 PFNs
@@ -307,9 +295,9 @@ def test_deflate_counts_pages_and_malformed_chains(use_c):
         r.close()
 
 
-def test_inflate_pfn_array_cap_and_trailing_bytes(use_c):
+def test_inflate_pfn_array_cap_and_trailing_bytes(impl):
     from balloon_device.device import MAX_PFNS_PER_CHAIN
-    r = Rig(use_c=use_c)
+    r = Rig()
     try:
         base = r.data[4] >> 12
         # 2 PFNs and 2 stray bytes: the stray bytes are no third PFN
@@ -355,11 +343,8 @@ def test_config_writes_keep_only_whole_writable_fields():
         r.close()
 
 
-@pytest.mark.parametrize("per_piece", [False, True], ids=["chain", "pieces"])
-def test_reporting_counters_add_up_over_chains(use_c, per_piece):
-    r = Rig(use_c=use_c)
-    if per_piece:
-        r.dev.engine.discard_chain = lambda memory, raw: None
+def test_reporting_counters_add_up_over_chains(impl):
+    r = Rig()
     try:
         r.post("reporting", [], [(r.data[0], 2 * MiB), (r.data[1], MiB)])
         r.post("reporting", [], [(r.data[2], 2 * MiB)])

@@ -280,3 +280,203 @@ def test_systemd_socket_activation_pair():
     assert sock["ListenStream"] == ["/run/vhost-user-balloon/%i.sock"]
     svc = unit("vhost-user-balloon-activated@.service")["Service"]
     assert "--fd 3" in svc["ExecStart"][0]
+
+
+# ---- issue 17: version, help, sizes, ctl stats-interval/events, qemu-args checks ----
+
+def test_version(capsys):
+    from balloon_device.host.version import FALLBACK, version
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.strip() == f"vhost-user-balloon {version()}"
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert version() == project["version"]            # installed: from the package metadata
+    assert FALLBACK.split("+")[0] == project["version"]
+    changelog = (ROOT / "debian" / "changelog").read_text().splitlines()[0]
+    assert changelog.startswith(f"vhost-user-balloon ({project['version']})"), changelog
+
+
+def test_version_fallback_without_metadata(monkeypatch):
+    from importlib import metadata
+    from balloon_device.host import version as v
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(v.metadata, "version", missing)
+    assert v.version() == v.FALLBACK
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    listed = out.split("subcommands", 1)[1]
+    for name in ("ctl", "status", "qemu-args", "backend-json"):
+        assert f"\n  {name} " in listed
+    assert set(cli.SUBCOMMANDS) == {"ctl", "status", "qemu-args", "backend-json"}
+    with pytest.raises(SystemExit):
+        cli.main(["ctl", "--help"])
+    out = capsys.readouterr().out
+    for cmd in ("status", "list", "stats", "target", "inhibit", "stats-interval", "events"):
+        assert cmd in out
+
+
+def test_sizes_with_decimals():
+    from balloon_device.host.config import parse_size
+    from balloon_device.host.errors import ConfigError
+    assert parse_size("1.5G") == 3 << 29
+    assert parse_size("0.5 MiB") == 512 << 10
+    assert parse_size("2") == 2
+    for bad in ("1.5", "1.", ".5G", "1,5G", "-1G", "1.5X"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_ctl_guest_after_the_subcommand(capsys, running):
+    d, ctl = running
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "target", "1.5M", "--guest", "a")
+    assert rc == 0 and json.loads(out)["target_pages"] == 384
+    assert d.guests["a"].device.target_pages == 384
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "status", "--guest", "b")
+    assert rc == 0 and json.loads(out)["status"]["name"] == "b"
+    # before the subcommand still works, and the one after wins
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "--guest", "a", "status",
+                         "--guest", "b")
+    assert json.loads(out)["status"]["name"] == "b"
+
+
+def test_ctl_status_carries_the_version(capsys, running):
+    from balloon_device.host.version import version
+    _, ctl = running
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "status", "--guest", "a")
+    assert rc == 0 and json.loads(out)["version"] == version()
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "list")
+    assert json.loads(out)["version"] == version()
+
+
+def test_ctl_stats_interval(capsys, running):
+    d, ctl = running
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "stats-interval", "7.5")
+    assert rc == 0 and json.loads(out)["guests"] == ["a", "b"]
+    assert [g.device.stats_interval for g in d.guests.values()] == [7.5, 7.5]
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "stats-interval", "0",
+                         "--guest", "b")
+    assert rc == 0 and [g.device.stats_interval for g in d.guests.values()] == [7.5, 0]
+    rc, _, err = run_cli(capsys, "ctl", "--control-socket", ctl, "stats-interval", "-1")
+    assert rc == 2 and "seconds >= 0" in err
+    from balloon_device.host.control import request
+    for bad in ("x", True, -1, 1e9, None):
+        reply = request(ctl, {"cmd": "stats-interval", "seconds": bad})
+        assert reply["ok"] is False and "seconds" in reply["error"]
+
+
+def test_ctl_events_streams_balloon_changes(capsys, running):
+    d, ctl = running
+    got = []
+
+    def listen():
+        got.append(cli.main(["ctl", "--control-socket", ctl, "--guest", "b", "events",
+                             "--count", "3"]))
+    t = threading.Thread(target=listen)
+    t.start()
+    from balloon_device.host.control import request
+    import time
+    deadline = time.monotonic() + 20
+    while not d.control.listeners and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert d.control.listeners, "ctl events never subscribed"
+    assert request(ctl, {"cmd": "target", "bytes": 8 << 20, "guest": "a"})["ok"]  # not b
+    assert request(ctl, {"cmd": "target", "bytes": 4 << 20, "guest": "b"})["ok"]
+    while (list(d.control.listeners.values()) != [{"b": (1024, 0)}]
+           and time.monotonic() < deadline):
+        time.sleep(0.02)                    # the daemon has sent the target's event
+    d.guests["b"].device.actual = 1024      # as the guest's SET_CONFIG would
+    t.join(timeout=20)
+    assert not t.is_alive() and got == [0]
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["guest"], e["target_bytes"], e["actual_bytes"]) for e in events] == [
+        ("b", 0, 0), ("b", 4 << 20, 0), ("b", 4 << 20, 4 << 20)]
+    assert events[0]["initial"] is True and "initial" not in events[1]
+    assert all(e["event"] == "balloon-change" for e in events)
+    rc, out, _ = run_cli(capsys, "ctl", "--control-socket", ctl, "--guest", "zz", "events")
+    assert rc == 1 and "no guest" in json.loads(out)["error"]
+
+
+def test_qemu_args_rejects_bad_queue_size_and_memory(capsys):
+    for q in ("48", "100", "0", "65536"):
+        rc, _, err = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--queue-size", q)
+        assert rc == 2 and "power of two" in err, q
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--queue-size", "128")
+    assert rc == 0 and "vq_size=128" in out
+    for mem in ("lots", "1.5", "0", "4Q"):
+        rc, _, err = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--memory", mem)
+        assert rc == 2 and ("--memory" in err or "size" in err), mem
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--memory", "1.5G")
+    assert rc == 0 and "size=1536M," in out
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/s", "--memory", "4GiB")
+    assert "size=4G," in out
+
+
+def test_qemu_args_quotes_paths(capsys):
+    path = "/run/v/it's <a> & \"b\",c.sock"
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", path, "--libvirt")
+    assert rc == 0
+    doc = ET.fromstring("<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>"
+                        + out + "</domain>")
+    values = [a.get("value") for a in doc.iter("{http://libvirt.org/schemas/domain/qemu/1.0}arg")]
+    assert values[1] == "socket,id=vub0,path=" + path.replace(",", ",,")
+    rc, out, _ = run_cli(capsys, "qemu-args", "--socket-path", "/a,b.sock")
+    assert "path=/a,,b.sock " in out        # QEMU's option syntax doubles commas
+
+
+def test_log_format_json_and_journal(tmp_path):
+    import logging
+    rec = logging.LogRecord("vhost-user-balloon", logging.WARNING, __file__, 1, "hi %s", ("x",),
+                            None)
+    rec.guest = "[web1] "
+    line = json.loads(cli.log_formatter("json").format(rec))
+    assert line["message"] == "hi x" and line["level"] == "warning" and line["guest"] == "web1"
+    assert line["time"].endswith("Z")
+    assert cli.log_formatter("text", journal=True).format(rec) == "WARNING: [web1] hi x"
+    assert cli.log_formatter("text").format(rec).endswith(
+        "vhost-user-balloon WARNING: [web1] hi x")
+    assert cli.log_formatter("text").format(rec)[:4].isdigit()     # a timestamp first
+    # JOURNAL_STREAM names the journal's socket: only a matching stderr counts
+    f = open(tmp_path / "err", "w")
+    st = os.fstat(f.fileno())
+    assert cli.stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}, f)
+    assert not cli.stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"}, f)
+    assert not cli.stderr_is_journal({}, f)
+    assert not cli.stderr_is_journal({"JOURNAL_STREAM": "junk"}, f)
+    f.close()
+
+
+def test_daemon_logs_json_and_without_timestamp_under_the_journal(tmp_path):
+    """The real daemon: --log-format json; JOURNAL_STREAM matching its stderr."""
+    def first_line(args, env_extra):
+        err = open(tmp_path / "stderr", "w+")
+        env = dict(os.environ)
+        if env_extra:
+            st = os.fstat(err.fileno())
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+        sock = tmp_path / "g.sock"
+        p = subprocess.Popen([sys.executable, "-m", "balloon_device.host.cli", "--socket-path",
+                              str(sock), *args], stderr=err, env=env, cwd=ROOT)
+        try:
+            import time
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (tmp_path / "stderr").read_text():
+                time.sleep(0.05)
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=30)
+            err.close()
+        return (tmp_path / "stderr").read_text().splitlines()[0]
+    line = json.loads(first_line(["--log-format", "json"], False))
+    assert line["level"] == "info" and "serving 1 guest" in line["message"]
+    line = first_line([], True)
+    assert line.startswith("INFO: serving 1 guest"), line
+    line = first_line([], False)
+    assert line[:4].isdigit() and "INFO: serving 1 guest" in line

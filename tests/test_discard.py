@@ -2,7 +2,9 @@
 
 No kernel mocks: every test maps a real memfd MAP_SHARED through
 vhostuser.memory.Region (as the daemon does), punches real holes and
-measures the result (file contents, mapping contents, st_blocks).
+measures the result (file contents, mapping contents, st_blocks).  Each
+engine test runs with the C engine and with its Python twin (the impl
+fixture).
 """
 
 import ctypes
@@ -12,16 +14,25 @@ import types
 
 import pytest
 
-from balloon_device import discard as d
 from balloon_device.discard import (
-    AnonymousRegion, DiscardEngine, DiscardResult, allocated_bytes,
-    check_policy, resolve_mode)
-from balloon_device.errors import (
-    BalloonError, ConfigError, DiscardError, DiscardPolicyError)
+    MODES, DiscardEngine, DiscardResult, check_table, resolve_mode, twin)
+from balloon_device.discard.engine import c_module
+from balloon_device.errors import BalloonError, ConfigError, DiscardModeError
+from balloon_device.testing import AnonymousRegion, allocated_bytes, c_trim, mapping_usage
 from vhostuser.memory import MemoryTable, Region
+from vhostuser.vring import SEG
 
 PAGE = 4096
-ENGINES = [pytest.param(True, id="c"), pytest.param(False, id="py")]
+
+
+def pack(segs):
+    """[(gpa, len)] as device-writable vu_seg records."""
+    return b"".join(SEG.pack(g, n, 1) for g, n in segs)
+
+
+def discard(mode, table, segs):
+    """One engine call on `table` (a MemoryTable or anything with .regions)."""
+    return DiscardEngine(mode).discard(table, pack(segs))
 
 
 def canary(size, seed=0):
@@ -92,7 +103,6 @@ def diff_summary(a, b):
 
 # ---------------------------------------------------------------- trimming
 
-@pytest.mark.parametrize("use_c", ENGINES)
 @pytest.mark.parametrize("start,length,page,expect", [
     (0, 0x1000, 0x1000, (0, 0, 0x1000)),
     (0x1234, 0x5000, 0x1000, (0, 0x2000, 0x4000)),
@@ -111,22 +121,22 @@ def diff_summary(a, b):
     ((1 << 64) - 0x800, 0x10, 0x1000, (1, (1 << 64) - 0x800, 0)),
     ((1 << 64) - 0x1000, 0x1001, 0x1000, (-errno.EINVAL, (1 << 64) - 0x1000, 0)),
 ])
-def test_trim(use_c, start, length, page, expect):
-    backend = d._CBackend() if use_c else d._PyBackend()
-    assert backend.trim(start, length, page) == expect
+def test_trim(impl, start, length, page, expect):
+    # C: vub_discard_segs's trim seen through a failing punch (c_trim)
+    assert (c_trim if impl else twin.trim)(start, length, page) == expect
 
 
 # ------------------------------------------------------------- correctness
 
-def run_and_check(mt, pieces, mode, use_c, zero_file_ranges):
-    """Discard pieces; assert contents, blocks and the result's accounting."""
+def run_and_check(mt, segs, mode, zero_file_ranges):
+    """Discard segments [(gpa, len)]; assert contents, blocks and the result's accounting."""
     before = mt.allocated()
     assert before == mt.size
-    res = DiscardEngine(mode, use_c=use_c).discard(pieces)
+    res = discard(mode, mt.table, segs)
     want = sum(n for _, n in zero_file_ranges)
     assert res.errors == []
     assert res.discarded == want
-    assert res.skipped_unaligned == sum(n for _, _, n in pieces) - want
+    assert res.skipped_unaligned == sum(n for _, n in segs) - want
     got = mt.contents()
     exp = expected_after(mt.data, zero_file_ranges)
     assert got == exp, diff_summary(got, exp)
@@ -138,36 +148,29 @@ def run_and_check(mt, pieces, mode, use_c, zero_file_ranges):
     return res
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
 @pytest.mark.parametrize("mode", ["auto", "punch-hole", "remove"])
-def test_aligned_pieces_are_freed_exactly(use_c, mode):
+def test_aligned_pieces_are_freed_exactly(impl, mode):
     with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
-        pieces = [(mt.table.regions[0], 4 * PAGE, 8 * PAGE),
-                  (mt.table.regions[0], 20 * PAGE, PAGE),
-                  (mt.table.regions[0], 63 * PAGE, PAGE)]
-        res = run_and_check(mt, pieces, mode, use_c,
+        segs = [(4 * PAGE, 8 * PAGE), (20 * PAGE, PAGE), (63 * PAGE, PAGE)]
+        res = run_and_check(mt, segs, mode,
                             [(4 * PAGE, 8 * PAGE), (20 * PAGE, PAGE),
                              (63 * PAGE, PAGE)])
         assert res.skipped_unaligned == 0 and res.ranges == 3
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
 @pytest.mark.parametrize("mode", ["punch-hole", "remove"])
-def test_misaligned_ends_are_trimmed_inward(use_c, mode):
+def test_misaligned_ends_are_trimmed_inward(impl, mode):
     with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
-        r = mt.table.regions[0]
         raw = [(0x1234, 0x5000),          # both ends partial
                (0x10000, 0x2fff),         # end partial
                (0x20001, 0x1fff),         # start partial
                (0x30100, 0xe00),          # inside one page: nothing
                (0x32000, 0),              # empty
                (0x34800, 0x1000)]         # straddles two pages: nothing
-        pieces = [(r, g, n) for g, n in raw]
         zeroes = [inward(g, n) for g, n in raw]
         assert zeroes[:3] == [(0x2000, 0x4000), (0x10000, 0x2000),
                               (0x21000, 0x1000)]
-        res = run_and_check(mt, pieces, mode, use_c,
-                            [z for z in zeroes if z[1]])
+        res = run_and_check(mt, raw, mode, [z for z in zeroes if z[1]])
         assert res.skipped_unaligned == 0x1000 + 0xfff + 0xfff + 0xe00 + 0x1000
         assert res.ranges == 3
         # partial pages kept every byte: the byte just outside each hole
@@ -176,16 +179,16 @@ def test_misaligned_ends_are_trimmed_inward(use_c, mode):
         assert data[0x20fff] != 0
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
 @pytest.mark.parametrize("mode", ["auto", "remove"])
-def test_pieces_crossing_region_boundaries(use_c, mode):
+def test_pieces_crossing_region_boundaries(impl, mode):
     # Two regions over one memfd, contiguous in guest-physical space but
     # with a 16-page gap between them in the file that must stay untouched.
     a_size, gap = 32 * PAGE, 16 * PAGE
     layout = [(0, a_size, 0), (a_size, 32 * PAGE, a_size + gap)]
     with MemfdTable(80 * PAGE, layout) as mt:
-        pieces = (mt.table.split(a_size - 3 * PAGE - 0x10, 6 * PAGE)
-                  + mt.table.split(PAGE, 2 * PAGE))
+        segs = [(a_size - 3 * PAGE - 0x10, 6 * PAGE), (PAGE, 2 * PAGE)]
+        # the engine cuts at region ends where MemoryTable.split does
+        pieces = [p for g, n in segs for p in mt.table.split(g, n)]
         assert [(p[0].gpa, p[1], p[2]) for p in pieces] == [
             (0, a_size - 3 * PAGE - 0x10, 3 * PAGE + 0x10),
             (a_size, a_size, 3 * PAGE - 0x10),
@@ -193,39 +196,37 @@ def test_pieces_crossing_region_boundaries(use_c, mode):
         zero = [(a_size - 3 * PAGE, 3 * PAGE),        # region A's tail
                 (a_size + gap, 2 * PAGE),              # region B's head
                 (PAGE, 2 * PAGE)]
-        res = run_and_check(mt, pieces, mode, use_c, zero)
-        assert res.skipped_unaligned == 0x10 + PAGE - 0x10
+        res = run_and_check(mt, segs, mode, zero)
+        assert res.skipped_unaligned == 0x10 + PAGE - 0x10 and res.ranges == 3
         data = mt.contents()
         assert data[a_size:a_size + gap] == mt.data[a_size:a_size + gap]
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
-def test_alignment_follows_file_offset_not_gpa(use_c):
+def test_alignment_follows_file_offset_not_gpa(impl):
     # A region whose gpa is not page-aligned relative to its file offset:
     # the hole must be aligned on the file (and the mapping), not on gpa.
     layout = [(0x100800, 16 * PAGE, 4 * PAGE)]
     with MemfdTable(32 * PAGE, layout) as mt:
-        r = mt.table.regions[0]
-        pieces = [(r, 0x100800, 2 * PAGE), (r, 0x100800 + 4 * PAGE + 0x800, 2 * PAGE)]
+        segs = [(0x100800, 2 * PAGE), (0x100800 + 4 * PAGE + 0x800, 2 * PAGE)]
         zero = [(4 * PAGE, 2 * PAGE), (9 * PAGE, PAGE)]
-        res = run_and_check(mt, pieces, "punch-hole", use_c, zero)
+        res = run_and_check(mt, segs, "punch-hole", zero)
         assert res.skipped_unaligned == PAGE
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
-def test_nothing_to_do(use_c):
-    assert DiscardEngine(use_c=use_c).discard([]) == DiscardResult()
+def test_nothing_to_do(impl):
+    assert DiscardEngine().discard(MemoryTable(), b"") == DiscardResult()
     with MemfdTable(8 * PAGE, [(0, 8 * PAGE, 0)]) as mt:
-        r = mt.table.regions[0]
-        res = DiscardEngine(use_c=use_c).discard([(r, 0, 0), (r, 0x10, 0x100)])
-        assert res == DiscardResult(skipped_unaligned=0x100)
+        res = discard("auto", mt.table, [(0, 0), (0x10, 0x100)])
+        assert res == DiscardResult(reported=0x100, nsegs=2, skipped_unaligned=0x100)
+        # device-readable segments are not reported ranges: ignored
+        res = DiscardEngine().discard(mt.table, SEG.pack(0, 8 * PAGE, 0))
+        assert res == DiscardResult()
         assert mt.contents() == mt.data
 
 
 # ------------------------------------------------------------------ errors
 
-@pytest.mark.parametrize("use_c", ENGINES)
-def test_failing_range_is_reported_and_the_rest_still_done(use_c):
+def test_failing_range_is_reported_and_the_rest_still_done(impl):
     with MemfdTable(16 * PAGE, [(0, 16 * PAGE, 0)]) as mt:
         good = mt.table.regions[0]
         rd, wr = os.pipe()
@@ -233,10 +234,10 @@ def test_failing_range_is_reported_and_the_rest_still_done(use_c):
             bad = types.SimpleNamespace(
                 gpa=0x100000, size=4 * PAGE, hva=good.hva, fd=wr, page_size=PAGE,
                 backing="memfd", mmap_offset=0, file_offset=lambda g: g - 0x100000)
-            pieces = [(good, 0, PAGE), (bad, 0x100000, 2 * PAGE),
-                      (good, 4 * PAGE, PAGE), (bad, 0x101000, PAGE),
-                      (good, 8 * PAGE, PAGE)]
-            res = DiscardEngine(use_c=use_c).discard(pieces)
+            table = types.SimpleNamespace(regions=[good, bad])
+            segs = [(0, PAGE), (0x100000, 2 * PAGE), (4 * PAGE, PAGE),
+                    (0x101000, PAGE), (8 * PAGE, PAGE)]
+            res = discard("auto", table, segs)
         finally:
             os.close(rd)
             os.close(wr)
@@ -245,33 +246,34 @@ def test_failing_range_is_reported_and_the_rest_still_done(use_c):
         assert res.ranges == 5
         assert len(res.errors) == 2
         assert all("ESPIPE" in e and "gpa=0x10" in e for e in res.errors)
-        with pytest.raises(DiscardError, match="ESPIPE"):
-            res.raise_for_errors()
         assert mt.contents() == expected_after(
             mt.data, [(0, PAGE), (4 * PAGE, PAGE), (8 * PAGE, PAGE)])
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
-def test_piece_outside_its_region_is_refused(use_c):
+def test_segment_outside_guest_memory_is_refused(impl):
     with MemfdTable(8 * PAGE, [(0, 8 * PAGE, 0)]) as mt:
-        r = mt.table.regions[0]
-        res = DiscardEngine(use_c=use_c).discard([(r, 6 * PAGE, 4 * PAGE)])
-        assert res.discarded == 0 and res.failed == 4 * PAGE
-        assert "not inside" in res.errors[0]
+        res = discard("auto", mt.table, [(6 * PAGE, 4 * PAGE)])
+        assert res.discarded == 0 and res.skipped_out_of_range == 4 * PAGE
+        assert res.out_of_range == [(6 * PAGE, 4 * PAGE, 8 * PAGE)]  # (addr, len, first outside)
+        assert res.errors == [] and res.ranges == 0
         assert mt.contents() == mt.data
 
 
-def test_c_engine_unknown_mode_is_einval():
-    lib, ffi = d._discard_c.lib, d._discard_c.ffi
-    done = ffi.new("uint32_t *", 7)
-    arr = ffi.new("struct vub_range[1]")
-    assert lib.vub_discard(arr, 1, 4, done) == -errno.EINVAL and done[0] == 0
-    assert lib.vub_discard(arr, 1, -1, done) == -errno.EINVAL
-    assert lib.vub_discard(ffi.NULL, 0, 0, ffi.NULL) == 0
+def test_c_engine_unknown_mode_is_refused():
+    lib, ffi = c_module().lib, c_module().ffi
+    t = ffi.new("struct vub_totals *")
+    regs = ffi.new("struct vu_region[1]")
+    regs[0].size, regs[0].page_size, regs[0].mode = PAGE, PAGE, 4
+    segs = ffi.from_buffer("struct vu_seg[]", pack([(0, PAGE)]))
+    assert lib.vub_discard_segs(regs, 1, segs, 1, t) == twin.SEGS_EARG
+    regs[0].mode = 0xFFFFFFFF
+    assert lib.vub_discard_segs(regs, 1, segs, 1, t) == twin.SEGS_EARG
+    assert t.reported == 0 and t.ranges == 0
+    assert lib.vub_discard_segs(ffi.NULL, 0, ffi.NULL, 0, t) == twin.SEGS_DONE
 
 
 def test_c_punch_loop():
-    lib, ffi = d._discard_c.lib, d._discard_c.ffi
+    lib, ffi = c_module().lib, c_module().ffi
     with MemfdTable(64 * PAGE, [(0, 64 * PAGE, 0)]) as mt:
         done = ffi.new("uint64_t *")
         assert lib.vub_punch_loop(mt.fd, 8 * PAGE, 4 * PAGE, 8, done) == 0
@@ -285,12 +287,12 @@ def test_c_punch_loop():
 # ------------------------------------------------------------------ policy
 
 def test_modes_and_resolution():
-    assert d.MODES == ("auto", "punch-hole", "remove", "dontneed", "free")
+    assert MODES == ("auto", "punch-hole", "remove", "dontneed", "free")
     with MemfdTable(4 * PAGE, [(0, 4 * PAGE, 0)]) as mt:
         r = mt.table.regions[0]
         assert r.backing == "memfd"
         assert resolve_mode("auto", r) == "punch-hole"
-        for m in d.MODES[1:]:
+        for m in MODES[1:]:
             assert resolve_mode(m, r) == m
         with pytest.raises(ConfigError, match="unknown discard mode 'trim'"):
             resolve_mode("trim", r)
@@ -301,21 +303,20 @@ def test_modes_and_resolution():
         anon.close()
     with pytest.raises(ConfigError):
         DiscardEngine("madvise")
-    assert issubclass(DiscardPolicyError, BalloonError)
-    assert issubclass(DiscardError, BalloonError)
+    assert issubclass(DiscardModeError, BalloonError)
     assert issubclass(ConfigError, BalloonError)
 
 
 @pytest.mark.parametrize("mode", ["auto", "punch-hole", "remove"])
 def test_policy_accepts_freeing_modes_on_shared(mode):
     with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
-        check_policy(mode, mt.table)
+        check_table(mode, mt.table)
         DiscardEngine(mode).check(mt.table)
 
 
 def test_policy_refuses_dontneed_on_shared():
     with MemfdTable(8 * PAGE, [(0, 4 * PAGE, 0), (0x10000, 4 * PAGE, 4 * PAGE)]) as mt:
-        with pytest.raises(DiscardPolicyError) as ei:
+        with pytest.raises(DiscardModeError) as ei:
             DiscardEngine("dontneed").check(mt.table)
         msg = str(ei.value)
         assert repr(mt.table.regions[0]) in msg
@@ -324,15 +325,15 @@ def test_policy_refuses_dontneed_on_shared():
                 "page tables; the guest's memory stays allocated; use "
                 "--discard auto (punch-hole) or remove") in msg
         # and discard() itself refuses without touching memory
-        res = DiscardEngine("dontneed").discard(mt.table.split(0, 4 * PAGE))
+        res = discard("dontneed", mt.table, [(0, 4 * PAGE)])
         assert res.discarded == 0 and res.failed == 4 * PAGE and res.ranges == 0
         assert mt.contents() == mt.data and mt.allocated() == 8 * PAGE
 
 
 def test_policy_refuses_free_on_shared():
     with MemfdTable(4 * PAGE, [(0, 4 * PAGE, 0)]) as mt:
-        with pytest.raises(DiscardPolicyError) as ei:
-            check_policy("free", mt.table)
+        with pytest.raises(DiscardModeError) as ei:
+            check_table("free", mt.table)
         msg = str(ei.value)
         assert "MADV_FREE is refused (EINVAL) on a shared mapping" in msg
         assert "use --discard auto (punch-hole) or remove" in msg
@@ -343,32 +344,59 @@ def test_policy_on_anonymous():
     anon = AnonymousRegion(0, 4 * PAGE)
     try:
         for mode in ("auto", "dontneed", "free"):
-            check_policy(mode, [anon])
-        with pytest.raises(DiscardPolicyError, match="no file to punch a hole in"):
-            check_policy("punch-hole", [anon])
-        with pytest.raises(DiscardPolicyError, match="MADV_REMOVE needs a shared file"):
-            check_policy("remove", [anon])
+            check_table(mode, [anon])
+        with pytest.raises(DiscardModeError, match="no file to punch a hole in"):
+            check_table("punch-hole", [anon])
+        with pytest.raises(DiscardModeError, match="MADV_REMOVE needs a shared file"):
+            check_table("remove", [anon])
     finally:
         anon.close()
 
 
-@pytest.mark.parametrize("use_c", ENGINES)
-def test_dontneed_frees_anonymous(use_c):
+def test_dontneed_frees_anonymous(impl):
     size = 64 * PAGE
     anon = AnonymousRegion(0x40000000, size)
     try:
         ctypes.memset(anon.hva, 0x5a, size)
-        assert d.mapping_usage(anon.hva)["Rss"] == size
-        res = DiscardEngine("auto", use_c=use_c).discard(
-            [(anon, 0x40000000 + 0x800, 16 * PAGE)])
+        assert mapping_usage(anon.hva)["Rss"] == size
+        res = discard("auto", types.SimpleNamespace(regions=[anon]),
+                      [(0x40000000 + 0x800, 16 * PAGE)])
         assert res.discarded == 15 * PAGE and res.skipped_unaligned == PAGE
-        assert d.mapping_usage(anon.hva)["Rss"] == size - 15 * PAGE
+        assert mapping_usage(anon.hva)["Rss"] == size - 15 * PAGE
         mem = ctypes.string_at(anon.hva, size)
         assert mem[:PAGE] == b"\x5a" * PAGE
         assert mem[PAGE:16 * PAGE] == bytes(15 * PAGE)
         assert mem[16 * PAGE:] == b"\x5a" * (48 * PAGE)
     finally:
         anon.close()
+
+
+def test_mixed_modes_in_one_call(impl):
+    """auto on a table with a memfd region and a private anonymous one:
+    punch-hole on the first, dontneed on the second, in one engine call
+    (each region carries its own mode); a mode one region cannot take is
+    refused for the whole table, nothing touched."""
+    with MemfdTable(16 * PAGE, [(0, 16 * PAGE, 0)]) as mt:
+        anon = AnonymousRegion(0x100000, 16 * PAGE)
+        try:
+            ctypes.memset(anon.hva, 0x5a, anon.size)
+            table = types.SimpleNamespace(regions=[mt.table.regions[0], anon])
+            segs = [(2 * PAGE, 4 * PAGE), (0x100000 + 8 * PAGE, 4 * PAGE)]
+            refused = discard("punch-hole", table, segs)
+            assert refused.discarded == 0 and refused.ranges == 0
+            assert refused.failed == refused.reported == 8 * PAGE
+            assert refused.errors and "no file to punch a hole in" in refused.errors[0]
+            assert mt.allocated() == 16 * PAGE
+            assert mapping_usage(anon.hva)["Rss"] == 16 * PAGE
+            res = discard("auto", table, segs)
+            assert res.errors == [] and res.ranges == 2 and res.discarded == 8 * PAGE
+            assert mt.allocated() == 12 * PAGE
+            assert mt.contents() == expected_after(mt.data, [(2 * PAGE, 4 * PAGE)])
+            assert mapping_usage(anon.hva)["Rss"] == 12 * PAGE
+            mem = ctypes.string_at(anon.hva, anon.size)
+            assert mem == b"\x5a" * (8 * PAGE) + bytes(4 * PAGE) + b"\x5a" * (4 * PAGE)
+        finally:
+            anon.close()
 
 
 def test_backed_bytes_counts_each_file_once():

@@ -1,8 +1,8 @@
 """Mode-versus-backing table, measured on this machine's kernel.
 
 For every backing x mode the test fills a fresh mapping with a canary,
-issues the raw system call through the C engine (vub_discard, no policy
-check) on the middle half of it, and measures whether memory really came
+issues the raw system call through the C engine (vub_discard_segs with a
+one-region table, no policy check) on the middle half of it, and measures whether memory really came
 back: st_blocks of the file for file backings, Rss/LazyFree of the mapping
 (/proc/self/smaps) for private anonymous memory.
 
@@ -22,9 +22,12 @@ import tempfile
 
 import pytest
 
-from balloon_device import discard as d
+from balloon_device.discard.engine import c_module
+from balloon_device.discard.modes import MODE_CODES
+from balloon_device.testing import AnonymousRegion, allocated_bytes, mapping_usage
 from conftest import require_privilege
 from vhostuser.memory import Region
+from vhostuser.vring import SEG
 
 PAGE = 4096
 HUGE = 2 << 20
@@ -107,7 +110,7 @@ class Backing:
         if kind == "anonymous":
             self.page = PAGE
             self.size = 64 * PAGE
-            self.region = d.AnonymousRegion(0, self.size)
+            self.region = AnonymousRegion(0, self.size)
         else:
             if kind == "memfd":
                 fd = os.memfd_create("vub-table")
@@ -132,9 +135,9 @@ class Backing:
     def usage(self):
         """(allocated bytes, LazyFree bytes) of the backing."""
         if self.kind == "anonymous":
-            u = d.mapping_usage(self.region.hva)
+            u = mapping_usage(self.region.hva)
             return u["Rss"], u.get("LazyFree", 0)
-        return d.allocated_bytes(self.fd), 0
+        return allocated_bytes(self.fd), 0
 
     def close(self):
         self.region.close()
@@ -145,12 +148,17 @@ class Backing:
 
 
 def raw_discard(mode, fd, offset, hva, length):
-    """One vub_discard call, no policy, no trimming: 0 or errno."""
-    ffi, lib = d._discard_c.ffi, d._discard_c.lib
-    r = ffi.new("struct vub_range[1]")
-    r[0].fd, r[0].offset, r[0].hva, r[0].len = fd, offset, hva, length
-    done = ffi.new("uint32_t *")
-    return -lib.vub_discard(r, 1, d.MODE_CODES[mode], done)
+    """One system call through vub_discard_segs, no policy: 0 or errno.  The
+    range is page-aligned, so the trim keeps all of it."""
+    ffi, lib = c_module().ffi, c_module().lib
+    regs = ffi.new("struct vu_region[1]")
+    regs[0].size, regs[0].hva, regs[0].file_offset = length, hva, offset
+    regs[0].fd, regs[0].page_size, regs[0].mode = fd, PAGE, MODE_CODES[mode]
+    t = ffi.new("struct vub_totals *")
+    segs = ffi.from_buffer("struct vu_seg[]", SEG.pack(0, length, 1))
+    rc = lib.vub_discard_segs(regs, 1, segs, 1, t)
+    assert t.ranges == 1 and t.skipped_unaligned == 0, (rc, t.ranges)
+    return t.ev_errno if rc == 2 else 0     # VUB_SEGS_FAILED
 
 
 _MEASURED = {}
@@ -244,17 +252,20 @@ def test_print_table(hugepages, capsys):
 _LAZY_CHILD = r"""
 import ctypes, sys
 sys.path.insert(0, {root!r})
-from balloon_device import discard as d
+import types
+from balloon_device.discard import DiscardEngine
+from balloon_device.testing import AnonymousRegion, mapping_usage
+from vhostuser.vring import SEG
 MiB = 1 << 20
-a = d.AnonymousRegion(0, 64 * MiB)
+a = AnonymousRegion(0, 64 * MiB)
 ctypes.memset(a.hva, 0x11, 64 * MiB)
 if sys.argv[1] == "free":
-    r = d.DiscardEngine("free").discard([(a, 0, 64 * MiB)])
+    r = DiscardEngine("free").discard(types.SimpleNamespace(regions=[a]), SEG.pack(0, 64 * MiB, 1))
     assert not r.errors, r
-mid = d.mapping_usage(a.hva)
-b = d.AnonymousRegion(0, 64 * MiB)        # 128 MiB in a 96 MiB cgroup
+mid = mapping_usage(a.hva)
+b = AnonymousRegion(0, 64 * MiB)        # 128 MiB in a 96 MiB cgroup
 ctypes.memset(b.hva, 0x22, 64 * MiB)
-after = d.mapping_usage(a.hva)
+after = mapping_usage(a.hva)
 print(mid["Rss"], mid["LazyFree"], after["Rss"], after["LazyFree"])
 """
 

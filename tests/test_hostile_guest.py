@@ -33,13 +33,14 @@ from hypothesis import strategies as st
 
 from fuzz.guest_gen import GPA0, INDIRECT, NEXT, PAGE, WRITE, HostileGuest, MiB, fuzz_steps
 from fuzz.source import HypothesisSource, RandomSource
+from vhostuser import implementation
 
 INFLATE, DEFLATE, STATS, REPORTING = range(4)
 
 
-@pytest.fixture(params=[True, False], ids=["C", "python"])
-def guest(request):
-    g = HostileGuest(use_c=request.param)
+@pytest.fixture
+def guest(impl):
+    g = HostileGuest()
     yield g
     g.close()
 
@@ -200,7 +201,8 @@ def test_stats_buffer_hostile(guest):
 @settings(max_examples=120)  # ~10-100 ms per example: see the module docstring
 @given(st.data(), st.booleans(), st.booleans())
 def test_fuzz_hostile_driver(data, use_c, two_regions):
-    g = HostileGuest(use_c=use_c, two_regions=two_regions)
+    with implementation.selected(use_c):
+        g = HostileGuest(two_regions=two_regions)
     try:
         src = HypothesisSource(data)
         fuzz_steps(src, g, src.int(1, 12))
@@ -223,7 +225,8 @@ def test_fuzz_hostile_driver_event_idx(data):
 def test_fuzz_hostile_driver_long_sequences():
     """Fixed seeds, 150 steps on one guest: state carried across many chains."""
     for seed in range(3):
-        g = HostileGuest(use_c=seed != 1, two_regions=seed == 2)
+        with implementation.selected(seed != 1):
+            g = HostileGuest(two_regions=seed == 2)
         try:
             fuzz_steps(RandomSource(seed), g, 150)
             assert g.steps == 150 and g.corrupted == 0

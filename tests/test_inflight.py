@@ -45,8 +45,10 @@ def test_push_many_clears_like_push():
         vq = dq.make_vq()
         area = InflightArea.create(1, 64)
         vq.inflight = area.queue(0)
-        heads = [dq.add([], [4096]) for _ in range(4)]
-        chains = [vq.pop(mem.table) for _ in range(4)]
+        heads, chains = [], []
+        for _ in range(4):
+            heads.append(dq.add([], [4096]))
+            chains.append(vq.pop(mem.table))
         assert vq.push_many([(chains[0].head, 0), (chains[2].head, 0)])
         assert area.queue(0).pending() == [heads[1], heads[3]]
         assert sorted(e.id for e in dq.pop_used()) == sorted([heads[0], heads[2]])

@@ -140,3 +140,11 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         assert not (tmp_path / "a.sock").exists()
     finally:
         busy.close()
+
+
+def test_build_info_carries_the_version(daemon):
+    from balloon_device.host.version import version
+    s = scrape(daemon)
+    assert value(s, "vhost_user_balloon_build_info", version=version()) == 1
+    assert [k for k in s if k[0] == "vhost_user_balloon_build_info"] == [
+        ("vhost_user_balloon_build_info", (("version", version()),))]

@@ -19,7 +19,7 @@ from balloon_device.host.control import request
 from balloon_device.errors import ConfigError
 from balloon_device.host.multi import Daemon, parse_guest_arg, socket_dir_guests
 from vhostuser.testing.driver import DriverQueue, GuestMemory
-from vhostuser.testing.frontend import Frontend
+from vhostuser.testing.frontend import SocketFrontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 
@@ -27,41 +27,20 @@ MiB = 1 << 20
 QSIZE = 64
 
 
-class SocketFrontend(Frontend):
-    """tests/frontend.Frontend over a real connection to one guest of a Daemon."""
-
-    def __init__(self, daemon, name):
-        self.daemon = daemon
-        self.guest = daemon.guests[name]
-        self.server = self.guest.server
-        self.device = self.guest.device
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(5)
-        self.sock.connect(self.guest.socket_path)
-        self.backend_sock = None
-        self.eventfds = []
-        self.pump()
-
-    def pump(self, rounds=3):
-        for _ in range(rounds):
-            self.daemon.loop.run_once(timeout=0)
-
-    def close(self):
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
-        if self.backend_sock:
-            self.backend_sock.close()
-        self.sock.close()
-        self.pump()
+def guest_frontend(daemon, name):
+    """The test frontend connected to guest `name` of a Daemon."""
+    g = daemon.guests[name]
+    fe = SocketFrontend(g.server, g.socket_path, daemon.loop)
+    fe.guest = g
+    return fe
 
 
 class GuestRig:
     """A guest (memfd + driver queues) attached to one guest of a Daemon."""
 
-    def __init__(self, daemon, name, size=64 * MiB):
+    def __init__(self, daemon, name, size=64 * MiB, qsize=QSIZE):
         self.mem = GuestMemory(size)
-        self.fe = SocketFrontend(daemon, name)
+        self.fe = guest_frontend(daemon, name)
         offered = self.fe.handshake()
         self.features = offered & ~(1 << 30)
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(offered)) == 0
@@ -69,8 +48,8 @@ class GuestRig:
             [(g, s, u, o, self.mem.fd) for g, s, u, o in self.mem.layout]) == 0
         self.q, self.kicks = {}, {}
         for index, role in enumerate(F.queue_roles(self.features)):
-            dq = DriverQueue(self.mem, QSIZE, event_idx=bool(self.features & (1 << 29)))
-            kick, _ = self.fe.start_queue(index, QSIZE, dq.desc_uva, dq.avail_uva, dq.used_uva)
+            dq = DriverQueue(self.mem, qsize, event_idx=bool(self.features & (1 << 29)))
+            kick, _ = self.fe.start_queue(index, qsize, dq.desc_uva, dq.avail_uva, dq.used_uva)
             self.q[role], self.kicks[role] = dq, kick
 
     def report(self, nbytes):
@@ -226,7 +205,7 @@ def test_single_guest_daemon_lets_bugs_propagate(tmp_path):
     """Isolation is for several guests; one guest keeps the plain Server's behaviour."""
     d = Daemon(DaemonConfig(socket_path=str(tmp_path / "one.sock")))
     try:
-        fe = SocketFrontend(d, "one")
+        fe = guest_frontend(d, "one")
 
         def boom(msg):
             raise RuntimeError("simulated bug")
@@ -236,4 +215,139 @@ def test_single_guest_daemon_lets_bugs_propagate(tmp_path):
             fe.pump()
         fe.close()
     finally:
+        d.close()
+
+
+def test_half_a_header_does_not_stall_the_other_guests(daemon, monkeypatch):
+    """A frontend that stops inside a message waits alone: the shared loop keeps
+    answering the other guests, and the stalled one is dropped after RECV_TIMEOUT."""
+    a, b = GuestRig(daemon, "a"), GuestRig(daemon, "b")
+    try:
+        a.fe.send_raw(m.encode(R.GET_FEATURES, b"", m.VERSION)[:6])  # half a header
+        a.fe.pump()
+        # b is answered while a is still connected, i.e. long before a's 5 s are up
+        assert b.report(2 * MiB) == 2 * MiB
+        assert struct.unpack("<I", b.fe.get_config(0, 4))[0] == 0
+        assert a.fe.alive and b.fe.alive
+        # the rest of a's message arrives: it is assembled and answered
+        a.fe.send_raw(m.encode(R.GET_FEATURES, b"", m.VERSION)[6:])
+        a.fe.pump()
+        hdr, payload, _ = a.fe.recv()
+        assert hdr.request == R.GET_FEATURES and len(payload) == 8
+        assert a.report(2 * MiB) == 2 * MiB
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fds_sent_with_the_first_part_stay_with_their_message(daemon):
+    a = GuestRig(daemon, "a")
+    try:
+        efd = os.eventfd(0, os.EFD_NONBLOCK)
+        a.fe.eventfds.append(efd)
+        msg = m.encode(R.SET_VRING_CALL, m.U64.pack(1), m.VERSION | m.FLAG_NEED_REPLY)
+        a.fe.send_raw(msg[:5], [efd])
+        a.fe.pump()
+        a.fe.send_raw(msg[5:])
+        a.fe.pump()
+        hdr, body, _ = a.fe.recv()
+        assert hdr.request == R.SET_VRING_CALL and struct.unpack("<Q", body)[0] == 0
+        q = daemon.guests["a"].server.backend.queues[1]
+        assert os.path.samestat(os.fstat(q.call_fd), os.fstat(efd))
+    finally:
+        a.close()
+
+
+def test_a_stalled_frontend_is_dropped_after_the_timeout(daemon, monkeypatch):
+    import vhostuser.loop as loop_mod
+    monkeypatch.setattr(loop_mod, "RECV_TIMEOUT", 0.2)
+    a, b = GuestRig(daemon, "a"), GuestRig(daemon, "b")
+    try:
+        a.fe.send_raw(m.encode(R.GET_FEATURES, b"", m.VERSION)[:6])
+        a.fe.pump()
+        assert a.fe.alive
+        for _ in range(50):
+            daemon.loop.run_once(timeout=0.05)
+            if not a.fe.alive:
+                break
+        assert not a.fe.alive and b.fe.alive
+        assert daemon.guests["a"].status().protocol_errors == 1
+        assert b.report(2 * MiB) == 2 * MiB
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_flooding_guest_cannot_starve_another(daemon):
+    """Guest a keeps its reporting ring full (it refills what the device completes);
+    guest b's one report is completed within a few turns of the loop, while a is
+    still being served, and a loses nothing."""
+    from vhostuser import handler
+    QUEUE_BUDGET = getattr(handler, "QUEUE_BUDGET", 64)
+    a, b = GuestRig(daemon, "a", qsize=1024), GuestRig(daemon, "b")
+    try:
+        qa, qb = a.q["reporting"], b.q["reporting"]
+        page = a.mem.alloc(4096, align=4096)
+        added = 1000
+        for _ in range(added):
+            qa.add([], [(page, 4096)])
+        os.eventfd_write(a.kicks["reporting"], 1)
+        gb = b.mem.alloc(2 * MiB, align=2 * MiB)
+        qb.add([], [(gb, 2 * MiB)])
+        os.eventfd_write(b.kicks["reporting"], 1)
+        a_done, turns, b_done = 0, 0, False
+        while not b_done:
+            daemon.loop.run_once(timeout=0)
+            turns += 1
+            got = len(qa.pop_used())
+            a_done += got
+            for _ in range(got):  # keep the avail index ahead: refill what was used
+                qa.add([], [(page, 4096)])
+            added += got
+            b_done = len(qb.pop_used()) == 1
+            assert turns < 10, "guest b starved"
+        assert 0 < a_done <= 2 * QUEUE_BUDGET, "guest a was served without a budget"
+        # a goes on being served, turn after turn, without a new kick, and loses nothing
+        for _ in range(added // QUEUE_BUDGET + 5):
+            daemon.loop.run_once(timeout=0)
+            a_done += len(qa.pop_used())
+        assert a_done == added
+        assert daemon.guests["a"].status().device.counters["report_chains"] == added
+    finally:
+        a.close()
+        b.close()
+
+
+def test_ctl_target_is_bounded_by_guest_ram(tmp_path):
+    """A target can take at most the guest's RAM minus what it keeps (here 64 MiB of RAM,
+    it keeps half); larger ones are refused with the numbers; with --policy the reply
+    says that the policy may replace a manual target."""
+    import json
+    from balloon_device.host.policy import PolicyConfig
+    d = make_daemon(tmp_path, control_socket=str(tmp_path / "ctl.sock"), policy=PolicyConfig())
+    a = GuestRig(d, "a", size=64 * MiB)
+    try:
+        def target(nbytes):
+            return d.control.dispatch(json.dumps({"cmd": "target", "guest": "a", "bytes": nbytes}))
+        for too_much in (64 * MiB, 33 * MiB, 1 << 40):
+            r = target(too_much)
+            assert not r["ok"], too_much
+            assert "64 MiB of RAM" in r["error"] and "largest target is 32 MiB" in r["error"]
+        assert d.guests["a"].device.target_pages == 0
+        r = target(32 * MiB)
+        assert r["ok"] and r["target_pages"] == 32 * MiB >> 12
+        assert "--policy" in r["policy"]
+        assert "note" not in r
+        # a guest with no frontend yet: accepted, with a note, and lowered once RAM is known
+        r = target(1 << 40)
+        assert not r["ok"]
+        r = d.control.dispatch(json.dumps({"cmd": "target", "guest": "b", "bytes": 1 << 30}))
+        assert r["ok"] and "not known yet" in r["note"]
+        b = GuestRig(d, "b", size=64 * MiB)
+        try:
+            assert d.guests["b"].device.target_pages == 32 * MiB >> 12
+        finally:
+            b.close()
+    finally:
+        a.close()
         d.close()

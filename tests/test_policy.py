@@ -398,3 +398,25 @@ def test_policy_on_a_real_daemon(tmp_path):
     finally:
         rig.close()
         d.close()
+
+
+def test_one_guest_failing_does_not_abort_the_tick_for_the_others():
+    """A guest whose stats request raises (e.g. its call fd is unwritable) is dropped
+    alone; the guests after it still get their targets and stats requests."""
+    class Broken(FakeGuest):
+        drops = 0
+
+        def request_stats(self):
+            raise OSError(9, "Bad file descriptor")
+
+        def failed(self):
+            self.drops += 1
+
+    guests = {"a": Broken(avail=2048), "b": FakeGuest(avail=2048)}
+    loop = FakeLoop()
+    pol = PolicyLoop(CFG, guests, loop, host_reader=lambda: H(1024))
+    pol.start()
+    loop.timers.pop()[1]()
+    assert guests["a"].drops == 1
+    assert guests["b"].stats_requests == 1 and guests["b"].set_calls
+    assert pol.last is not None    # the tick ran to its end

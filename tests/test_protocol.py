@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from balloon_device.device import BalloonDevice
+from vhostuser.testing import sealed_memfd
 from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.testing.frontend import ALL_PROTOCOL, Frontend
 from vhostuser import messages as m
@@ -34,8 +35,7 @@ def fe():
 
 @pytest.fixture
 def memfd():
-    fd = os.memfd_create("guest")
-    os.ftruncate(fd, 16 * MiB)
+    fd = sealed_memfd("guest", 16 * MiB)
     yield fd
     os.close(fd)
 
@@ -423,3 +423,138 @@ def test_second_frontend_is_refused(tmp_path):
     server.loop.run_once(timeout=0.1)
     server.close()
     server.loop.close()
+
+
+def _not_eventfds(tmp_path):
+    """fds a frontend might send as kick/call/err that are not eventfds."""
+    f = tmp_path / "file"
+    f.write_bytes(b"x")
+    r, w = os.pipe()
+    a, b = socket.socketpair()
+    fds = {"/dev/null": os.open("/dev/null", os.O_RDWR), "pipe": r,
+           "file": os.open(f, os.O_RDONLY), "socket": a.detach(),
+           "timerfd-like": os.open(str(tmp_path), os.O_RDONLY)}
+    os.close(w)
+    b.close()
+    return fds
+
+
+@pytest.mark.parametrize("req", [R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR])
+def test_vring_fds_must_be_eventfds(fe, tmp_path, req):
+    fe.handshake()
+    fds = _not_eventfds(tmp_path)
+    try:
+        for name, fd in fds.items():
+            before = open_fds()
+            hdr, body, _ = fe.call(req, m.U64.pack(1), [fd], need_reply=True)
+            assert struct.unpack("<Q", body)[0] == 1, name
+            assert fe.alive, name
+            assert open_fds() == before, f"{name}: refused fd not closed"
+        from vhostuser.handler import EVENTFD, fd_kind
+        q = fe.server.backend.queues[1]
+        for attr in ("kick_fd", "call_fd", "err_fd"):  # none taken; handshake ones kept
+            fd = getattr(q, attr)
+            assert fd is None or fd_kind(fd) == EVENTFD, attr
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    efd = os.eventfd(0)
+    assert fe.ack(req, m.U64.pack(2), [efd]) in (0, 1)  # KICK may refuse: ring not set up
+    os.close(efd)
+
+
+def test_a_bad_kick_fd_does_not_end_a_keep_listening_daemon(tmp_path):
+    """/dev/null is not an eventfd (epoll refuses it): refused with an error reply, and
+    the single-guest --keep-listening daemon keeps serving."""
+    from balloon_device.host.config import DaemonConfig
+    from balloon_device.host.multi import Daemon
+    d = Daemon(DaemonConfig(socket_path=str(tmp_path / "one.sock"), keep_listening=True))
+    try:
+        fe = Frontend.__new__(Frontend)
+        fe.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fe.sock.settimeout(5)
+        fe.sock.connect(str(tmp_path / "one.sock"))
+        fe.server, fe.backend_sock, fe.eventfds = d.guests["one"].server, None, []
+        fe.pump = lambda rounds=3: [d.loop.run_once(timeout=0) for _ in range(rounds)]
+        fe.pump()
+        fe.handshake()
+        fd = os.open("/dev/null", os.O_RDWR)
+        assert fe.ack(R.SET_VRING_NUM, m.VRING_STATE.pack(0, 64)) == 0
+        mem = sealed_memfd("g", 1 * MiB)
+        assert fe.set_mem_table([(0, 1 * MiB, 0x10000, 0, mem)]) == 0
+        os.close(mem)
+        assert fe.ack(R.SET_VRING_ADDR, m.VRING_ADDR.pack(0, 0, 0x10000, 0x12000, 0x11000, 0)) == 0
+        fe.send(R.SET_VRING_KICK, m.U64.pack(0), [fd], need_reply=True)  # pumps the loop
+        os.close(fd)
+        hdr, body, _ = fe.recv()
+        assert struct.unpack("<Q", body)[0] == 1
+        assert fe.alive and not d.loop._stopping
+        assert fe.call_u64(R.GET_FEATURES)  # still answered
+        for efd in fe.eventfds:
+            os.close(efd)
+        fe.sock.close()
+        fe.pump()
+    finally:
+        d.close()
+
+
+def test_an_unwritable_call_fd_never_raises_out_of_signal():
+    """The stats timer and the policy signal the guest outside any message handler: a
+    call fd that cannot be written is logged, never raised."""
+    from vhostuser.testing.driver import DriverQueue, GuestMemory
+    with GuestMemory(4 * MiB) as mem:
+        dq = DriverQueue(mem, 8)
+        vq = dq.make_vq()
+        r, w = os.pipe()
+        vq.call_fd = r            # read end: write() fails with EBADF
+        try:
+            dq.add([b"x" * 16], [])
+            chain = vq.pop(mem.table)
+            vq.push(chain.head, 0)
+            assert vq.signal() is True
+            assert vq.signal_errors == 1
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def test_memfds_that_can_shrink_are_refused(fe):
+    """A memfd its owner can truncate after SET_MEM_TABLE would make the daemon's next
+    access SIGBUS: only memfds sealed against shrinking (as QEMU seals them) are taken."""
+    fe.handshake()
+    unsealed = os.memfd_create("guest")
+    os.ftruncate(unsealed, 16 * MiB)
+    grow_only = os.memfd_create("guest", os.MFD_ALLOW_SEALING)
+    os.ftruncate(grow_only, 16 * MiB)
+    import fcntl
+    fcntl.fcntl(grow_only, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+    try:
+        for fd in (unsealed, grow_only):
+            before = open_fds()
+            assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, fd)]) == 1
+            payload = m.MEM_REG_SINGLE.pack(0) + m.MEM_REGION.pack(0, 16 * MiB, 0x7F0000000000, 0)
+            assert fe.ack(R.ADD_MEM_REG, payload, [fd]) == 1
+            assert open_fds() == before
+            assert len(fe.server.backend.memory) == 0
+        sealed = sealed_memfd("guest", 16 * MiB)
+        assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, sealed)]) == 0
+        os.close(sealed)
+        assert len(fe.server.backend.memory) == 1
+    finally:
+        os.close(unsealed)
+        os.close(grow_only)
+
+
+def test_files_are_mapped_only_if_they_hold_the_region(fe, tmp_path):
+    """Files (hugetlbfs, /dev/shm, regular) cannot be sealed: their size is checked."""
+    fe.handshake()
+    path = tmp_path / "ram"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert fe.set_mem_table([(0, 16 * MiB, 0x7F0000000000, 0, fd)]) == 1
+        assert fe.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 4096, fd)]) == 1
+        assert fe.set_mem_table([(0, 8 * MiB, 0x7F0000000000, 0, fd)]) == 0
+    finally:
+        os.close(fd)

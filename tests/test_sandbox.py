@@ -21,6 +21,7 @@ from fuzz.source import RandomSource
 from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon
 from vhostuser import messages as m
 from vhostuser.handler import MAX_MEM_SLOTS
+from vhostuser.testing import sealed_memfd
 from vhostuser.messages import Request as R
 
 MiB = 1 << 20
@@ -101,8 +102,7 @@ def test_limits_on_what_a_frontend_sends(daemon):
 
 def test_memory_slots_and_queue_size_limits(daemon):
     s = daemon.connect()
-    fd = os.memfd_create("g")
-    os.ftruncate(fd, (MAX_MEM_SLOTS + 1) * 65536)
+    fd = sealed_memfd("g", (MAX_MEM_SLOTS + 1) * 65536)
     try:
         def ack(req, payload=b"", fds=()):
             data = m.encode(req, payload, m.VERSION | m.FLAG_NEED_REPLY)
@@ -148,7 +148,11 @@ def test_unknown_architecture_is_refused():
 CHILD = textwrap.dedent(r"""
     import errno, os, socket, sys, threading, mmap
     sys.path.insert(0, {root!r})
+    import ctypes, platform
     from balloon_device.host import sandbox
+    TGKILL = sandbox.TABLES[platform.machine()]["tgkill"]
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # made before the filter
+    open({tmp!r} + ".keep", "w").close()
     sandbox.apply_seccomp({mode!r})
     out = []
     def check(name, fn):
@@ -168,6 +172,14 @@ CHILD = textwrap.dedent(r"""
     check("fallocate", punch)
     check("eventfd", lambda: os.eventfd_write(os.eventfd(0), 1))
     check("unix_socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close())
+    check("connect", lambda: held.connect("/dev/log"))
+    check("unlink", lambda: os.unlink({tmp!r} + ".keep"))
+    import signal, threading as th
+    check("tgkill_self", lambda: signal.pthread_kill(th.main_thread().ident, 0))
+    def tgkill_other():
+        if libc.syscall(TGKILL, os.getppid(), os.getppid(), 0) != 0:
+            raise OSError(ctypes.get_errno(), "tgkill")
+    check("tgkill_other", tgkill_other)
     check("read_open", lambda: open("/proc/self/status").read())
     t = threading.Thread(target=lambda: None); t.start(); t.join(); out.append("thread=ok")
     check("inet_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -186,10 +198,13 @@ def run_child(mode, tmp_path):
 def test_seccomp_errno_mode_allows_the_daemon_calls_and_refuses_others(tmp_path):
     r = run_child("errno", tmp_path)
     got = dict(kv.split("=") for kv in r.stdout.split())
-    assert {k: got[k] for k in ("memfd", "fallocate", "eventfd", "unix_socket", "read_open",
-                                "thread")} == dict.fromkeys(
-        ("memfd", "fallocate", "eventfd", "unix_socket", "read_open", "thread"), "ok"), r
-    assert got["inet_socket"] == got["write_open"] == got["fork"] == "EPERM", r
+    allowed = ("memfd", "fallocate", "eventfd", "read_open", "thread", "tgkill_self")
+    assert {k: got[k] for k in allowed} == dict.fromkeys(allowed, "ok"), r
+    # no new socket, no connect, no unlink, no signal to another process (issue 13)
+    refused = ("inet_socket", "unix_socket", "connect", "unlink", "tgkill_other", "write_open",
+               "fork")
+    assert {k: got[k] for k in refused} == dict.fromkeys(refused, "EPERM"), r
+    assert os.path.exists(str(tmp_path / "x") + ".keep")
     assert r.returncode == 1 and "PermissionError" in r.stderr  # execv refused with EPERM
 
 
@@ -233,11 +248,14 @@ def test_daemon_drops_privileges_and_still_frees_memory(tmp_path):
                       extra=["--user", "nobody", "--seccomp"]).start()
     try:
         assert report_once(d.path) == 4 * MiB
-        st = os.stat(f"/proc/{d.pid}")
-        assert st.st_uid == nobody.pw_uid
-        for p in (d.path, d.path + ".ctl"):
-            ps = os.stat(p)
-            assert ps.st_uid == nobody.pw_uid and stat.S_IMODE(ps.st_mode) == 0o600
+        # not dumpable: /proc/PID belongs to root, so no other process of the daemon's
+        # user (QEMU) can ptrace it or read its memory
+        assert os.stat(f"/proc/{d.pid}/mem").st_uid == 0
+        assert os.stat(f"/proc/{d.pid}/status").st_uid == 0
+        ps = os.stat(d.path)
+        assert ps.st_uid == nobody.pw_uid and stat.S_IMODE(ps.st_mode) == 0o600
+        ctl = os.stat(d.path + ".ctl")  # the control socket does not go to --user
+        assert ctl.st_uid == 0 and stat.S_IMODE(ctl.st_mode) == 0o600
         with open(f"/proc/{d.pid}/status") as f:
             status = f.read()
         groups = [ln.split(":", 1)[1].strip() for ln in status.splitlines()
@@ -256,3 +274,91 @@ def test_unknown_user_is_a_clean_error(tmp_path):
                         str(tmp_path / "s.sock"), "--user", "no-such-user-xyz"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "no such user" in r.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="changing socket groups needs root")
+def test_socket_groups(tmp_path):
+    """--socket-group: guest sockets get the daemon's user and QEMU's group, 0660;
+    --control-socket-group: the control socket keeps root as owner, operators' group, 0660."""
+    import grp
+    qemu_group = grp.getgrnam("nogroup")
+    ops = grp.getgrgid(0)
+    d = DaemonProcess(str(tmp_path), log_level="info",
+                      extra=["--user", "nobody", "--socket-group", "nogroup",
+                             "--control-socket-group", ops.gr_name, "--seccomp"]).start()
+    try:
+        st = os.stat(d.path)
+        assert (st.st_uid, st.st_gid) == (pwd.getpwnam("nobody").pw_uid, qemu_group.gr_gid)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+        ctl = os.stat(d.path + ".ctl")
+        assert (ctl.st_uid, ctl.st_gid) == (0, ops.gr_gid) and stat.S_IMODE(ctl.st_mode) == 0o660
+        assert report_once(d.path) == 4 * MiB
+        # a process of the daemon's user (as QEMU would be) cannot use the control socket
+        code = textwrap.dedent(f"""
+            import os, socket
+            os.setgid({qemu_group.gr_gid}); os.setgroups([]); os.setuid({pwd.getpwnam("nobody").pw_uid})
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect({d.path + ".ctl"!r})
+                print("connected")
+            except PermissionError:
+                print("refused")
+        """)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=60)
+        assert r.stdout.strip() == "refused", r
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log_tail()
+
+
+def test_unknown_socket_group_is_a_clean_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "balloon_device.host.cli", "--socket-path",
+                        str(tmp_path / "s.sock"), "--socket-group", "no-such-group-xyz"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "no such group" in r.stderr
+
+
+def test_every_daemon_makes_itself_non_dumpable(tmp_path):
+    """The shipped units start the daemon as QEMU's user (no --user): it still makes itself
+    non-dumpable, so QEMU processes of that user cannot ptrace it or read /proc/PID/mem
+    (every guest's RAM), and it writes no core dumps."""
+    code = textwrap.dedent(f"""
+        import ctypes, sys
+        sys.path.insert(0, {ROOT!r})
+        from balloon_device.host import cli
+        from balloon_device.host.config import DaemonConfig
+        from balloon_device.host.multi import Daemon
+        cfg = DaemonConfig(socket_path={str(tmp_path / "g.sock")!r})
+        d = Daemon(cfg)
+        before = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)
+        cli._sandbox(cfg, d)
+        print(before, ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))
+        d.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["1", "0"], r
+
+
+def test_sd_notify_works_under_seccomp_without_socket_or_connect(tmp_path):
+    """seccomp forbids socket() and connect() (issue 13): the notification socket is
+    connected before the filter, so READY/STOPPING still reach systemd, in kill mode too."""
+    import signal
+    ns = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ns.bind(str(tmp_path / "notify"))
+    ns.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify"))
+    p = subprocess.Popen([sys.executable, "-m", "balloon_device.host.cli", "--socket-path",
+                          str(tmp_path / "g.sock"), "--seccomp", "kill"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert b"READY=1" in ns.recv(4096)
+        p.send_signal(signal.SIGTERM)
+        assert ns.recv(4096) == b"STOPPING=1"
+        out, _ = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        ns.close()
+    assert p.returncode == 0, out       # not -31 (SIGSYS): no forbidden call at exit either
+    assert os.path.exists(tmp_path / "g.sock")  # no unlink under seccomp: left for next start

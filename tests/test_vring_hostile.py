@@ -23,9 +23,10 @@ from vhostuser import vring_py as py
 REGION = 1 * MiB
 
 
-@pytest.fixture(params=[True, False], ids=["C", "py"])
-def use_c(request):
-    return request.param
+@pytest.fixture
+def use_c(impl):
+    """True for C, False for the Python twin (both run: the impl fixture)."""
+    return impl
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ GAP = DEFAULT_GPA + 4 * REGION          # not guest memory
 
 def ring(mem, use_c, size=8, **kw):
     dq = DriverQueue(mem, size, top=True, layout="separate", **kw)
-    vq = dq.make_vq(use_c=use_c, max_size=32768)
+    vq = dq.make_vq(max_size=32768)
     return dq, vq
 
 
@@ -238,7 +239,7 @@ def test_readable_after_writable(mem, use_c):
 
 def test_too_many_segments(mem, use_c):
     dq = DriverQueue(mem, 8, top=True)
-    vq = dq.setup_vq(VirtQueue(0, 8, use_c=use_c, max_segments=3))
+    vq = dq.setup_vq(VirtQueue(0, 8, max_segments=3))
     dq.add([b"a", b"b"], [1, 1], indirect=True)
     expect_chain_error(dq, vq, mem, 0, "more buffers")
 
@@ -256,7 +257,7 @@ def test_huge_indirect_table_within_limits(mem, use_c):
     dq.write_desc(0, t, 16 * n, IND)
     dq.put_avail(0, publish=True)
     expect_chain_error(dq, vq, mem, 0, "more buffers")      # max_segments 1024
-    vq2 = dq.setup_vq(VirtQueue(1, 8, use_c=use_c, max_segments=n), base=vq.last_avail_idx - 1)
+    vq2 = dq.setup_vq(VirtQueue(1, 8, max_segments=n), base=vq.last_avail_idx - 1)
     c = vq2.pop(mem.table)
     assert c.error is None and len(c.segments) == n
 
@@ -286,7 +287,7 @@ def test_head_out_of_range(mem, use_c, head):
 
 
 def test_rings_outside_memory(mem, use_c):
-    vq = VirtQueue(0, 256, use_c=use_c)
+    vq = VirtQueue(0, 256)
     vq.set_num(256)
     good = mem.uva(DEFAULT_GPA)
     cases = [
@@ -316,7 +317,7 @@ def test_rings_outside_memory(mem, use_c):
 
 @pytest.mark.parametrize("n", [0, 3, 12, 512, 65536])
 def test_set_num_rejects(use_c, n):
-    vq = VirtQueue(0, 256, use_c=use_c)
+    vq = VirtQueue(0, 256)
     with pytest.raises(RequestError):
         vq.set_num(n)
     with pytest.raises(RequestError):

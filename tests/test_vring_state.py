@@ -25,6 +25,7 @@ from hypothesis import event, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant,
                                  precondition, rule)
 
+from vhostuser import implementation
 from vhostuser.testing.driver import DEFAULT_GPA, MiB, DriverQueue, GuestMemory, QueueFull
 
 STEPS = 30
@@ -55,7 +56,8 @@ class VringMachine(RuleBasedStateMachine):
         self.two_regions = two_regions
         self.dq = DriverQueue(self.mem, size, event_idx=event_idx, start_idx=start,
                               layout=layout)
-        self.vq = self.dq.make_vq(use_c=self.use_c)
+        with implementation.selected(self.use_c):
+            self.vq = self.dq.make_vq()
         self.size = size
         self.start = start
         self.expected = {}       # head -> [(addr, len, writable)] as posted

@@ -4,8 +4,10 @@ import array
 import errno
 import logging
 import os
+import select
 import socket
 import stat
+import time
 
 from . import messages
 from .errors import ConnectionClosed, ProtocolError, SetupError
@@ -43,6 +45,7 @@ class Listener:
     def __init__(self, sock, path=None):
         self.sock = sock
         self.path = path
+        self.unlink_on_close = True  # False under seccomp (no unlink): the next start removes it
 
     @classmethod
     def at_path(cls, path):
@@ -104,7 +107,7 @@ class Listener:
 
     def close(self):
         self.sock.close()
-        if self.path:
+        if self.path and self.unlink_on_close:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
@@ -114,57 +117,117 @@ class Listener:
 
 
 class Connection:
-    """One vhost-user peer: reads whole messages with their fds."""
+    """One vhost-user peer: assembles whole messages with their fds, without blocking.
+
+    The socket is non-blocking. ``poll_message()`` reads what is there and keeps a
+    partial message (bytes and the fds that came with them) until the rest arrives,
+    so one peer that stops inside a message never blocks the event loop. Reads never
+    go past the end of the current message: fds always belong to the message whose
+    bytes carried them. ``stalled_for()`` tells how long a partial message has waited.
+    """
 
     def __init__(self, sock):
         self.sock = sock
-        self.sock.settimeout(RECV_TIMEOUT)
+        self.sock.setblocking(False)
+        self._buf = bytearray()
+        self._fds = []
+        self._header = None
+        self._since = None  # monotonic time the current partial message started
 
     def fileno(self):
         return self.sock.fileno()
 
-    def _recv(self, n, fds):
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                data, anc, flags, _ = self.sock.recvmsg(n - len(buf), _FD_SPACE)
-            except InterruptedError:
-                continue
-            except socket.timeout as e:
-                raise ProtocolError("peer stopped in the middle of a message") from e
-            except ConnectionResetError as e:
-                raise ConnectionClosed("peer reset the connection") from e
-            fds.extend(_take_fds(anc, flags))
-            if not data:
-                if buf:
-                    raise ConnectionClosed("peer closed the connection inside a message")
-                raise ConnectionClosed("peer closed the connection")
-            buf += data
-        return bytes(buf)
+    def stalled_for(self, now=None):
+        """Seconds since a message started arriving and did not finish (0 if none)."""
+        if self._since is None:
+            return 0.0
+        return (time.monotonic() if now is None else now) - self._since
 
-    def recv_message(self):
-        """Read one message; the caller owns the returned fds."""
-        fds = []
+    def _recv_some(self, n):
+        """At most n bytes; None if nothing is there now; EOF raises."""
         try:
-            header = messages.parse_header(self._recv(messages.HEADER.size, fds))
-            payload = self._recv(header.size, fds) if header.size else b""
+            data, anc, flags, _ = self.sock.recvmsg(n, _FD_SPACE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except ConnectionResetError as e:
+            raise ConnectionClosed("peer reset the connection") from e
+        self._fds.extend(_take_fds(anc, flags))
+        if not data:
+            if self._buf or self._header is not None:
+                raise ConnectionClosed("peer closed the connection inside a message")
+            raise ConnectionClosed("peer closed the connection")
+        return data
+
+    def poll_message(self):
+        """One whole message if it has arrived, else None (a partial one is kept).
+        The caller owns the returned fds. Raises ConnectionClosed / ProtocolError."""
+        try:
+            while True:
+                size = messages.HEADER.size if self._header is None else self._header.size
+                need = size - len(self._buf)
+                if need > 0:
+                    data = self._recv_some(need)
+                    if data is None:
+                        return None
+                    if self._since is None:
+                        self._since = time.monotonic()
+                    self._buf += data
+                    continue
+                if self._header is None:
+                    self._header = messages.parse_header(bytes(self._buf))
+                    self._buf.clear()
+                    continue
+                msg_fds, self._fds = self._fds, []
+                header, payload = self._header, bytes(self._buf)
+                self._header = self._since = None
+                self._buf.clear()
+                if len(msg_fds) > messages.MAX_FDS:
+                    _close_all(msg_fds)
+                    raise ProtocolError(f"{len(msg_fds)} fds attached to one message")
+                return messages.Message(header, payload, msg_fds)
         except BaseException:
-            _close_all(fds)
+            self.drop_partial()
             raise
-        if len(fds) > messages.MAX_FDS:
-            _close_all(fds)
-            raise ProtocolError(f"{len(fds)} fds attached to one message")
-        return messages.Message(header, payload, fds)
 
-    def send(self, data, fds=()):
+    def drop_partial(self):
+        """Forget a partial message and close the fds that came with it."""
+        _close_all(self._fds)
+        self._fds = []
+        self._buf.clear()
+        self._header = self._since = None
+
+    def recv_message(self, timeout=RECV_TIMEOUT):
+        """Blocking read of one message (tools and tests); the caller owns the fds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.poll_message()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.drop_partial()
+                raise ProtocolError("peer stopped in the middle of a message")
+            select.select([self.sock], [], [], left)
+
+    def send(self, data, fds=(), timeout=RECV_TIMEOUT):
+        """Send a whole message; a peer that does not read for `timeout` s is gone."""
+        view = memoryview(data)
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+               if fds else [])
+        deadline = None
         try:
-            if fds:
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                sent = self.sock.sendmsg([data], anc)
-            else:
-                sent = self.sock.send(data)
-            if sent < len(data):
-                self.sock.sendall(data[sent:])
+            while view:
+                try:
+                    sent = self.sock.sendmsg([view], anc, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    if deadline is None:
+                        deadline = time.monotonic() + timeout
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                        raise ConnectionClosed("peer does not read its socket") from None
+                    continue
+                anc = []  # the fds went with the first bytes
+                view = view[sent:]
         except (BrokenPipeError, ConnectionResetError) as e:
             raise ConnectionClosed("peer went away while we were replying") from e
         except socket.timeout as e:

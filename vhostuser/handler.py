@@ -15,7 +15,7 @@ from .connection import Connection
 from .device import VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX
 from .errors import ConnectionClosed, GuestMemoryError, ProtocolError, RequestError, VringError
 from .inflight import InflightArea
-from .memory import MAX_MEM_SLOTS, MemoryTable, Region
+from .memory import MAX_MEM_SLOTS, MemoryTable, Region, check_sealed
 from .messages import ProtocolFeature as PF
 from .messages import Request as R
 from .vring import VirtQueue
@@ -25,9 +25,34 @@ log = logging.getLogger(__name__)
 SUPPORTED_PROTOCOL_FEATURES = (
     (1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
     | (1 << PF.INFLIGHT_SHMFD) | (1 << PF.RESET_DEVICE) | (1 << PF.CONFIGURE_MEM_SLOTS))
+BACKEND_SEND_TIMEOUT = 1.0  # a frontend that does not read its backend channel loses it
+QUEUE_BUDGET = 64  # chains one queue may pop per turn of the event loop (fairness)
+
 # Requests that carry their own reply; every other one may get a REPLY_ACK.
 _OWN_REPLY = {R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_VRING_BASE,
               R.GET_CONFIG, R.GET_INFLIGHT_FD, R.GET_MAX_MEM_SLOTS}
+
+
+EVENTFD = "anon_inode:[eventfd]"
+
+
+def fd_kind(fd):
+    """What an fd is, as /proc/self/fd names it ("anon_inode:[eventfd]", "/dev/null",
+    "socket:[123]", ...). Readable by the process itself even when it is not dumpable."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            if "eventfd-count:" in f.read():
+                return EVENTFD
+    except OSError:
+        pass
+    try:
+        return f"a file of mode {stat.filemode(os.fstat(fd).st_mode)}"
+    except OSError as e:
+        return f"unusable ({e.strerror})"
 
 
 class Reply:
@@ -41,11 +66,10 @@ class Reply:
 class Backend:
     """One device served over one frontend connection at a time."""
 
-    def __init__(self, device, use_c=True):
+    def __init__(self, device):
         self.device = device
-        self.use_c = use_c
         self.memory = MemoryTable(max_regions=MAX_MEM_SLOTS)
-        self.queues = [VirtQueue(i, size, use_c=use_c) for i, size in enumerate(device.queue_sizes())]
+        self.queues = [VirtQueue(i, size) for i, size in enumerate(device.queue_sizes())]
         self.backend_channel = None
         self.inflight = None
         self.fds_changed = True  # tells the event loop to resync its watch list
@@ -194,6 +218,7 @@ class Backend:
     def _take_region(self, msg, spec, fd):
         # The fd leaves msg.fds only once the Region owns it: a refused region's fd is
         # closed by handle() with the other unused fds (it used to leak).
+        check_sealed(fd)
         try:
             region = Region(spec.gpa, spec.size, spec.uaddr, spec.mmap_offset, fd)
         except OSError as e:
@@ -303,11 +328,16 @@ class Backend:
             self.device.queue_stopped(q)
         return base
 
-    def _take_vring_fd(self, msg):
+    def _take_vring_fd(self, msg, what):
+        """(queue, fd) of a SET_VRING_KICK/CALL/ERR; the fd must be an eventfd."""
         index, fd = m.decode_vring_fd(msg)
         q = self.queue(index)
         if fd is not None:
+            kind = fd_kind(fd)
+            if kind != EVENTFD:
+                raise RequestError(f"queue {index}: the {what} fd is {kind}, not an eventfd")
             msg.fds.remove(fd)
+            os.set_blocking(fd, False)  # never block the loop on a full counter
         return q, fd
 
     @staticmethod
@@ -317,12 +347,7 @@ class Backend:
         return new
 
     def _set_vring_kick(self, msg):
-        index, fd = m.decode_vring_fd(msg)
-        self.queue(index)
-        if fd is not None and stat.S_IFMT(os.fstat(fd).st_mode) in (stat.S_IFREG, stat.S_IFDIR):
-            # epoll refuses regular files and directories (EPERM): refuse the kick fd now
-            raise RequestError(f"queue {index}: kick fd is a file, not an eventfd")
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "kick")
         q.kick_fd = self._replace(q.kick_fd, fd)
         self.fds_changed = True
         if fd is None:
@@ -341,11 +366,11 @@ class Backend:
             self.device.queue_started(q)
 
     def _set_vring_call(self, msg):
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "call")
         q.call_fd = self._replace(q.call_fd, fd)
 
     def _set_vring_err(self, msg):
-        q, fd = self._take_vring_fd(msg)
+        q, fd = self._take_vring_fd(msg, "err")
         q.err_fd = self._replace(q.err_fd, fd)
 
     def _set_vring_enable(self, msg):
@@ -365,9 +390,11 @@ class Backend:
         return self.started[q.index] and q.enabled and q.broken is None
 
     def process(self, q):
-        """Let the device handle q's available chains; never raises."""
+        """Let the device handle up to QUEUE_BUDGET of q's chains; never raises.
+        Returns True when the budget ran out: call again (the loop reschedules it)."""
         if not self.runnable(q):
-            return
+            return False
+        q.budget, q.budget_spent = QUEUE_BUDGET, False
         try:
             self.device.handle_queue(q, self.memory)
         except VringError as e:
@@ -376,10 +403,13 @@ class Backend:
         except Exception:  # a device bug must not take the daemon down
             self.counters["ring_errors"] += 1
             log.exception("queue %d: device failed while handling the queue", q.index)
+        finally:
+            q.budget = None
         try:
             q.signal()
-        except OSError as e:
-            log.warning("queue %d: cannot signal the call fd: %s", q.index, e)
+        except Exception as e:  # e.g. the rings were unmapped under us
+            log.warning("queue %d: cannot signal the driver: %s", q.index, e)
+        return q.budget_spent and self.runnable(q)
 
     # ---- backend channel ---------------------------------------------------
 
@@ -394,8 +424,7 @@ class Backend:
             os.close(fd)
             raise RequestError(f"SET_BACKEND_REQ_FD: fd is not a socket ({e.strerror})") from e
         self._close_backend_channel()
-        self.backend_channel = Connection(sock)
-        self.backend_channel.sock.settimeout(1.0)
+        self.backend_channel = Connection(sock)  # non-blocking; acks are read by the loop
         self.fds_changed = True
 
     def _close_backend_channel(self):
@@ -413,7 +442,8 @@ class Backend:
         if self.has_protocol(PF.REPLY_ACK):
             flags |= m.FLAG_NEED_REPLY  # the ack is read by the event loop
         try:
-            self.backend_channel.send(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG, b"", flags))
+            self.backend_channel.send(m.encode(m.BackendRequest.CONFIG_CHANGE_MSG, b"", flags),
+                                      timeout=BACKEND_SEND_TIMEOUT)
         except (ConnectionClosed, OSError) as e:
             log.warning("backend channel failed (%s); closing it", e)
             self._close_backend_channel()

@@ -11,12 +11,14 @@ import signal
 import socket
 import time
 
-from .connection import Listener
+from .connection import RECV_TIMEOUT, Listener
 from .device import DeviceContext
 from .errors import ConnectionClosed, ProtocolError
 from .handler import Backend
 
 log = logging.getLogger(__name__)
+
+MESSAGES_PER_TURN = 32  # frontend messages handled before other sources get their turn
 
 
 class Loop(abc.ABC):
@@ -35,6 +37,10 @@ class Loop(abc.ABC):
     @abc.abstractmethod
     def call_later(self, delay, callback):
         """Run callback() once after delay seconds; returns a handle for cancel()."""
+
+    @abc.abstractmethod
+    def call_soon(self, callback):
+        """Run callback() on the next turn, after the fds ready then; returns a handle."""
 
     @abc.abstractmethod
     def cancel(self, handle):
@@ -63,6 +69,7 @@ class EventLoop(Loop):
     def __init__(self):
         self.sel = selectors.DefaultSelector()
         self._timers = []
+        self._ready = []  # call_soon callbacks for the next turn (round-robin work)
         self._seq = itertools.count()
         self._stopping = False
         self._wake_r = self._wake_w = None
@@ -83,6 +90,13 @@ class EventLoop(Loop):
         """Run callback after delay seconds. Returns a handle for cancel()."""
         entry = [time.monotonic() + max(0.0, delay), next(self._seq), callback]
         heapq.heappush(self._timers, entry)
+        return entry
+
+    def call_soon(self, callback):
+        """Run callback on the next turn of the loop, after the fds that are ready then:
+        work split into turns (queue budgets) takes turns with every other source."""
+        entry = [0.0, next(self._seq), callback]
+        self._ready.append(entry)
         return entry
 
     def cancel(self, handle):
@@ -136,10 +150,16 @@ class EventLoop(Loop):
         t = self._timeout()
         if timeout is not None:
             t = timeout if t is None else min(t, timeout)
+        if self._ready:
+            t = 0
         for key, _ in self.sel.select(t):
             if key.fd in self.sel.get_map():  # an earlier callback may have removed it
                 key.data()
         self._run_timers()
+        ready, self._ready = self._ready, []  # what is added now runs next turn
+        for _, _, cb in ready:
+            if cb is not None:
+                cb()
 
     def run(self):
         while not self._stopping:
@@ -156,17 +176,19 @@ class EventLoop(Loop):
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
-    def __init__(self, device, listener, loop=None, keep_listening=False, use_c=True):
+    def __init__(self, device, listener, loop=None, keep_listening=False):
         self.device = device
         self.listener = listener
         self.loop = loop or EventLoop()
         self.keep_listening = keep_listening
-        self.backend = Backend(device, use_c=use_c)
+        self.backend = Backend(device)
         self.conn = None
         self.sessions = 0
         self.protocol_errors = 0   # frontends dropped for a protocol error
         self._watched = {}
         self._runnable = set()
+        self._resume = {}      # queue index -> call_soon handle (budget ran out)
+        self._stall_timer = None
         device.attach(self)
         if listener.is_listening:
             self.loop.add_reader(listener.fileno(), self._on_accept)
@@ -239,6 +261,11 @@ class Server(DeviceContext):
             self.loop.remove_reader(fd)
         self._watched.clear()
         self._runnable.clear()
+        for handle in self._resume.values():
+            self.loop.cancel(handle)
+        self._resume.clear()
+        self.loop.cancel(self._stall_timer)
+        self._stall_timer = None
         self.backend.disconnect()
         self.conn.close()
         self.conn = None
@@ -246,17 +273,26 @@ class Server(DeviceContext):
             self.loop.stop()
 
     def _on_message(self):
+        """Handle the messages that have arrived; a partial one waits, without blocking
+        the loop, for at most RECV_TIMEOUT seconds."""
+        conn = self.conn
         try:
-            msg = self.conn.recv_message()
-            log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
-                      msg.header.size, len(msg.fds))
-            reply = self.backend.handle(msg)
-            if reply is not None:
-                try:
-                    self.conn.send(reply.data, reply.fds)
-                finally:
-                    for fd in reply.fds:
-                        os.close(fd)
+            for _ in range(MESSAGES_PER_TURN):
+                msg = conn.poll_message()
+                if msg is None:
+                    break
+                log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
+                          msg.header.size, len(msg.fds))
+                reply = self.backend.handle(msg)
+                if reply is not None:
+                    try:
+                        conn.send(reply.data, reply.fds)
+                    finally:
+                        for fd in reply.fds:
+                            os.close(fd)
+                self._sync()
+                if self.conn is not conn:
+                    return
         except ConnectionClosed as e:
             self._close(str(e))
             return
@@ -265,7 +301,22 @@ class Server(DeviceContext):
             self.protocol_errors += 1
             self._close(f"protocol error: {e}")
             return
-        self._sync()
+        if conn.stalled_for() and self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(RECV_TIMEOUT, self._check_stall)
+
+    def _check_stall(self):
+        self._stall_timer = None
+        conn = self.conn
+        if conn is None:
+            return
+        waited = conn.stalled_for()
+        if waited >= RECV_TIMEOUT:
+            log.error("protocol error, dropping the frontend: it stopped in the middle of "
+                      "a message %.1fs ago", waited)
+            self.protocol_errors += 1
+            self._close("protocol error: peer stopped in the middle of a message")
+        elif waited:
+            self._stall_timer = self.loop.call_later(RECV_TIMEOUT - waited, self._check_stall)
 
     def _sync(self):
         """Refresh the watch list and process queues that just became runnable."""
@@ -279,17 +330,33 @@ class Server(DeviceContext):
                     del self._watched[fd]
             for fd, what in wanted.items():
                 if fd not in self._watched:
-                    self._watched[fd] = what
                     kind, q = what
-                    if kind == "kick":
-                        os.set_blocking(fd, False)
-                        self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
-                    else:
-                        self.loop.add_reader(fd, self._on_backend_channel)
+                    try:
+                        if kind == "kick":
+                            os.set_blocking(fd, False)
+                            self.loop.add_reader(fd, lambda q=q: self._on_kick(q))
+                        else:
+                            self.loop.add_reader(fd, self._on_backend_channel)
+                    except (OSError, ValueError) as e:  # e.g. an fd epoll refuses
+                        log.error("cannot watch the frontend's %s fd %d: %s", kind, fd, e)
+                        self._close(f"protocol error: unusable {kind} fd ({e})")
+                        return
+                    self._watched[fd] = what
         now = {q.index for q in b.queues if b.runnable(q)}
         for index in sorted(now - self._runnable):
-            b.process(b.queues[index])
+            self._process(b.queues[index])
         self._runnable = now
+
+    def _process(self, q):
+        """One turn of q (at most the backend's budget); come back on the next loop turn
+        if there is more, after every other ready fd and queue had its turn."""
+        if self.backend.process(q) and q.index not in self._resume:
+            self._resume[q.index] = self.loop.call_soon(lambda: self._resumed(q))
+
+    def _resumed(self, q):
+        self._resume.pop(q.index, None)
+        if self.conn is not None:
+            self._process(q)
 
     def _on_kick(self, q):
         fd = q.kick_fd
@@ -301,7 +368,8 @@ class Server(DeviceContext):
             pass
         except OSError as e:
             log.warning("queue %d: reading the kick fd failed: %s", q.index, e)
-        self.backend.process(q)  # a disabled ring's kick is drained and ignored
+        if q.index not in self._resume:  # else: it is already due for its next turn
+            self._process(q)  # a disabled ring's kick is drained and ignored
 
     def _on_backend_channel(self):
         self.backend.read_backend_channel()

@@ -6,6 +6,8 @@ page size, because discarding memory needs them.
 """
 
 import ctypes
+import errno
+import fcntl
 import mmap
 import os
 import stat as statmod
@@ -23,8 +25,53 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
                        ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+MADV_DONTDUMP = 16
+MADV_POPULATE_READ = 22  # Linux 5.14: fault pages in, or fail with EFAULT instead of SIGBUS
+F_GET_SEALS = 1034
+F_SEAL_SHRINK = 0x0002
+_populate_works = True
+
+
+def populated(addr, length):
+    """False if some page of [addr, addr+length) has no backing and cannot get one
+    (a hole in a hugetlbfs file whose pool is empty: touching it would be SIGBUS).
+    Measured on this kernel: a read there is SIGBUS, MADV_POPULATE_READ returns EFAULT.
+    True when the kernel cannot tell (no MADV_POPULATE_READ)."""
+    global _populate_works
+    if not _populate_works or length <= 0:
+        return True
+    start = addr - addr % SMALL_PAGE
+    if _libc.madvise(start, addr + length - start, MADV_POPULATE_READ) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EINVAL:  # kernel older than 5.14
+        _populate_works = False
+        return True
+    return False
+
+
+def check_sealed(fd):
+    """Refuse a memfd that can still shrink: truncating it under our mapping would make
+    the daemon's next access SIGBUS. QEMU seals its memfds (memory-backend-memfd seal=on).
+    Other files cannot be sealed; their size is checked when they are mapped."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return
+    if not target.startswith("/memfd:"):
+        return
+    try:
+        seals = fcntl.fcntl(fd, F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if not seals & F_SEAL_SHRINK:
+        raise RequestError(
+            "memory region fd is a memfd that is not sealed against shrinking "
+            "(F_SEAL_SHRINK): its owner could truncate it and crash the daemon; QEMU's "
+            "memory-backend-memfd seals by default (do not set seal=off)")
 
 
 def _backing_of(fd):
@@ -81,6 +128,11 @@ class Region:
                 f"{os.strerror(err)}")
         self._map_addr, self._map_len = addr, length
         self.hva = addr + align
+        _libc.madvise(addr, length, MADV_DONTDUMP)  # guest RAM never goes into a core dump
+
+    @property
+    def huge(self):
+        return self.page_size > SMALL_PAGE
 
     @property
     def end(self):
@@ -229,9 +281,22 @@ class MemoryTable:
             length -= n
         return out
 
+    def present(self, hva, length):
+        """False if [hva, hva+length) is in a hugetlbfs region and has a page that cannot
+        be faulted in (touching it would be SIGBUS). Small-page memory is never checked."""
+        for r in self.regions:
+            if r.huge and r.hva <= hva < r.hva + r.size:
+                return populated(hva, length)
+        return True
+
     def read(self, gpa, n):
-        return b"".join(ctypes.string_at(r.hva + (g - r.gpa), m)
-                        for r, g, m in self.split(gpa, n))
+        pieces = self.split(gpa, n)
+        for r, g, m in pieces:
+            if r.huge and not populated(r.hva + (g - r.gpa), m):
+                raise GuestMemoryError(
+                    f"guest range {g:#x}+{m:#x} has no memory behind it (a discarded huge "
+                    "page and an empty hugetlbfs pool)")
+        return b"".join(ctypes.string_at(r.hva + (g - r.gpa), m) for r, g, m in pieces)
 
     def write(self, gpa, data):
         data = bytes(data)

@@ -3,8 +3,8 @@
 The hot path (walking descriptor chains, writing the used ring, deciding
 whether to interrupt) is C (c_ext/vring.c, built by cffi as
 vhostuser._vring_c).  vhostuser.vring_py is its pure-Python twin, used in
-differential tests and selectable with VirtQueue(..., use_c=False); it is
-never a silent fallback.
+differential tests and selected by vhostuser.implementation (VUB_PURE_PYTHON=1);
+it is never a silent fallback.
 
 Life of a queue, as driven by the protocol handler::
 
@@ -25,10 +25,12 @@ Ring-level corruption raises VringError and marks the queue broken; a
 broken queue pops nothing until set_base() or reset().
 """
 
+import logging
 import os
 import struct
 from typing import NamedTuple
 
+from . import implementation
 from . import vring_py as _py
 from .errors import GuestMemoryError, RequestError, VringError
 from .vring_py import (  # noqa: F401  (re-exported constants)
@@ -38,30 +40,19 @@ from .vring_py import (  # noqa: F401  (re-exported constants)
     VU_E_INDIRECT_NEXT, VU_E_LOOP, VU_E_NESTED, VU_E_NEXT, VU_E_ORDER,
     VU_EMPTY, VU_MAX_QSIZE, VU_OK)
 
-try:
-    from . import _vring_c
-except ImportError as exc:  # pragma: no cover - depends on the build
-    _vring_c = None
-    _IMPORT_ERROR = exc
-else:
-    _IMPORT_ERROR = None
-
 DEFAULT_MAX_SEGMENTS = 1024
 VHOST_VRING_F_LOG = 1
 
-_SEG = struct.Struct("<QII")
-_SEG_ITER = _SEG.iter_unpack
+log = logging.getLogger(__name__)
+
+# struct vu_seg (c_ext/vu_types.h): addr, len, flags (VU_SEG_WRITE = 1)
+SEG = struct.Struct("<QII")
+_SEG_ITER = SEG.iter_unpack
 _ONE = (1).to_bytes(8, "little")
 
 
-def c_module():
-    """The compiled module (ffi, lib), or ImportError telling how to build it."""
-    if _vring_c is None:
-        raise ImportError(
-            "vhostuser._vring_c (the C virtqueue hot path) is not built: "
-            "run `pip install -e .` in the project root (or, for development, "
-            f"`python c_ext/build_vring.py`); import failed with: {_IMPORT_ERROR}")
-    return _vring_c
+# c_module(): the compiled hot path (ffi, lib), or ImportError telling how to build it
+c_module = implementation.Compiled("vhostuser._vring_c", "build_vring.py")
 
 
 class Segment(NamedTuple):
@@ -137,7 +128,15 @@ class Chain:
 
 def pack_segments(segments):
     """Segments as packed struct vu_seg records (the layout of Chain.raw)."""
-    return b"".join([_SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
+    return b"".join([SEG.pack(a, ln, 1 if w else 0) for a, ln, w in segments])
+
+
+def _always_present(memory, hva):
+    """True unless hva is in a hugetlbfs region (see VirtQueue.map)."""
+    for r in getattr(memory, "regions", ()):
+        if r.hva <= hva < r.hva + r.size:
+            return not r.huge
+    return True
 
 
 def _pow2(n):
@@ -147,18 +146,22 @@ def _pow2(n):
 class VirtQueue:
     """One split virtqueue of a vhost-user device (device side)."""
 
-    def __init__(self, index, max_size, use_c=True,
-                 max_segments=DEFAULT_MAX_SEGMENTS):
+    def __init__(self, index, max_size, max_segments=DEFAULT_MAX_SEGMENTS):
         if not (_pow2(max_size) and max_size <= VU_MAX_QSIZE):
             raise ValueError(f"max_size {max_size} is not a power of two <= 32768")
         self.index = index
         self.max_size = max_size
-        self.use_c = bool(use_c)
+        self.use_c = implementation.use_c()   # C or the Python twin, fixed at birth
         self.max_segments = max_segments
         self.kick_fd = None
         self.inflight = None  # InflightQueue (GET/SET_INFLIGHT_FD), set by the handler
         self.call_fd = None
         self.err_fd = None
+        # Fairness: while budget is not None, pop() returns at most that many chains and
+        # then None with budget_spent set (the caller comes back later). Set by Backend.
+        self.budget = None
+        self.budget_spent = False
+        self.signal_errors = 0
         if self.use_c:
             mod = c_module()
             self._ffi, self._lib = mod.ffi, mod.lib
@@ -191,6 +194,7 @@ class VirtQueue:
         self._unmap()
 
     def _unmap(self):
+        self._huge_rings = []
         self._mapped = False
         self._memory = None
         self._mem_gen = None
@@ -244,6 +248,12 @@ class VirtQueue:
         except GuestMemoryError as exc:
             raise GuestMemoryError(f"queue {self.index}: ring not in guest memory: {exc}")
         self._desc_hva, self._avail_hva, self._used_hva = desc, avail, used
+        # Rings on huge pages: a discarded one (the guest reported it) is refilled from the
+        # hugetlbfs pool on the next touch, which is SIGBUS if the pool is empty. Those
+        # rings are checked (MADV_POPULATE_READ) before every access instead.
+        self._huge_rings = [(a, ln) for a, ln in ((desc, 16 * n), (avail, 6 + 2 * n),
+                                                  (used, 6 + 8 * n))
+                            if not _always_present(memory, a)]
         self._set_regions(memory.c_table())
         self._memory = memory
         self._mem_gen = memory.generation
@@ -278,6 +288,15 @@ class VirtQueue:
 
     # --- data path -----------------------------------------------------
 
+    def _rings_ok(self):
+        """False (and the queue broken) if a ring page on huge pages cannot be touched."""
+        for addr, length in self._huge_rings:
+            if not self._memory.present(addr, length):
+                self.broken = (f"queue {self.index}: a ring page has no memory behind it (the "
+                               "guest reported its own ring and the hugetlbfs pool is empty)")
+                return False
+        return True
+
     def _ring_error(self, rc):
         msg = (f"queue {self.index}: {_py.message(rc)} "
                f"(last_avail_idx {self.last_avail_idx}, size {self.size})")
@@ -289,9 +308,15 @@ class VirtQueue:
 
     def pop(self, memory):
         """Next available chain, or None; marks it in the inflight area if any."""
+        if self.budget is not None and self.budget <= 0:
+            self.budget_spent = True
+            return None
         chain = self._pop(memory)
-        if chain is not None and self.inflight is not None:
-            self.inflight.mark(chain.head)
+        if chain is not None:
+            if self.budget is not None:
+                self.budget -= 1
+            if self.inflight is not None:
+                self.inflight.mark(chain.head)
         return chain
 
     def _pop(self, memory):
@@ -301,6 +326,8 @@ class VirtQueue:
         if memory is not self._memory or memory.generation != self._mem_gen:
             if not self._check_mapping(memory):
                 return None
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
         if self.use_c:
             chain = self._pop_c()
         else:
@@ -361,8 +388,7 @@ class VirtQueue:
         """Complete chain `head` with `length` bytes written (0..2^32-1, else
         OverflowError); publishes the used idx.  Returns False (nothing
         written) if the queue is stopped or its rings are no longer mapped."""
-        m = self._memory
-        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+        if not self._can_push():
             return False
         if self.use_c:
             u = self._c_used
@@ -377,9 +403,7 @@ class VirtQueue:
             if rc == 0:
                 self.used_idx = used
         if rc == 0:
-            self._in_flight -= 1
-            if self.inflight is not None:
-                self.inflight.clear(head, self.used_idx)
+            self._completed((head,))
             return True
         raise VringError(f"queue {self.index}: cannot complete head {head}: "
                          f"{_py.message(rc)}")
@@ -387,9 +411,7 @@ class VirtQueue:
     def push_many(self, elems):
         """Complete several chains [(head, length), ...], one used idx update."""
         elems = list(elems)
-        m = self._memory
-        if not elems or m is None or (m.generation != self._mem_gen
-                                      and not self._check_mapping()):
+        if not elems or not self._can_push():
             return False
         if self.use_c:
             u = self._c_used
@@ -404,16 +426,31 @@ class VirtQueue:
         if rc != 0:
             raise VringError(f"queue {self.index}: cannot complete {elems!r}: "
                              f"{_py.message(rc)}")
-        self._in_flight -= len(elems)
-        if self.inflight is not None:
-            for head, _len in elems:
-                self.inflight.clear(head, self.used_idx)
+        self._completed(head for head, _len in elems)
         return True
+
+    def _can_push(self):
+        """False if the queue is stopped or its rings are no longer mapped;
+        VringError if a ring page on huge pages cannot be touched."""
+        m = self._memory
+        if m is None or (m.generation != self._mem_gen and not self._check_mapping()):
+            return False
+        if self._huge_rings and not self._rings_ok():
+            raise VringError(self.broken)
+        return True
+
+    def _completed(self, heads):
+        """Bookkeeping after used entries were published: in-flight count
+        and the inflight area's marks."""
+        for head in heads:
+            self._in_flight -= 1
+            if self.inflight is not None:
+                self.inflight.clear(head, self.used_idx)
 
     def need_signal(self):
         """Does the driver want an interrupt for what was used since the
         last call?  (EVENT_IDX: used_event; else VRING_AVAIL_F_NO_INTERRUPT.)"""
-        if not self._mapped:
+        if not self._mapped or (self._huge_rings and not self._rings_ok()):
             return False
         old, new = self._signalled_used, self.used_idx
         self._signalled_used = new
@@ -438,6 +475,10 @@ class VirtQueue:
                 os.write(fd, _ONE)
             except BlockingIOError:
                 pass  # the eventfd counter is saturated: already signalled
+            except OSError as e:  # the frontend's fd, not ours to fail on: never raise
+                self.signal_errors += 1
+                if self.signal_errors == 1:
+                    log.warning("queue %d: cannot signal the call fd: %s", self.index, e)
         return True
 
     def diagnostics(self):
@@ -446,7 +487,7 @@ class VirtQueue:
         d = {"index": self.index, "size": self.size, "enabled": self.enabled,
              "last_avail_idx": self.last_avail_idx, "used_idx": self.used_idx,
              "in_flight": self._in_flight, "broken": self.broken}
-        if self._mapped:
+        if self._mapped and not (self._huge_rings and not self._rings_ok()):
             d["driver_avail_idx"] = self.avail_idx()
             if self.event_idx:  # the driver's used_event: its last used idx seen
                 d["driver_used_event"] = _py._ld16(self._avail_hva + 4 + 2 * self.size)

@@ -4,29 +4,39 @@
     vhost-user-balloon --guest a=PATH --guest b=PATH    serve several guests
     vhost-user-balloon --print-capabilities             JSON, QEMU convention
     vhost-user-balloon qemu-args --socket-path PATH --memory 1G [--libvirt]
-    vhost-user-balloon ctl --socket-path PATH [--guest NAME] status|list|stats|target SIZE|inhibit on|off
+    vhost-user-balloon ctl --socket-path PATH [--guest NAME] status|list|stats|target SIZE|
+                       inhibit on|off|stats-interval S|events
     vhost-user-balloon status --control-socket PATH [--watch [S]]
     vhost-user-balloon backend-json                     QEMU vhost-user.json description
+    vhost-user-balloon --version
+
+ctl exits 0 when the daemon did what was asked, 1 when it refused (the reply
+says why), 2 on a usage error or when it cannot reach the daemon.
 """
 
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
+import time
 from importlib import resources
+from xml.sax.saxutils import quoteattr
 
+from vhostuser import implementation
 from vhostuser.errors import SetupError
 
 from .. import features as F
 from . import status_view
 from .config import LOG_LEVELS, DaemonConfig, parse_size
-from .control import request
+from .control import request, stream
 from ..discard import MODES
 from .errors import BalloonError
 from .multi import Daemon, GuestLogFilter, parse_guest_arg, socket_dir_guests
 from .policy import PolicyConfig
+from .version import version
 
 log = logging.getLogger("vhost-user-balloon")
 
@@ -44,7 +54,7 @@ def num_queues(reporting=True, stats=True):
 def device_args(socket_path, queue_size=64, reporting=True, stats=True, chardev="vub0"):
     """-chardev and -device: the balloon itself."""
     return [
-        "-chardev", f"socket,id={chardev},path={socket_path}",
+        "-chardev", f"socket,id={chardev},path={socket_path.replace(',', ',,')}",  # QEMU: , is ,,
         "-device", (f"vhost-user-test-device-pci,chardev={chardev},virtio-id={F.DEVICE_ID},"
                     f"num_vqs={num_queues(reporting, stats)},config_size={F.CONFIG_SIZE},"
                     f"vq_size={queue_size}"),
@@ -84,7 +94,7 @@ def libvirt_xml(socket_path, queue_size=64, reporting=True, stats=True, chardev=
         "</memoryBacking>",
         "<!-- <memballoon model='none'/> inside <devices>: this daemon is the balloon -->",
         "<qemu:commandline>",
-        *(f"  <qemu:arg value='{a}'/>" for a in args),
+        *(f"  <qemu:arg value={quoteattr(a)}/>" for a in args),
         "</qemu:commandline>",
     ])
 
@@ -100,9 +110,12 @@ def backend_json(binary=None):
 
 def _daemon_parser():
     p = argparse.ArgumentParser(
-        prog="vhost-user-balloon",
+        prog="vhost-user-balloon", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="vhost-user virtio-balloon backend: returns memory the guest reports free "
-                    "to the host. Subcommands: 'ctl' (talk to a running daemon), 'qemu-args'.")
+                    "to the host.",
+        epilog="subcommands (vhost-user-balloon SUBCOMMAND --help):\n" + "\n".join(
+            f"  {name:<14}{sub[0]}" for name, sub in SUBCOMMANDS.items()))
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket-path", help="listen on this Unix socket (created mode 0600)")
     where.add_argument("--fd", type=int, help="use this inherited socket fd (listening or connected)")
@@ -123,10 +136,19 @@ def _daemon_parser():
     p.add_argument("--queue-size", type=int, default=64,
                    help="vq_size to use in QEMU (>= 32 with reporting); printed in the QEMU arguments")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text (default; without a timestamp when stderr is the systemd journal) "
+                        "or one JSON object per line for log shippers")
     p.add_argument("--python-hot-path", action="store_true", help=argparse.SUPPRESS)
     sec = p.add_argument_group("least privilege (applied once the sockets exist)")
     sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
     sec.add_argument("--group", help="switch to this group (default: the user's group)")
+    sec.add_argument("--socket-group", metavar="GROUP",
+                     help="give the guest sockets to this group, mode 0660 (the group QEMU runs "
+                          "in, e.g. kvm), so that the daemon need not run as QEMU's user")
+    sec.add_argument("--control-socket-group", metavar="GROUP",
+                     help="give the control socket to this group, mode 0660 (operators); it "
+                          "never goes to --user, so QEMU running as that user cannot use it")
     sec.add_argument("--seccomp", nargs="?", const="errno", choices=("errno", "log", "kill"),
                      help="install a seccomp system call allowlist; other calls fail with EPERM "
                           "(errno, the default), are only logged (log) or kill the daemon (kill)")
@@ -205,27 +227,60 @@ def config_from_args(ns):
         discard=ns.discard, no_discard=ns.no_discard, reporting=not ns.no_reporting,
         stats=not ns.no_stats, stats_interval=ns.stats_interval, deflate_on_oom=ns.deflate_on_oom,
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
-        use_c=not ns.python_hot_path, name=ns.name, guests=_guests_from_args(ns),
+        log_format=ns.log_format, name=ns.name, guests=_guests_from_args(ns),
         metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
-        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group)
+        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group,
+        socket_group=ns.socket_group, control_socket_group=ns.control_socket_group)
 
 
 def _sandbox(cfg, daemon):
-    """--user/--group then --seccomp, once every socket exists (balloon_device/sandbox.py)."""
-    if cfg.user is None and cfg.group is None and cfg.seccomp is None:
-        return
-    from . import sandbox
+    """Non-dumpable, socket groups, --user/--group, then --seccomp, once every socket
+    exists (balloon_device/host/sandbox.py)."""
+    from . import notify, sandbox
+    sandbox.set_nondumpable()
+    guest_paths = [g.socket_path for g in daemon.guests.values() if g.socket_path]
+    socket_gid = None
+    if cfg.socket_group is not None:
+        if not guest_paths:
+            log.warning("--socket-group: no guest socket path (--fd): nothing to change")
+        socket_gid = sandbox.share_sockets(guest_paths, cfg.socket_group, "--socket-group")
+    if cfg.control_socket_group is not None and cfg.control_path:
+        sandbox.share_sockets([cfg.control_path], cfg.control_socket_group,
+                              "--control-socket-group")
     if cfg.user is not None or cfg.group is not None:
-        paths = [g.socket_path for g in daemon.guests.values()] + [cfg.control_path]
-        sandbox.drop_privileges(cfg.user, cfg.group, [p for p in paths if p])
+        sandbox.drop_privileges(cfg.user, cfg.group, guest_paths, socket_gid)
     if cfg.seccomp is not None:
+        notify.prepare()  # no socket()/connect() under the filter
         sandbox.apply_seccomp(cfg.seccomp)
+        for listener in _listeners(daemon):
+            listener.unlink_on_close = False  # no unlink either: the next start removes them
+
+
+def _listeners(daemon):
+    out = [g.server.listener for g in daemon.guests.values()]
+    if daemon.control is not None:
+        out.append(daemon.control.listener)
+    return out
+
+
+def _warn_shared_dir(cfg, daemon):
+    """An AppArmor rule for the guest sockets (DIR/*.sock) must not reach the control socket."""
+    ctl = cfg.control_path
+    if not ctl or not ctl.endswith(".sock"):
+        return
+    dirs = {os.path.dirname(os.path.abspath(g.socket_path)) for g in daemon.guests.values()
+            if g.socket_path}
+    if os.path.dirname(os.path.abspath(ctl)) in dirs:
+        log.warning("the control socket %s is in the same folder as guest sockets: a rule that "
+                    "lets QEMU reach the guest sockets (e.g. AppArmor DIR/*.sock) may reach it "
+                    "too; put it elsewhere with --control-socket (docs/troubleshooting.md)", ctl)
 
 
 def serve(cfg):
     daemon = Daemon(cfg)
     try:
         daemon.loop.handle_signals()
+        _warn_shared_dir(cfg, daemon)
         _sandbox(cfg, daemon)
         log.info("%s (discard %s%s); control socket %s", daemon.describe(), cfg.discard,
                  ", inhibited" if cfg.no_discard else "", cfg.control_path)
@@ -240,23 +295,60 @@ def serve(cfg):
     return 0
 
 
-def _ctl(argv):
+def _ctl_parser():
     p = argparse.ArgumentParser(prog="vhost-user-balloon ctl",
-                                description="talk to a running daemon's control socket")
+                                description="talk to a running daemon's control socket",
+                                epilog="exit status: 0 done, 1 the daemon refused (the reply says "
+                                       "why), 2 usage error or daemon unreachable")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--control-socket")
     where.add_argument("--socket-path", help="the daemon's vhost-user socket (control is PATH.ctl)")
-    p.add_argument("--guest", help="which guest (needed when the daemon serves several)")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("status", help="features, queues, target, actual, counters")
+    guest_help = ("which guest (needed when the daemon serves several); before or after "
+                  "the command")
+    p.add_argument("--guest", help=guest_help)
+    after = argparse.ArgumentParser(add_help=False)   # --guest after the subcommand too
+    after.add_argument("--guest", default=argparse.SUPPRESS, help=guest_help)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("status", parents=[after], help="features, queues, target, actual, counters")
     sub.add_parser("list", help="status of every guest the daemon serves")
-    st = sub.add_parser("stats", help="the guest's latest memory statistics")
+    st = sub.add_parser("stats", parents=[after], help="the guest's latest memory statistics")
     st.add_argument("--refresh", action="store_true", help="ask the guest for fresh values first")
-    t = sub.add_parser("target", help="set the balloon size (memory taken from the guest)")
-    t.add_argument("size", help="e.g. 512MiB, 1G, 0")
-    i = sub.add_parser("inhibit", help="switch discarding off (on) or back on (off)")
+    t = sub.add_parser("target", parents=[after],
+                       help="set the balloon size (memory taken from the guest)")
+    t.add_argument("size", help="e.g. 512MiB, 1.5G, 0")
+    i = sub.add_parser("inhibit", parents=[after],
+                       help="switch discarding off (on) or back on (off)")
     i.add_argument("state", choices=("on", "off"))
-    ns = p.parse_args(argv)
+    si = sub.add_parser("stats-interval", parents=[after],
+                        help="ask for fresh memory stats every S seconds from now on (0 = off); "
+                             "every guest unless --guest")
+    si.add_argument("seconds", type=float, metavar="S")
+    ev = sub.add_parser("events", parents=[after],
+                        help="stream balloon changes (target, actual) as JSON lines until Ctrl-C")
+    ev.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    return p
+
+
+def _ctl_events(path, req, count):
+    """Print the daemon's events, one JSON object per line."""
+    n = 0
+    try:
+        for event in stream(path, req):
+            if event.get("ok") is False:
+                print(json.dumps(event, indent=2, sort_keys=True))
+                return 1
+            print(json.dumps(event, sort_keys=True), flush=True)
+            n += 1
+            if count is not None and n >= count:
+                return 0
+    except KeyboardInterrupt:
+        return 0
+    print("vhost-user-balloon: the daemon closed the event stream", file=sys.stderr)
+    return 1
+
+
+def _ctl(argv):
+    ns = _ctl_parser().parse_args(argv)
     path = ns.control_socket or ns.socket_path + ".ctl"
     if ns.cmd == "target":
         req = {"cmd": "target", "bytes": parse_size(ns.size)}
@@ -264,21 +356,38 @@ def _ctl(argv):
         req = {"cmd": "inhibit", "on": ns.state == "on"}
     elif ns.cmd == "stats":
         req = {"cmd": "stats", "refresh": ns.refresh}
+    elif ns.cmd == "stats-interval":
+        if not math.isfinite(ns.seconds) or ns.seconds < 0:
+            raise BalloonError(f"stats-interval {ns.seconds}: seconds >= 0 (0 = off)")
+        req = {"cmd": "stats-interval", "seconds": ns.seconds}
     else:
         req = {"cmd": ns.cmd}
     if ns.guest and ns.cmd != "list":
         req["guest"] = ns.guest
+    if ns.cmd == "events":
+        return _ctl_events(path, req, ns.count)
     reply = request(path, req)
     print(json.dumps(reply, indent=2, sort_keys=True))
     return 0 if reply.get("ok") else 1
 
 
-def _qemu_args(argv):
+def qemu_size(text):
+    """--memory as QEMU reads it: '4G', '1.5G' -> '1536M', '4GiB' -> '4G'."""
+    size = parse_size(text)
+    if size <= 0:
+        raise BalloonError(f"--memory {text}: the guest needs some memory")
+    for suffix, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{suffix}"
+    return str(size)
+
+
+def _qemu_args_parser():
     p = argparse.ArgumentParser(prog="vhost-user-balloon qemu-args",
                                 description="print the QEMU arguments that attach a guest")
     p.add_argument("--socket-path", required=True)
-    p.add_argument("--memory", default="1G", help="guest memory size, as QEMU writes it")
-    p.add_argument("--queue-size", type=int, default=64)
+    p.add_argument("--memory", default="1G", help="guest memory size (e.g. 4G, 1.5G, 512MiB)")
+    p.add_argument("--queue-size", type=int, default=64, help="a power of two (default 64)")
     p.add_argument("--no-reporting", action="store_true")
     p.add_argument("--no-stats", action="store_true")
     p.add_argument("--chardev-id", default="vub0", help="QEMU id of the chardev (default vub0)")
@@ -286,7 +395,15 @@ def _qemu_args(argv):
                    help="back guest RAM with files in this hugetlbfs mount (e.g. /dev/hugepages)")
     p.add_argument("--libvirt", action="store_true",
                    help="print libvirt domain XML (memoryBacking + qemu:commandline) instead")
-    ns = p.parse_args(argv)
+    return p
+
+
+def _qemu_args(argv):
+    ns = _qemu_args_parser().parse_args(argv)
+    memory = qemu_size(ns.memory)
+    if ns.queue_size & (ns.queue_size - 1) or not 1 <= ns.queue_size <= 32768:
+        raise BalloonError(f"--queue-size {ns.queue_size}: a power of two up to 32768 "
+                           "(virtio split rings)")
     if ns.queue_size < F.MIN_REPORTING_QUEUE and not ns.no_reporting:
         raise BalloonError(f"--queue-size {ns.queue_size}: Linux refuses a reporting queue "
                            f"smaller than {F.MIN_REPORTING_QUEUE}")
@@ -296,45 +413,94 @@ def _qemu_args(argv):
         print(libvirt_xml(ns.socket_path, ns.queue_size, not ns.no_reporting, not ns.no_stats,
                           ns.chardev_id, bool(ns.hugepages)))
         return 0
-    print(" ".join(qemu_args(ns.socket_path, ns.memory, ns.queue_size,
+    print(" ".join(qemu_args(ns.socket_path, memory, ns.queue_size,
                              not ns.no_reporting, not ns.no_stats, ns.chardev_id, ns.hugepages)))
     return 0
 
 
-def _backend_json(argv):
+def _backend_json_parser():
     p = argparse.ArgumentParser(
         prog="vhost-user-balloon backend-json",
         description="print the QEMU vhost-user backend description (docs/interop/vhost-user.json) "
                     "for /usr/share/qemu/vhost-user/50-vhost-user-balloon.json")
     p.add_argument("--binary", help="the daemon's path (default: as found on PATH)")
-    ns = p.parse_args(argv)
+    return p
+
+
+def _backend_json(argv):
+    ns = _backend_json_parser().parse_args(argv)
     print(json.dumps(backend_json(ns.binary), indent=2))
     return 0
+
+
+def stderr_is_journal(environ=None, stderr=None):
+    """True when stderr is systemd's journal stream (JOURNAL_STREAM=DEV:INODE matches it),
+    which stamps every line itself."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    try:
+        st = os.fstat((stderr or sys.stderr).fileno())
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, guest, message."""
+
+    def format(self, record):
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                       + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        guest = getattr(record, "guest", "").strip().strip("[]")
+        if guest:
+            out["guest"] = guest
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def log_formatter(fmt="text", journal=False):
+    if fmt == "json":
+        return JsonFormatter()
+    if journal:
+        return logging.Formatter("%(levelname)s: %(guest)s%(message)s")
+    return logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(guest)s%(message)s")
 
 
 def _setup_logging(cfg):
     handler = logging.StreamHandler()
     handler.addFilter(GuestLogFilter(show=bool(cfg.guests)))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(guest)s%(message)s"))
+    handler.setFormatter(log_formatter(cfg.log_format, stderr_is_journal()))
     logging.basicConfig(level=cfg.log_level.upper(), handlers=[handler])
+
+
+# name -> (one line of help, parser factory, runner(argv))
+SUBCOMMANDS = {
+    "ctl": ("talk to a running daemon: status, list, stats, target, inhibit, stats-interval, "
+            "events", _ctl_parser, _ctl),
+    "status": ("every guest a running daemon serves, as a table (--watch)",
+               status_view.parser, status_view.main),
+    "qemu-args": ("print the QEMU arguments (or libvirt XML) that attach a guest",
+                  _qemu_args_parser, _qemu_args),
+    "backend-json": ("print the QEMU vhost-user backend description (JSON)",
+                     _backend_json_parser, _backend_json),
+}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] == "ctl":
-            return _ctl(argv[1:])
-        if argv and argv[0] == "qemu-args":
-            return _qemu_args(argv[1:])
-        if argv and argv[0] == "status":
-            return status_view.main(argv[1:])
-        if argv and argv[0] == "backend-json":
-            return _backend_json(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            return SUBCOMMANDS[argv[0]][2](argv[1:])
         ns = _daemon_parser().parse_args(argv)
         if ns.print_capabilities:
             print(json.dumps(capabilities()))
             return 0
         cfg = config_from_args(ns)
+        if ns.python_hot_path:   # the pure-Python twins (as VUB_PURE_PYTHON=1)
+            implementation.select(False)
         _setup_logging(cfg)
         return serve(cfg)
     except (BalloonError, SetupError) as e:

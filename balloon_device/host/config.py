@@ -3,8 +3,9 @@
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
-from ..discard import MODES
+from ..discard import MODES, shared_memory_problem
 from .errors import ConfigError
 from ..features import MIN_REPORTING_QUEUE
 from .policy import PolicyConfig
@@ -15,20 +16,18 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 10 ** 9, "GIB": 1 << 30, "T": 1 << 40,
           "TIB": 1 << 40}
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SHARED_ONLY_REASON = (
-    "the daemon maps guest memory MAP_SHARED from the frontend's fd, where {mode} frees "
-    "nothing ({why}); use --discard auto (punch-hole) or --discard remove")
-_WHY = {"dontneed": "MADV_DONTNEED only drops the daemon's own page-table entries",
-        "free": "MADV_FREE is refused with EINVAL on shared mappings"}
 
 
 def parse_size(text):
-    """'512MiB', '1G', '4096' -> bytes."""
-    mt = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    """'512MiB', '1G', '1.5G', '4096' -> bytes (a whole number of them)."""
+    mt = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not mt or mt.group(2).upper() not in _UNITS:
         raise ConfigError(f"cannot read size {text!r}: use a number with an optional unit "
-                          "(K, M, G, KiB, MiB, GiB, ...)")
-    return int(mt.group(1)) * _UNITS[mt.group(2).upper()]
+                          "(K, M, G, KiB, MiB, GiB, ...), e.g. 512MiB or 1.5G")
+    size = Fraction(mt.group(1)) * _UNITS[mt.group(2).upper()]
+    if size.denominator != 1:
+        raise ConfigError(f"size {text!r} is not a whole number of bytes")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class DaemonConfig:
     keep_listening: bool = False
     queue_size: int = 64
     log_level: str = "info"
-    use_c: bool = True
+    log_format: str = "text"        # text or json
     name: str = None                # the guest's name (single guest); default: socket file name
     guests: tuple = ()              # ((name, socket_path), ...): several guests, one daemon
     metrics_port: int = None
@@ -54,6 +53,8 @@ class DaemonConfig:
     seccomp: str = None             # None, or the default action: errno, log, kill (sandbox.py)
     user: str = None                # drop to this user (and group) once the sockets exist
     group: str = None
+    socket_group: str = None        # guest sockets: this group, mode 0660 (QEMU's group)
+    control_socket_group: str = None  # control socket: this group, mode 0660 (operators)
 
     def __post_init__(self):
         given = (self.socket_path is not None) + (self.fd is not None) + bool(self.guests)
@@ -90,8 +91,10 @@ class DaemonConfig:
                 raise ConfigError(f"--socket-path {self.socket_path}: folder {parent} does not exist")
         if self.discard not in MODES:
             raise ConfigError(f"--discard {self.discard}: choose one of {', '.join(MODES)}")
-        if self.discard in _WHY:
-            raise ConfigError(SHARED_ONLY_REASON.format(mode=self.discard, why=_WHY[self.discard]))
+        shared = shared_memory_problem(
+            self.discard, "guest memory (the daemon maps it MAP_SHARED from the frontend's fd)")
+        if shared:
+            raise ConfigError(shared)
         if self.stats_interval < 0:
             raise ConfigError("--stats-interval must be >= 0 seconds (0 = off)")
         if self.queue_size & (self.queue_size - 1) or not 1 <= self.queue_size <= 32768:
@@ -99,6 +102,8 @@ class DaemonConfig:
         if self.reporting and self.queue_size < MIN_REPORTING_QUEUE:
             raise ConfigError(f"--queue-size {self.queue_size}: Linux refuses a reporting "
                               f"queue smaller than {MIN_REPORTING_QUEUE}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format {self.log_format}: choose text or json")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level {self.log_level}: choose one of {', '.join(LOG_LEVELS)}")
 

@@ -5,23 +5,38 @@ Requests:  {"cmd": "status"}
            {"cmd": "target", "bytes": N}        (or "pages": N)
            {"cmd": "stats", "refresh": bool}
            {"cmd": "inhibit", "on": bool}
+           {"cmd": "stats-interval", "seconds": S}  (every guest unless "guest")
+           {"cmd": "events"}                    (then a stream of event lines)
 Every request but list takes "guest": NAME; it is needed when the daemon serves
 several guests (then a status without it answers {"guests": {NAME: status}}).
 Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
+status and list replies carry the daemon's "version".
+
+events: after its reply the connection gets one line per balloon change,
+{"event": "balloon-change", "guest", "target_bytes", "actual_bytes", "time"}
+(like QMP's BALLOON_CHANGE, with the target too), first one per guest with
+the current values ("initial": true). The daemon checks for changes every
+EVENT_POLL seconds while someone listens, and drops a listener that does not
+keep up.
 """
 
 import json
 import logging
+import math
 import socket
+import time
 
 from vhostuser.connection import Listener
 from vhostuser.errors import SetupError
 
 from .errors import BalloonError, ControlError
+from .version import version
 
 log = logging.getLogger(__name__)
 MAX_REQUEST = 64 * 1024
 MAX_CLIENTS = 16
+EVENT_POLL = 0.25
+MAX_STATS_INTERVAL = 86400.0
 
 
 class ControlServer:
@@ -38,6 +53,9 @@ class ControlServer:
             raise ControlError(f"control socket: {e}") from e
         self.listener.sock.setblocking(False)
         self.clients = {}
+        self.listeners = {}        # fd of a client that asked for events ->
+        #                            {guest name: (target_pages, actual_pages) last sent}
+        self._event_timer = None
         self.server.add_reader(self.listener.fileno(), self._accept)
 
     def _accept(self):
@@ -53,6 +71,7 @@ class ControlServer:
         self.server.add_reader(sock.fileno(), lambda fd=sock.fileno(): self._read(fd))
 
     def _drop(self, fd):
+        self.listeners.pop(fd, None)
         sock, _ = self.clients.pop(fd)
         self.server.remove_reader(fd)
         sock.close()
@@ -78,6 +97,8 @@ class ControlServer:
             except OSError:
                 self._drop(fd)
                 return
+            if reply.get("ok") and reply.get("events") and fd not in self.listeners:
+                self._listen(fd, reply["guests"])
         if len(buf) > MAX_REQUEST:
             try:
                 sock.sendall(b'{"ok": false, "error": "request too long"}\n')
@@ -91,10 +112,11 @@ class ControlServer:
             if not isinstance(req, dict):
                 raise ValueError("a request is a JSON object")
             cmd = req.get("cmd")
-            fn = getattr(self, f"_cmd_{cmd}", None) if isinstance(cmd, str) else None
+            fn = (getattr(self, "_cmd_" + cmd.replace("-", "_"), None)
+                  if isinstance(cmd, str) and cmd.isascii() else None)
             if fn is None:
-                raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats "
-                                 "or inhibit")
+                raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats, "
+                                 "inhibit, stats-interval or events")
             return {"ok": True, **fn(req)}
         except (ValueError, TypeError, BalloonError) as e:
             return {"ok": False, "error": str(e)}
@@ -117,11 +139,13 @@ class ControlServer:
 
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
-            return {"guests": {name: g.status(rings=True).to_dict() for name, g in self.guests.items()}}
-        return {"status": self._guest(req).status(rings=True).to_dict()}
+            return {"version": version(),
+                    "guests": {name: g.status(rings=True).to_dict()
+                               for name, g in self.guests.items()}}
+        return {"version": version(), "status": self._guest(req).status(rings=True).to_dict()}
 
     def _cmd_list(self, req):
-        out = {"guests": [g.status().to_dict() for g in self.guests.values()]}
+        out = {"version": version(), "guests": [g.status().to_dict() for g in self.guests.values()]}
         if self.policy is not None:
             out["policy"] = self.policy.last or {}   # {} until its first tick
         return out
@@ -137,8 +161,17 @@ class ControlServer:
         if not isinstance(pages, int) or isinstance(pages, bool):
             raise ValueError("pages must be an integer")
         guest = self._guest(req)
+        guest.device.check_target(pages)
         sent = guest.set_target(pages)
-        return {"guest": guest.name, "target_pages": pages, "notified": sent}
+        out = {"guest": guest.name, "target_pages": pages, "notified": sent}
+        if guest.device.target_limit() is None:
+            out["note"] = ("the guest's RAM is not known yet (no frontend): a target larger than "
+                           "it can give is lowered when its memory table arrives")
+        if self.policy is not None:
+            out["policy"] = (f"the host memory policy (--policy) also sets this guest's target: "
+                             f"it may replace this one at its next decision (every "
+                             f"{self.policy.cfg.interval:g}s)")
+        return out
 
     def _cmd_stats(self, req):
         guest = self._guest(req)
@@ -156,11 +189,95 @@ class ControlServer:
                  "inhibited: reported memory stays with QEMU" if on else "allowed again")
         return {"guest": guest.name, "inhibited": on}
 
+    def _cmd_stats_interval(self, req):
+        seconds = req.get("seconds")
+        if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                or not math.isfinite(seconds) or not 0 <= seconds <= MAX_STATS_INTERVAL):
+            raise ValueError(f"stats-interval needs 'seconds' from 0 (off) to "
+                             f"{MAX_STATS_INTERVAL:g}")
+        guests = [self._guest(req)] if req.get("guest") is not None else self.guests.values()
+        for guest in guests:
+            guest.set_stats_interval(float(seconds))
+        return {"guests": [g.name for g in guests], "stats_interval": float(seconds)}
+
+    def _cmd_events(self, req):
+        guests = [self._guest(req)] if req.get("guest") is not None else self.guests.values()
+        return {"events": "balloon-change", "guests": [g.name for g in guests]}
+
+    # ---- events ------------------------------------------------------------
+
+    def _listen(self, fd, names):
+        self.listeners[fd] = {name: None for name in names}
+        self._check_events(fd, initial=True)
+        if self._event_timer is None and self.listeners:
+            self._event_timer = self.server.call_later(EVENT_POLL, self._poll_events)
+
+    def _check_events(self, fd, initial=False):
+        """Send listener fd an event for each of its guests whose balloon changed."""
+        seen = self.listeners[fd]
+        for name in seen:
+            dev = self.guests[name].device
+            now = (dev.target_pages, dev.actual)
+            if seen[name] == now:
+                continue
+            seen[name] = now
+            ev = {"event": "balloon-change", "guest": name, "target_bytes": now[0] << 12,
+                  "actual_bytes": now[1] << 12, "time": time.time()}
+            if initial:
+                ev["initial"] = True
+            line = json.dumps(ev).encode() + b"\n"
+            try:
+                sent = self.clients[fd][0].send(line)
+            except OSError:
+                sent = -1
+            if sent != len(line):     # a full socket buffer: the listener does not keep up
+                self._drop(fd)
+                return
+
+    def _poll_events(self):
+        self._event_timer = None
+        for fd in list(self.listeners):
+            self._check_events(fd)
+        if self.listeners:
+            self._event_timer = self.server.call_later(EVENT_POLL, self._poll_events)
+
     def close(self):
+        if self._event_timer is not None:
+            self.server.cancel(self._event_timer)
+            self._event_timer = None
         for fd in list(self.clients):
             self._drop(fd)
         self.server.remove_reader(self.listener.fileno())
         self.listener.close()
+
+
+def stream(path, req, timeout=10.0):
+    """Client side of events: send the request, then yield each event until the
+    daemon closes the connection. A refusal is yielded as is ({"ok": false, ...})."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        f = s.makefile("rb")
+        first = f.readline()
+        try:
+            reply = json.loads(first)
+        except ValueError as e:
+            raise ControlError(f"daemon at {path} sent a malformed reply") from e
+        if not reply.get("ok"):
+            yield reply
+            return
+        s.settimeout(None)
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError as e:
+                raise ControlError(f"daemon at {path} sent a malformed event") from e
+    except OSError as e:
+        raise ControlError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from e
+    finally:
+        s.close()
 
 
 def request(path, req, timeout=10.0):

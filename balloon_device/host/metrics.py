@@ -16,6 +16,7 @@ import threading
 
 from ..latency import DISCARD_BUCKETS  # noqa: F401  (re-exported for the collector)
 from .errors import MetricsError
+from .version import version
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ def _collect(guests, policy=None):
                 "Time spent in one discard call (fallocate/madvise of a chain's ranges)",
                 []).add_metric([name], buckets, sum_value=lat["sum"])
     yield from fams.values()
+    info = GaugeMetricFamily(PREFIX + "build_info", "The daemon's version (value 1)",
+                             labels=["version"])
+    info.add_metric([version()], 1)
+    yield info
     last = policy.last if policy is not None else None
     if last:
         g = GaugeMetricFamily(PREFIX + "policy_host_available_bytes",

@@ -5,8 +5,9 @@ A single-guest daemon is the same thing with one guest. Each guest is isolated:
 * its Server sees the shared loop through a ``GuestLoop`` that runs every one of
   its callbacks (socket, kicks, timers) under a guard: with several guests, an
   exception escaping a guest's callback is logged, counted and drops *that
-  guest's* frontend only (a single-guest daemon lets it propagate and exits, as
-  the plain Server does, so that bugs stay loud);
+  guest's* frontend only (so does a single guest with --keep-listening; without it,
+  a single-guest daemon lets it propagate and exits, as the plain Server does, so
+  that bugs stay loud);
 * protocol errors already drop only the connection they happened on (Server);
 * with several guests the servers keep listening, so a disconnect never stops
   the loop.
@@ -78,6 +79,9 @@ class GuestLoop(Loop):
     def call_later(self, delay, callback):
         return self.shared.call_later(delay, self._guard(callback))
 
+    def call_soon(self, callback):
+        return self.shared.call_soon(self._guard(callback))
+
     def cancel(self, handle):
         self.shared.cancel(handle)
 
@@ -148,11 +152,14 @@ class Guest:
     def request_stats(self):
         return self.call(self.device.request_stats)
 
+    def set_stats_interval(self, seconds):
+        return self.call(self.device.set_stats_interval, seconds)
+
 
 def make_device(cfg):
     return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,
                          deflate_on_oom=cfg.deflate_on_oom, no_discard=cfg.no_discard,
-                         stats_interval=cfg.stats_interval, use_c=cfg.use_c)
+                         stats_interval=cfg.stats_interval)
 
 
 class Daemon:
@@ -191,11 +198,11 @@ class Daemon:
         guest = Guest(name, make_device(self.cfg), socket_path)
         listener = open_listener(socket_path, fd)
         keep = self.cfg.keep_listening or self.multi
-        gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=self.multi)
+        # --keep-listening promises to outlive a frontend: a guest's error drops it alone
+        gloop = GuestLoop(self.loop, guest, stop_shared=not self.multi, isolate=keep)
         token = current_guest.set(name)
         try:
-            guest.server = Server(guest.device, listener, loop=gloop, keep_listening=keep,
-                                       use_c=self.cfg.use_c)
+            guest.server = Server(guest.device, listener, loop=gloop, keep_listening=keep)
         except BaseException:
             listener.close()
             raise

@@ -13,6 +13,7 @@ import os
 import socket
 
 log = logging.getLogger(__name__)
+_sock = None  # connected by prepare(): --seccomp allows neither socket() nor connect()
 
 
 def _address(env):
@@ -27,11 +28,34 @@ def _address(env):
     return None
 
 
+def prepare(env=None):
+    """Open and connect the notification socket now, before the sandbox forbids it."""
+    global _sock
+    addr = _address(os.environ if env is None else env)
+    if addr is None or _sock is not None:
+        return
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(addr)
+    except OSError as e:
+        s.close()
+        log.warning("cannot connect to systemd at %s: %s", addr.lstrip("\0"), e.strerror or e)
+        return
+    _sock = s
+
+
 def notify(message, env=None):
     """Send message (e.g. 'READY=1'); True if it was sent."""
     addr = _address(os.environ if env is None else env)
     if addr is None:
         return False
+    if _sock is not None and env is None:
+        try:
+            _sock.send(message.encode())
+            return True
+        except OSError as e:
+            log.warning("cannot notify systemd: %s", e.strerror or e)
+            return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(addr)

@@ -266,6 +266,19 @@ class PolicyLoop:
             log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
         self._handle = self.loop.call_later(self.cfg.interval, self._tick)
 
+    def _each(self, name, fn, *args):
+        """fn(*args) for one guest: its error is its own (logged, that guest's frontend
+        dropped), and the tick goes on with the other guests."""
+        try:
+            return fn(*args)
+        except Exception:
+            failed = getattr(self.guests[name], "failed", None)
+            if failed is not None:
+                failed()   # multi.Guest: logs the traceback, drops this guest's frontend
+            else:
+                log.exception("policy: guest %s failed", name)
+            return None
+
     def _mark_busy(self, name, view, now):
         """Busy when the guest's available memory fell by more than the margin plus its
         balloon's recent growth since the previous tick: it is allocating."""
@@ -309,7 +322,7 @@ class PolicyLoop:
                 self._last_fall.pop(name, None)
                 base = self.sweeper.forget(name)
                 if base is not None:
-                    guest.set_target(base)
+                    self._each(name, guest.set_target, base)
         targets = decide(host, views, self.cfg)
         short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
         caps = {n: _cap(replace(v, busy=False), self.cfg) for n, v in views.items()}
@@ -327,8 +340,8 @@ class PolicyLoop:
                 log.info("policy: guest %s balloon target %d MiB -> %d MiB (host has %d MiB "
                          "available, floor %d MiB)", name, old >> 8, pages >> 8,
                          host.available_bytes >> 20, self.cfg.floor_bytes >> 20)
-                self.guests[name].set_target(pages)
-            self.guests[name].request_stats()
+                self._each(name, self.guests[name].set_target, pages)
+            self._each(name, self.guests[name].request_stats)
         self.last = {"time": time.time(), "host_available": host.available_bytes,
                      "psi_some_avg10": host.psi_some_avg10, "pressure": under,
                      "targets": dict(targets),

@@ -16,13 +16,17 @@ with strace over protocol fuzzing, reporting, inflight, control and metrics
 requests): epoll/poll, recvmsg/sendmsg, accept4, mmap/munmap, fallocate,
 madvise, memfd_create/ftruncate (inflight areas), eventfd reads and writes,
 futex, clock reads, signals, getrandom, read-only openat (tracebacks, /proc
-and cgroup reads by the policy), connect (sd_notify; sockets can only be
-created AF_UNIX), and a few with argument checks: socket() only AF_UNIX
-(sd_notify), clone() only for threads (CLONE_THREAD; clone3 gets
-ENOSYS so that glibc falls back to clone), ioctl() only FIONBIO/FIOCLEX/
-FIONCLEX/TCGETS.  Everything else -- execve, fork, ptrace, process_vm_*,
-mount, setuid & co, open for writing, bind/listen, kexec, bpf,
-keyctl, ... -- gets the default action:
+and cgroup reads by the policy), and a few with argument checks: clone() only
+for threads (CLONE_THREAD; clone3 gets ENOSYS so that glibc falls back to
+clone), ioctl() only FIONBIO/FIOCLEX/FIONCLEX/TCGETS, tgkill() only to this
+process's own threads (tgid == its pid).  Everything else -- execve, fork,
+ptrace, process_vm_*, mount, setuid & co, open for writing, socket, connect,
+bind/listen, unlink, kexec, bpf, keyctl, ... -- gets the default action.
+No new socket can be made and none connected: the sd_notify socket is opened
+and connected before the filter (notify.prepare()), and the sockets the daemon
+listens on are left for the next start to remove (it removes stale ones).
+What seccomp cannot filter (pointers): the address in a sendmsg() on a socket
+the daemon already holds; the path of an openat() (read-only only).
 
   errno (default)  the call fails with EPERM (Python raises an OSError that the
                    daemon logs; the daemon keeps serving)
@@ -86,18 +90,18 @@ _X86_64 = {
         "lseek": 8, "mmap": 9, "mprotect": 10, "munmap": 11, "brk": 12, "rt_sigaction": 13,
         "rt_sigprocmask": 14, "rt_sigreturn": 15, "pread64": 17, "pwrite64": 18, "readv": 19,
         "writev": 20, "access": 21, "sched_yield": 24, "mremap": 25, "madvise": 28, "dup": 32,
-        "dup2": 33, "nanosleep": 35, "getpid": 39, "sendfile": 40, "connect": 42, "accept": 43,
+        "dup2": 33, "nanosleep": 35, "getpid": 39, "sendfile": 40, "accept": 43,
         "sendto": 44,
         "recvfrom": 45, "sendmsg": 46, "recvmsg": 47, "shutdown": 48, "getsockname": 51,
         "getpeername": 52, "setsockopt": 54, "getsockopt": 55, "exit": 60, "uname": 63,
         "fcntl": 72, "fsync": 74, "ftruncate": 77, "getcwd": 79, "readlink": 89,
-        "unlink": 87, "gettimeofday": 96, "getrlimit": 97, "getrusage": 98, "sysinfo": 99,
+        "gettimeofday": 96, "getrlimit": 97, "getrusage": 98, "sysinfo": 99,
         "getuid": 102, "getgid": 104, "geteuid": 107, "getegid": 108, "getppid": 110,
         "getgroups": 115, "getresuid": 118, "getresgid": 120, "sigaltstack": 131,
         "statfs": 137, "fstatfs": 138, "gettid": 186, "futex": 202, "sched_getaffinity": 204,
         "getdents64": 217, "set_tid_address": 218, "restart_syscall": 219, "fadvise64": 221,
         "clock_gettime": 228, "clock_getres": 229, "clock_nanosleep": 230, "exit_group": 231,
-        "epoll_wait": 232, "epoll_ctl": 233, "tgkill": 234, "unlinkat": 263,
+        "epoll_wait": 232, "epoll_ctl": 233,
         "readlinkat": 267, "newfstatat": 262, "pselect6": 270, "ppoll": 271,
         "set_robust_list": 273, "get_robust_list": 274, "epoll_pwait": 281, "eventfd2": 290,
         "fallocate": 285, "accept4": 288, "epoll_create1": 291, "dup3": 292, "pipe2": 293,
@@ -106,6 +110,7 @@ _X86_64 = {
         "close_range": 436,
     },
     "openat": 257, "open": 2, "socket": 41, "clone": 56, "clone3": 435, "ioctl": 16,
+    "tgkill": 234,
 }
 _AARCH64 = {
     "arch": 0xC00000B7, "x32_bit": None,
@@ -115,18 +120,18 @@ _AARCH64 = {
         "mmap": 222, "mprotect": 226, "munmap": 215, "brk": 214, "rt_sigaction": 134,
         "rt_sigprocmask": 135, "rt_sigreturn": 139, "pread64": 67, "pwrite64": 68,
         "readv": 65, "writev": 66, "sched_yield": 124, "mremap": 216, "madvise": 233,
-        "dup": 23, "dup3": 24, "nanosleep": 101, "getpid": 172, "connect": 203, "accept": 202,
+        "dup": 23, "dup3": 24, "nanosleep": 101, "getpid": 172, "accept": 202,
         "sendto": 206,
         "recvfrom": 207, "sendmsg": 211, "recvmsg": 212, "shutdown": 210, "getsockname": 204,
         "getpeername": 205, "setsockopt": 208, "getsockopt": 209, "exit": 93, "uname": 160,
-        "fcntl": 25, "fsync": 82, "ftruncate": 46, "getcwd": 17, "unlinkat": 35,
+        "fcntl": 25, "fsync": 82, "ftruncate": 46, "getcwd": 17,
         "readlinkat": 78, "gettimeofday": 169, "getrlimit": 163, "getrusage": 165,
         "sysinfo": 179, "getuid": 174, "getgid": 176, "geteuid": 175, "getegid": 177,
         "getppid": 173, "getgroups": 158, "getresuid": 148, "getresgid": 150,
         "sigaltstack": 132, "statfs": 43, "fstatfs": 44, "gettid": 178, "futex": 98,
         "sched_getaffinity": 123, "getdents64": 61, "set_tid_address": 96,
         "restart_syscall": 128, "fadvise64": 223, "clock_gettime": 113, "clock_getres": 114,
-        "clock_nanosleep": 115, "exit_group": 94, "epoll_ctl": 21, "tgkill": 131,
+        "clock_nanosleep": 115, "exit_group": 94, "epoll_ctl": 21,
         "pselect6": 72, "ppoll": 73, "set_robust_list": 99, "get_robust_list": 100,
         "epoll_pwait": 22, "eventfd2": 19, "fallocate": 47, "accept4": 242,
         "epoll_create1": 20, "pipe2": 59, "prlimit64": 261, "getrandom": 278,
@@ -134,6 +139,7 @@ _AARCH64 = {
         "epoll_pwait2": 441, "close_range": 436,
     },
     "openat": 56, "open": None, "socket": 198, "clone": 220, "clone3": 435, "ioctl": 29,
+    "tgkill": 131,
 }
 TABLES = {"x86_64": _X86_64, "aarch64": _AARCH64}
 
@@ -152,8 +158,9 @@ def _ins(code, k, jt=0, jf=0):
     return (code, jt, jf, k & 0xFFFFFFFF)
 
 
-def build_program(mode="errno", machine=None):
-    """The filter as a list of (code, jt, jf, k). Only short forward jumps are used."""
+def build_program(mode="errno", machine=None, pid=None):
+    """The filter as a list of (code, jt, jf, k). Only short forward jumps are used.
+    tgkill is allowed only towards thread group `pid` (default: this process)."""
     if mode not in MODES:
         raise SandboxError(f"--seccomp {mode}: choose one of {', '.join(MODES)}")
     machine = machine or platform.machine()
@@ -167,6 +174,7 @@ def build_program(mode="errno", machine=None):
          _ins(_LD_W_ABS, _OFF_NR)]
     if t["x32_bit"]:
         p += [_ins(_JGE, t["x32_bit"], 0, 1), _ins(_RET, RET_KILL_PROCESS)]
+    assert not {"socket", "connect", "unlink", "unlinkat", "tgkill"} & set(t["allow"])
     for nr in sorted(set(t["allow"].values())):
         p += [_ins(_JEQ, nr, 0, 1), _ins(_RET, RET_ALLOW)]
 
@@ -191,8 +199,8 @@ def build_program(mode="errno", machine=None):
     p += flags_clear(t["openat"], 2, O_WRITE_FLAGS) + [reload]
     if t["open"] is not None:
         p += flags_clear(t["open"], 1, O_WRITE_FLAGS) + [reload]
-    p += one_of(t["socket"], 0, [AF_UNIX]) + [reload]
     p += flags_set(t["clone"], 0, CLONE_THREAD) + [reload]
+    p += one_of(t["tgkill"], 0, [os.getpid() if pid is None else pid]) + [reload]
     p += one_of(t["ioctl"], 1, IOCTLS) + [reload]
     p += [_ins(_JEQ, t["clone3"], 0, 1), _ins(_RET, RET_ERRNO | errno.ENOSYS)]
     p.append(_ins(_RET, default))
@@ -213,7 +221,7 @@ def seccomp_mode():
 def apply_seccomp(mode="errno"):
     """Install the allowlist on every thread of this process. Irreversible."""
     t = TABLES.get(platform.machine())
-    prog = build_program(mode)
+    prog = build_program(mode, pid=os.getpid())
     arr = (_sock_filter * len(prog))(*[_sock_filter(*ins) for ins in prog])
     fprog = _sock_fprog(len(prog), arr)
     libc = ctypes.CDLL(None, use_errno=True)
@@ -248,8 +256,11 @@ def resolve_ids(user=None, group=None):
     return uid, gid
 
 
-def drop_privileges(user=None, group=None, paths=()):
-    """chown paths (the sockets) to user:group, then setgroups([]), setgid, setuid.
+def drop_privileges(user=None, group=None, paths=(), socket_gid=None):
+    """chown paths (the guest sockets) to user:group (group socket_gid if given), then
+    setgroups([]), setgid, setuid. The control socket is not in paths: it keeps the
+    starting user (root) as its owner, so the new user's other processes (QEMU) cannot
+    use it.
 
     Needs root unless the ids are already ours. The frontend's fds keep working
     (fallocate on a passed memfd needs no permission check on the file)."""
@@ -258,7 +269,8 @@ def drop_privileges(user=None, group=None, paths=()):
         return
     for p in paths:
         if p:
-            os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid)
+            g = socket_gid if socket_gid is not None else gid
+            os.chown(p, -1 if uid is None else uid, -1 if g is None else g)
     try:
         if gid is not None:
             if os.getuid() == 0:
@@ -276,11 +288,42 @@ def drop_privileges(user=None, group=None, paths=()):
             pass
         else:
             raise SandboxError("privileges were not dropped: setuid(0) still works")
-    # setuid() cleared the dumpable flag, which makes /proc/self/fd unreadable to us; the
-    # daemon reads /proc/self/fd/N to tell memfd from other backings.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE
+    # setuid() cleared the dumpable flag; keep it so (set_nondumpable): the process can
+    # still read its own /proc/self/fd (checked: the kernel lets a task see its own).
+    set_nondumpable()
     log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+
+def set_nondumpable():
+    """No core dumps and no ptrace / /proc/PID/mem by other processes of the same user
+    (QEMU often runs as the daemon's user, and the daemon maps every guest's RAM)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SandboxError(f"prctl(PR_SET_DUMPABLE, 0) failed: {os.strerror(ctypes.get_errno())}")
+
+
+def resolve_group(name, option):
+    try:
+        return (grp.getgrnam(name) if not str(name).isdigit() else grp.getgrgid(int(name))).gr_gid
+    except KeyError:
+        raise SandboxError(f"{option} {name}: no such group") from None
+
+
+def share_sockets(paths, group, option):
+    """chgrp paths to group and make them 0660 (--socket-group, --control-socket-group)."""
+    gid = resolve_group(group, option)
+    for p in paths:
+        try:
+            os.chown(p, -1, gid)
+        except PermissionError as e:
+            raise SandboxError(f"{option} {group}: cannot give {p} to that group ({e.strerror}); "
+                               "start the daemon as root or as a member of the group") from e
+        os.chmod(p, 0o660)
+    return gid
 
 
 def fields():

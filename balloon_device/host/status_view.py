@@ -83,7 +83,7 @@ def policy_line(last):
     return "; ".join(words)
 
 
-def main(argv, out=None):
+def parser():
     p = argparse.ArgumentParser(prog="vhost-user-balloon status",
                                 description="every guest a running daemon serves, as a table")
     where = p.add_mutually_exclusive_group(required=True)
@@ -92,7 +92,11 @@ def main(argv, out=None):
     p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="S",
                    help="refresh every S seconds (default 2) until Ctrl-C")
     p.add_argument("--json", action="store_true", help="print the raw status list as JSON")
-    ns = p.parse_args(argv)
+    return p
+
+
+def main(argv, out=None):
+    ns = parser().parse_args(argv)
     out = out or sys.stdout
     path = ns.control_socket or ns.socket_path + ".ctl"
     try:

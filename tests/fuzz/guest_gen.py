@@ -36,6 +36,7 @@ from balloon_device import features as F
 from balloon_device.device import BalloonDevice
 from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.errors import GuestMemoryError, VringError
+from vhostuser.vring import SEG
 
 MiB = 1 << 20
 PAGE = 4096
@@ -55,7 +56,7 @@ def canary(page_index):
 
 
 class HostileGuest:
-    def __init__(self, use_c=True, two_regions=False, qsize=32, event_idx=False,
+    def __init__(self, two_regions=False, qsize=32, event_idx=False,
                  mem_size=4 * MiB):
         if two_regions:  # a hole of 1 MiB between the regions, in gpa space
             half = mem_size // 2
@@ -63,14 +64,14 @@ class HostileGuest:
         else:
             regions = [(GPA0, mem_size)]
         self.mem = GuestMemory(mem_size, regions=regions)
-        self.dev = BalloonDevice(use_c=use_c)
+        self.dev = BalloonDevice()   # C or Python: vhostuser.implementation
         feats = F.offered() | (1 << 29 if event_idx else 0)
         self.dev.set_features(feats & ~(1 << 29) if not event_idx else feats)
         self.qsize = qsize
         self.dq, self.vq = [], []
         for i, _role in enumerate(ROLES):
             dq = DriverQueue(self.mem, qsize, event_idx=event_idx)
-            vq = dq.make_vq(use_c=use_c, index=i, max_size=qsize)
+            vq = dq.make_vq(index=i, max_size=qsize)
             self.dq.append(dq)
             self.vq.append(vq)
         # scratch areas the hostile driver fills: indirect tables and PFN arrays
@@ -88,33 +89,25 @@ class HostileGuest:
         self.discards = []  # (gpa, length) pieces the device discarded in the current step
         real = self.dev.engine.discard
 
-        def spy(pieces):
-            self._engine_calls += 1
-            t = time.monotonic()
-            self._check_discard(pieces)
-            self._oracle_time += time.monotonic() - t  # not the device's time
-            return real(pieces)
-        self.dev.engine.discard = spy
-        real_chain = self.dev.engine.discard_chain
-
-        def spy_chain(memory, raw):
-            # The pieces a whole-chain discard is about to release: each
-            # device-writable segment split at region ends (skipped whole if
-            # some byte is outside guest memory).  What the engine really
-            # released is checked independently (blocks, canaries).
+        def spy(memory, raw):
+            # The pieces the engine is about to release: each device-writable
+            # segment (reported range or inflate page run) split at region
+            # ends, skipped whole if some byte is outside guest memory.  What
+            # the engine really released is checked independently (blocks,
+            # canaries).
             self._engine_calls += 1
             t = time.monotonic()
             pieces = []
-            for addr, ln, flags in struct.iter_unpack("<QII", raw):
+            for addr, ln, flags in SEG.iter_unpack(raw):
                 if flags & 1:
                     try:
                         pieces += memory.split(addr, ln)
                     except GuestMemoryError:
                         pass
             self._check_discard(pieces)
-            self._oracle_time += time.monotonic() - t
-            return real_chain(memory, raw)
-        self.dev.engine.discard_chain = spy_chain
+            self._oracle_time += time.monotonic() - t  # not the device's time
+            return real(memory, raw)
+        self.dev.engine.discard = spy
         self._engine_calls = self._chains = 0
         for vq in self.vq:
             vq.pop = self._counting_pop(vq.pop)

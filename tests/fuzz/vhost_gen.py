@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from vhostuser import messages as m
 from vhostuser.handler import SUPPORTED_PROTOCOL_FEATURES
+from vhostuser.testing import sealed_memfd
 from vhostuser.messages import Request as R
 
 from balloon_device import features as F
@@ -333,8 +334,7 @@ class SessionRunner:
         self.sock.setblocking(False)
         self.step = step
         self.reply_timeout = reply_timeout
-        self.mem = os.memfd_create("fuzz-guest", os.MFD_CLOEXEC)
-        os.ftruncate(self.mem, MEM_SIZE)
+        self.mem = sealed_memfd("fuzz-guest", MEM_SIZE)
         self.keep = []       # our fds that must stay open for the session
         self.kicks = []      # eventfds sent as kick fds
         self.buf = b""
@@ -348,11 +348,9 @@ class SessionRunner:
         if kind == "memfd":
             return os.dup(self.mem)
         if kind == "memfd0":
-            return os.memfd_create("fuzz-empty", os.MFD_CLOEXEC)
+            return sealed_memfd("fuzz-empty")
         if kind == "memfd_small":
-            fd = os.memfd_create("fuzz-small", os.MFD_CLOEXEC)
-            os.ftruncate(fd, 64 * 1024)
-            return fd
+            return sealed_memfd("fuzz-small", 64 * 1024)
         if kind == "eventfd":
             return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         if kind == "pipe":

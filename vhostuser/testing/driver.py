@@ -46,6 +46,8 @@ from typing import NamedTuple
 from vhostuser.memory import MemoryTable, Region
 from vhostuser.vring import VirtQueue
 
+from . import sealed_memfd
+
 PAGE = mmap.PAGESIZE
 MiB = 1 << 20
 
@@ -128,8 +130,7 @@ class GuestMemory:
             specs.append((gpa, rsize, uaddr))
             uaddr_next = max(uaddr_next, uaddr + rsize + 64 * MiB)
         self.size = sum(s[1] for s in specs)
-        self.fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
+        self.fd = sealed_memfd("guest-ram", self.size)
         self.mm = mmap.mmap(self.fd, self.size)  # the guest's own view
         self.table = MemoryTable(max_regions=max(8, len(specs)))
         # (gpa, size, uaddr, file offset), sorted by gpa
@@ -367,8 +368,9 @@ class DriverQueue:
         vq.enabled = enable
         return vq
 
-    def make_vq(self, use_c=True, index=0, max_size=None, **kw):
-        return self.setup_vq(VirtQueue(index, max_size or max(self.size, 1), use_c=use_c, **kw))
+    def make_vq(self, index=0, max_size=None, **kw):
+        """A VirtQueue (C or Python twin: vhostuser.implementation) on this ring."""
+        return self.setup_vq(VirtQueue(index, max_size or max(self.size, 1), **kw))
 
     # --- raw access (hostile tests) -------------------------------------
 

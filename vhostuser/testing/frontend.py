@@ -21,10 +21,10 @@ ALL_PROTOCOL = ((1 << PF.MQ) | (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 
 
 
 class Frontend:
-    def __init__(self, device, use_c=True):
+    def __init__(self, device):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(5)
-        self.server = Server(device, Listener(theirs), use_c=use_c)
+        self.server = Server(device, Listener(theirs))
         self.device = device
         self.backend_sock = None
         self.eventfds = []
@@ -144,3 +144,33 @@ class Frontend:
         self.pump()
         self.server.close()
         self.server.loop.close()
+
+
+class SocketFrontend(Frontend):
+    """The same frontend over a real connection to a listening Server that
+    runs on `loop` (e.g. one guest of a multi-guest daemon).  close() leaves
+    the server and the loop to their owner."""
+
+    def __init__(self, server, socket_path, loop):
+        self.server = server
+        self.device = server.device
+        self.loop = loop
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(socket_path)
+        self.backend_sock = None
+        self.eventfds = []
+        self.pump()
+
+    def pump(self, rounds=3):
+        for _ in range(rounds):
+            self.loop.run_once(timeout=0)
+
+    def close(self):
+        for fd in self.eventfds:
+            os.close(fd)
+        self.eventfds = []
+        if self.backend_sock:
+            self.backend_sock.close()
+        self.sock.close()
+        self.pump()
