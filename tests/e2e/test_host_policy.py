@@ -23,6 +23,7 @@ from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 pytestmark = pytest.mark.e2e
 LIMIT = 2048 * MIB
 GUESTS = ("a", "b", "c")
+ATTEMPTS = 3
 SWEEP_GAIN = 16 * MIB
 
 
@@ -147,11 +148,29 @@ def test_sweep_returns_what_reporting_cannot_see(provisioned, tmp_path):
     on the host). A policy sweep (balloon +128 MiB, then back) gets them flushed to
     reporting at the guest's next process exit (its meminfo marker every 2 s here).
     floor 0 + a huge hysteresis: the host counts as "short" (sweeps on) without ever
-    being under the floor (no other inflation)."""
+    being under the floor (no other inflation).
+
+    Whether the per-CPU lists still hold pages when reporting is done varies from
+    boot to boot (140-150 MiB backed when they do, ~100 MiB when they do not): a
+    run where they hold nothing cannot show the sweep, so the test boots a fresh
+    guest, up to ATTEMPTS times, and fails if none of them had anything to sweep."""
+    seen = []
+    for attempt in range(ATTEMPTS):
+        result = _sweep_once(tmp_path / f"a{attempt}")
+        if result is not None:
+            return
+        seen.append(attempt)
+    pytest.fail(f"in {ATTEMPTS} boots reporting alone always left <= 115 MiB backed: the "
+                "per-CPU lists never held pages, so no run could show what a sweep returns")
+
+
+def _sweep_once(workdir):
+    """One boot; None if the per-CPU lists held nothing for the sweep to take."""
+    workdir.mkdir()
     args = ["--stats-interval", "1", "--policy", "--policy-floor", "0",
             "--policy-hysteresis", "1TiB", "--policy-interval", "1", "--policy-psi", "0",
             "--policy-sweep", "128MiB", "--policy-sweep-quiet", "25"]
-    with Daemon(tmp_path, args=args) as d, \
+    with Daemon(workdir, args=args) as d, \
             Guest(name="sweep", mem_mib=1024, balloon="vhost-user", vhost_socket=d.socket_path,
                   num_vqs=4, vq_size=64, accel="tcg", cpu="max",
                   steps=[("settle", "sleep 4"), ("alloc", "alloc_touch 800")], stats=2) as g:
@@ -159,6 +178,10 @@ def test_sweep_returns_what_reporting_cannot_see(provisioned, tmp_path):
         time.sleep(18)                                   # reporting done, no sweep yet
         before = g.sample_memory()["memfd_allocated"]
         assert "sweeping" not in d.log_text(400), d.log_text(60)
+        if before <= 115 * MIB:
+            print(f"\nreporting alone left {before / MIB:.0f} MiB backed: nothing on the "
+                  "per-CPU lists this boot; trying a fresh guest")
+            return None
         deadline = time.monotonic() + 60
         while "swept guest" not in d.log_text(400):
             assert time.monotonic() < deadline, f"no sweep within 60 s:\n{d.log_text(60)}"
@@ -172,15 +195,9 @@ def test_sweep_returns_what_reporting_cannot_see(provisioned, tmp_path):
               f"host RAM (daemon's view) {st['ram_backed_bytes'] / MIB:.0f} MiB")
         assert st["target_bytes"] == 0 and st["actual_bytes"] == 0, "the sweep kept memory"
         assert g.alive()
-        # Reporting alone leaves 140-150 MiB here when the per-CPU lists hold pages
-        # (most runs), ~105 MiB when they happen not to; a sweep ends at 87-106 MiB.
-        # The sweep's own gain, measured against the same guest just before it
-        # (the bar below alone is met by reporting when the lists happen to be empty:
-        # then this run cannot show the sweep and says so, rather than pass).
-        assert before > 115 * MIB, (
-            f"reporting alone left only {before / MIB:.0f} MiB backed: the per-CPU lists "
-            "held nothing this run, so it cannot show what the sweep returns")
+        # The sweep's own gain, against the same guest just before it.
         assert before - after >= SWEEP_GAIN, \
             f"the sweep gained {(before - after) / MIB:.0f} MiB (< {SWEEP_GAIN // MIB} MiB)"
         assert after <= 115 * MIB, f"{after / MIB:.0f} MiB still backed after the sweep"
         assert abs(st["ram_backed_bytes"] - after) <= 8 * MIB
+        return before - after
