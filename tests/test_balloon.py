@@ -4,6 +4,7 @@ as the Linux driver lays them out, over a real memfd; release is measured
 
 import os
 import struct
+import types
 
 import pytest
 
@@ -28,7 +29,9 @@ def blocks(fd):
 class Rig:
     """A guest (memfd + 4 driver queues) attached to a BalloonDevice."""
 
-    def __init__(self, device=None, features=None, regions=None, early_config=None):
+    def __init__(self, device=None, features=None, regions=None, early_config=None, table=None):
+        """table: indices of the layout's regions the first SET_MEM_TABLE
+        holds (default all); the queues and data live in the first one."""
         self.mem = GuestMemory(GUEST, regions=regions)
         self.dev = device or BalloonDevice()
         self.fe = Frontend(self.dev)
@@ -39,8 +42,8 @@ class Rig:
             # arrive before SET_FEATURES, which it sends only at DRIVER_OK.
             assert self.fe.ack(R.SET_CONFIG, m.encode_config(0, 0, early_config)) == 0
         assert self.fe.ack(R.SET_FEATURES, m.U64.pack(self.features | (1 << 30))) == 0
-        assert self.fe.set_mem_table(
-            [(g, s, u, o, self.mem.fd) for g, s, u, o in self.mem.layout]) == 0
+        layout = self.mem.layout if table is None else [self.mem.layout[i] for i in table]
+        assert self.fe.set_mem_table([(g, s, u, o, self.mem.fd) for g, s, u, o in layout]) == 0
         self.q = {}
         self.kicks = {}
         for index, role in enumerate(F.queue_roles(self.features)):
@@ -48,7 +51,7 @@ class Rig:
             kick, _call = self.fe.start_queue(index, QSIZE, dq.desc_uva, dq.avail_uva, dq.used_uva)
             self.q[role], self.kicks[role] = dq, kick
         # the rest of guest memory holds "guest data"
-        self.data = [self.mem.alloc(2 * MiB, align=2 * MiB) for _ in range(16)]
+        self.data = [self.mem.alloc(2 * MiB, align=2 * MiB, region=0) for _ in range(16)]
         for gpa in self.data:
             self.mem.fill(gpa, 2 * MiB, CANARY)
 
@@ -278,12 +281,21 @@ def test_stats_buffer_kept_parsed_and_returned(rig):
     assert rig.dev.request_stats() is False  # nothing held any more
 
 
-def test_stats_interval_requests_refresh():
-    dev = BalloonDevice(stats_interval=0.05)
+def test_stats_interval_requests_refresh(monkeypatch):
+    """The buffer goes back after stats_interval seconds, not before (the
+    event loop's clock is a fake one: no real waiting, no timing)."""
+    from vhostuser import loop as loop_mod
+    now = [1000.0]
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    dev = BalloonDevice(stats_interval=5.0)
     r = Rig(device=dev)
     try:
         r.post("stats", [struct.pack("<HQ", 4, 1)], [])
-        r.fe.server.loop.run_once(timeout=0.2)
+        assert r.used("stats") == []
+        now[0] += 4.9
+        r.fe.pump()
+        assert r.used("stats") == [], "the buffer went back before the interval"
+        now[0] += 0.1
         r.fe.pump()
         assert len(r.used("stats")) == 1
     finally:
@@ -344,9 +356,14 @@ def test_disconnect_releases_memory_and_status():
     backend = r.fe.server.backend
     r.fe.sock.close()
     r.fe.pump()
-    assert len(backend.memory) == 0 and backend.backend_channel is None
-    r.fe.sock = r.fe.sock  # closed already; Rig.close tolerates it
-    r.mem.close()
+    try:
+        assert not r.fe.alive
+        assert len(backend.memory) == 0 and backend.backend_channel is None
+        assert not any(backend.started)
+        status = r.dev.status()
+        assert status.features_acked == () and status.actual_pages == 0
+    finally:
+        r.close()   # closes the frontend's eventfds too; its socket is closed already
 
 
 def test_whole_chain_discard_counts_the_same_in_c_and_python(caplog):

@@ -230,6 +230,5 @@ def test_fuzz_hostile_driver_long_sequences():
         try:
             fuzz_steps(RandomSource(seed), g, 150)
             assert g.steps == 150 and g.corrupted == 0
-            assert g.max_call < 1.0
         finally:
             g.close()

@@ -10,7 +10,7 @@ import pytest
 from balloon_device.latency import LatencyHistogram
 from test_multi import GuestRig, make_daemon
 
-prometheus_client = pytest.importorskip("prometheus_client")
+# a hard dependency: when it is missing this import FAILS the module (no skip)
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 MiB = 1 << 20
@@ -95,26 +95,36 @@ def test_scraping_while_the_loop_works(daemon):
     a = GuestRig(daemon, "a")
     errors, seen = [], []
     stop = threading.Event()
+    first = threading.Event()
+
+    def reported():
+        return value(scrape(daemon), "vhost_user_balloon_reported_bytes_total", guest="a")
 
     def scraper():
         while not stop.is_set():
             try:
-                seen.append(value(scrape(daemon), "vhost_user_balloon_reported_bytes_total",
-                                  guest="a"))
+                seen.append(reported())
             except Exception as e:  # pragma: no cover - reported below
                 errors.append(e)
                 return
+            finally:
+                first.set()
     t = threading.Thread(target=scraper)
     t.start()
     try:
+        assert first.wait(10), "the scraper never ran"
         for _ in range(40):
             a.report(2 * MiB)
     finally:
         stop.set()
         t.join()
+    try:
+        assert not errors
+        seen.append(reported())   # after the last report
+        assert seen[0] == 0 and seen[-1] == 40 * 2 * MiB, (seen[0], seen[-1])
+        assert seen == sorted(seen)  # counters never go backwards
+    finally:
         a.close()
-    assert not errors
-    assert seen == sorted(seen)  # counters never go backwards
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):

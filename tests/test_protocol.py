@@ -10,7 +10,8 @@ import pytest
 
 from balloon_device.device import BalloonDevice
 from vhostuser.testing import sealed_memfd
-from vhostuser.testing.frontend import Frontend
+from vhostuser.testing.driver import DriverQueue, GuestMemory
+from vhostuser.testing.frontend import ALL_PROTOCOL, Frontend
 from vhostuser import messages as m
 from vhostuser.connection import Listener
 from vhostuser.errors import SetupError
@@ -117,14 +118,12 @@ WRONG_SIZES = [
 
 
 @pytest.mark.parametrize("req,payload", WRONG_SIZES, ids=[r.name for r, _ in WRONG_SIZES])
-def test_wrong_payload_size_disconnects(fe, req, payload):
-    fe.handshake()
+def test_wrong_payload_size_disconnects(fe, req, payload, caplog):
+    fe.handshake(protocol=SUPPORTED_PROTOCOL_FEATURES)
     fe.send(req, payload, need_reply=True)
-    if fe.alive:  # only possible as an error ack
-        hdr, body, _ = fe.recv()
-        assert struct.unpack("<Q", body)[0] != 0
-    else:
-        assert not fe.alive
+    assert not fe.alive, f"{req.name} with a {len(payload)}-byte payload was accepted"
+    assert any(f"{req.name}: payload is {len(payload)} bytes" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 def test_fd_on_message_that_takes_none_is_refused_and_closed(fe):
@@ -330,11 +329,37 @@ def test_inflight_fd(fe):
     assert not fe.alive  # own reply: refused by disconnecting
 
 
-def test_reset_device_and_owner(fe, memfd):
-    up(fe, memfd)
-    assert fe.ack(R.RESET_DEVICE) == 0
-    assert fe.ack(R.RESET_OWNER) == 0
-    assert fe.alive
+def _running_queue(f, mem):
+    """SET_FEATURES + the memory table + queue 0 started; returns the backend."""
+    assert f.ack(R.SET_FEATURES, m.U64.pack(f.features)) == 0
+    assert f.set_mem_table([(g, s, u, o, mem.fd) for g, s, u, o in mem.layout]) == 0
+    dq = DriverQueue(mem, 64)
+    f.start_queue(0, 64, dq.desc_uva, dq.avail_uva, dq.used_uva)
+    backend = f.server.backend
+    assert backend.started[0] and backend.queues[0].kick_fd is not None
+    assert f.device.acked == f.features & ~(1 << 30)
+    return backend
+
+
+@pytest.mark.parametrize("req", [R.RESET_DEVICE, R.RESET_OWNER])
+def test_reset_device_and_owner(fe, req):
+    """A reset stops the rings, closes their fds, forgets the features (backend
+    and device) and the session goes on: the queue can be set up again."""
+    fe.handshake()
+    with GuestMemory(16 * MiB) as mem:
+        backend = _running_queue(fe, mem)
+        assert fe.ack(req) == 0
+        assert fe.alive
+        q = backend.queues[0]
+        assert not backend.started[0]
+        assert (q.kick_fd, q.call_fd, q.err_fd) == (None, None, None)
+        assert backend.acked_features is None and fe.device.acked == 0
+        _running_queue(fe, mem)
+
+
+def test_reset_device_needs_its_protocol_feature(fe):
+    fe.handshake(protocol=ALL_PROTOCOL & ~(1 << PF.RESET_DEVICE))
+    assert fe.ack(R.RESET_DEVICE) == 1
 
 
 def test_backend_req_fd_must_be_a_socket(fe):
@@ -345,15 +370,18 @@ def test_backend_req_fd_must_be_a_socket(fe):
     os.close(w)
 
 
-def test_no_fd_leak_after_session(memfd):
+def test_no_fd_leak_after_session():
     before = open_fds()
+    mem = GuestMemory(16 * MiB)
     f = Frontend(BalloonDevice())
-    up(f, memfd)
-    f.start_queue  # noqa: B018 - exercised in the device tests
+    f.handshake()
+    _running_queue(f, mem)          # memory regions, kick and call fds
     efd = os.eventfd(0)
     assert f.ack(R.SET_VRING_ERR, m.U64.pack(0), [efd]) == 0
     os.close(efd)
+    assert open_fds() > before + 4
     f.close()
+    mem.close()
     assert open_fds() == before
 
 

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from balloon_device.host import sandbox
+from conftest import require_privilege
 from fuzz.real_session import report_once
 from fuzz.source import RandomSource
 from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon
@@ -240,8 +241,8 @@ def test_daemon_serves_under_seccomp(tmp_path, extra):
     assert "Operation not permitted" not in d.log_tail(100000), d.log_tail()
 
 
-@pytest.mark.skipif(os.getuid() != 0, reason="dropping privileges needs root")
 def test_daemon_drops_privileges_and_still_frees_memory(tmp_path):
+    require_privilege(None if os.getuid() == 0 else "dropping privileges needs root")
     nobody = pwd.getpwnam("nobody")
     d = DaemonProcess(str(tmp_path), log_level="info",
                       extra=["--user", "nobody", "--seccomp"]).start()

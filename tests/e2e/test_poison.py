@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from balloon_device.host.harness import MIB, Guest  # noqa: E402
+from balloon_device.host.harness import MIB, Guest, HarnessError, find_guest  # noqa: E402
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +33,19 @@ ALLOC_MIB = 600
 REUSE_MIB = 800
 LINUX_PAGE_POISON = 0xAAAAAAAA
 CORRUPTION = "pagealloc: memory corruption"
+# Debian's cloud kernels lack CONFIG_PAGE_POISONING (page_poison=1 would be
+# ignored and PAGE_POISON never negotiated): the generic 6.1 kernel has it.
+POISON_KERNEL = "bookworm-generic"
+
+
+def kernel_files(kernel):
+    if kernel is None:
+        return {}
+    try:
+        vmlinuz, initrd = find_guest(kernel=kernel)
+    except HarnessError as e:
+        pytest.fail(f"cannot build the {kernel} guest: {e}", pytrace=False)
+    return {"kernel": vmlinuz, "initrd": initrd}
 
 
 @pytest.fixture
@@ -45,7 +58,7 @@ def daemon(tmp_path):
     assert rc in (0, None, -15), f"daemon exited with {rc}:\n{d.log_text()}"
 
 
-def _run(daemon, name, append):
+def _run(daemon, name, append, kernel=None):
     """Boot, allocate and free ALLOC_MIB, wait for the guest's reports of that
     memory, then allocate REUSE_MIB (which reuses the reported pages).
     Returns (guest, counters before the free, counters after the reports)."""
@@ -53,7 +66,8 @@ def _run(daemon, name, append):
              ("wait", "sleep 40"), ("reuse", f"alloc_touch {REUSE_MIB}"),
              ("done", "echo VUB-MARK done")]
     g = Guest(name=name, mem_mib=1024, balloon="vhost-user", vhost_socket=daemon.socket_path,
-              num_vqs=4, vq_size=64, accel="tcg", cpu="max", steps=steps, append=append)
+              num_vqs=4, vq_size=64, accel="tcg", cpu="max", steps=steps, append=append,
+              **kernel_files(kernel))
     g.start()
     try:
         g.wait_marker("booted", timeout=90)
@@ -77,7 +91,7 @@ def _run(daemon, name, append):
 
 
 def test_page_poison_guest_is_never_discarded(provisioned, daemon):
-    g, before, after = _run(daemon, "vub-poison", "page_poison=1")
+    g, before, after = _run(daemon, "vub-poison", "page_poison=1", kernel=POISON_KERNEL)
     failed = True
     try:
         st = daemon.status()
