@@ -28,19 +28,7 @@ settings.register_profile("dev", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-UNPRIVILEGED_OPT_OUT = "VUB_ALLOW_UNPRIVILEGED"
-
-
-def require_privilege(problem):
-    """A missing privilege (root, a cgroup-v1 memory controller) FAILS the
-    calling test, unless VUB_ALLOW_UNPRIVILEGED=1 turns it into a skip (the
-    README documents that opt-out).  problem: None when all is there."""
-    if problem is None:
-        return
-    if os.environ.get(UNPRIVILEGED_OPT_OUT) == "1":
-        pytest.skip(f"{problem} ({UNPRIVILEGED_OPT_OUT}=1)")
-    pytest.fail(f"{problem}; run as root on cgroup v1 (see the README), or set "
-                f"{UNPRIVILEGED_OPT_OUT}=1 to skip this test", pytrace=False)
+from privilege import require_privilege  # noqa: E402,F401  (tests/privilege.py)
 
 
 @pytest.fixture(params=[True, False], ids=["C", "python"])

@@ -25,7 +25,7 @@ import pytest
 from balloon_device.discard.engine import c_module
 from balloon_device.discard.modes import MODE_CODES
 from balloon_device.testing import AnonymousRegion, allocated_bytes, mapping_usage
-from conftest import require_privilege
+from privilege import require_privilege
 from vhostuser.memory import Region
 from vhostuser.vring import SEG
 

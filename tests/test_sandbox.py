@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from balloon_device.host import sandbox
-from conftest import require_privilege
+from privilege import require_privilege
 from fuzz.real_session import report_once
 from fuzz.source import RandomSource
 from fuzz.vhost_gen import DaemonProcess, gen_session, run_session_on_daemon

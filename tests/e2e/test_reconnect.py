@@ -12,7 +12,7 @@ a QEMU killed under the daemon leaves the daemon clean and serving.
 The harness starts the daemon under its built-in supervisor (the default), and
 d.kill() kills that supervisor: the serving process dies with it (PR_SET_PDEATHSIG),
 every fd closes and QEMU sees the disconnect, which is the case tested here.
-SIGKILL of the serving process alone goes unnoticed: tests/e2e/test_restart.py.
+SIGKILL of the serving process alone goes unnoticed: tests/e2e/test_restart_qemu.py.
 
 VUB_CRASH_CYCLES sets the number of daemon kill/restart cycles (default 3).
 """

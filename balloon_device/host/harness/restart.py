@@ -1,5 +1,5 @@
 """SIGKILL the daemon's serving process under a running guest, and check that
-nobody noticed (tests/e2e/test_restart.py, scripts/kill_cycles.py).
+nobody noticed (tests/e2e/test_restart_qemu.py, scripts/kill_cycles.py).
 
     d = Daemon(workdir, args=["--stats-interval", "1"]).start()   # supervised
     g = Guest(balloon="vhost-user", vhost_socket=d.socket_path,
