@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 
@@ -36,18 +35,10 @@ from vhostuser import handler
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 from vhostuser.testing.driver import DriverQueue, GuestMemory
-from vhostuser.testing.frontend import SocketFrontend
+from balloon_device.host.harness.frontend import guest_frontend
 
 MIB = 1 << 20
 CONFIGS = ["quiet", "flood", "unbudgeted"]
-
-
-def guest_frontend(daemon, name):
-    """The test frontend connected to guest `name` of a Daemon."""
-    g = daemon.guests[name]
-    fe = SocketFrontend(g.server, g.socket_path, daemon.loop)
-    fe.guest = g
-    return fe
 
 
 class Rig:

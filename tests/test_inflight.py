@@ -7,13 +7,19 @@ from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.inflight import InflightArea, queue_region_size
 
 
-def test_pop_marks_and_push_clears():
+def rig(queues):
+    """(guest memory, driver queue, its VirtQueue, an inflight area on queue 0)."""
     mem = GuestMemory(4 << 20)
+    dq = DriverQueue(mem, 64)
+    vq = dq.make_vq()
+    area = InflightArea.create(queues, 64)
+    vq.inflight = area.queue(0)
+    return mem, dq, vq, area
+
+
+def test_pop_marks_and_push_clears():
+    mem, dq, vq, area = rig(2)
     try:
-        dq = DriverQueue(mem, 64)
-        vq = dq.make_vq()
-        area = InflightArea.create(2, 64)
-        vq.inflight = area.queue(0)
         heads = [dq.add([], [4096]) for _ in range(3)]
         chains = [vq.pop(mem.table) for _ in range(3)]
         assert [c.head for c in chains] == heads
@@ -39,12 +45,8 @@ def test_region_size_is_aligned():
 
 
 def test_push_many_clears_like_push():
-    mem = GuestMemory(4 << 20)
+    mem, dq, vq, area = rig(1)
     try:
-        dq = DriverQueue(mem, 64)
-        vq = dq.make_vq()
-        area = InflightArea.create(1, 64)
-        vq.inflight = area.queue(0)
         heads, chains = [], []
         for _ in range(4):
             heads.append(dq.add([], [4096]))

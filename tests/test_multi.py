@@ -8,7 +8,6 @@ control socket answers per guest and for all guests.
 """
 
 import os
-import socket
 import struct
 
 import pytest
@@ -19,20 +18,12 @@ from balloon_device.host.control import request
 from balloon_device.errors import ConfigError
 from balloon_device.host.multi import Daemon, parse_guest_arg, socket_dir_guests
 from vhostuser.testing.driver import DriverQueue, GuestMemory
-from vhostuser.testing.frontend import SocketFrontend
+from balloon_device.host.harness.frontend import guest_frontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
 
 MiB = 1 << 20
 QSIZE = 64
-
-
-def guest_frontend(daemon, name):
-    """The test frontend connected to guest `name` of a Daemon."""
-    g = daemon.guests[name]
-    fe = SocketFrontend(g.server, g.socket_path, daemon.loop)
-    fe.guest = g
-    return fe
 
 
 class GuestRig:

@@ -335,12 +335,7 @@ class Server(DeviceContext):
                 log.debug("<- %s flags=%#x size=%d fds=%d", msg.header.name, msg.header.flags,
                           msg.header.size, len(msg.fds))
                 reply = self.backend.handle(msg)
-                if reply is not None:
-                    try:
-                        conn.send(reply.data, reply.fds)
-                    finally:
-                        for fd in reply.fds:
-                            os.close(fd)
+                self._send_reply(conn, reply)
                 self._sync()
                 if self.conn is not conn:
                     return
@@ -348,12 +343,24 @@ class Server(DeviceContext):
             self._close(str(e))
             return
         except ProtocolError as e:
-            log.error("protocol error, dropping the frontend: %s", e)
-            self.protocol_errors += 1
-            self._close(f"protocol error: {e}")
+            self._protocol_error(e)
             return
         if conn.stalled_for() and self._stall_timer is None:
             self._stall_timer = self.loop.call_later(RECV_TIMEOUT, self._check_stall)
+
+    @staticmethod
+    def _send_reply(conn, reply):
+        if reply is not None:
+            try:
+                conn.send(reply.data, reply.fds)
+            finally:
+                for fd in reply.fds:
+                    os.close(fd)
+
+    def _protocol_error(self, reason):
+        log.error("protocol error, dropping the frontend: %s", reason)
+        self.protocol_errors += 1
+        self._close(f"protocol error: {reason}")
 
     def _check_stall(self):
         self._stall_timer = None
@@ -362,10 +369,7 @@ class Server(DeviceContext):
             return
         waited = conn.stalled_for()
         if waited >= RECV_TIMEOUT:
-            log.error("protocol error, dropping the frontend: it stopped in the middle of "
-                      "a message %.1fs ago", waited)
-            self.protocol_errors += 1
-            self._close("protocol error: peer stopped in the middle of a message")
+            self._protocol_error(f"it stopped in the middle of a message {waited:.1f}s ago")
         elif waited:
             self._stall_timer = self.loop.call_later(RECV_TIMEOUT - waited, self._check_stall)
 
@@ -390,12 +394,7 @@ class Server(DeviceContext):
                     "stage": "handled"})
                 conn.consume(len(raw))
                 self.observer.progress("consumed")
-                if reply is not None:
-                    try:
-                        conn.send(reply.data, reply.fds)
-                    finally:
-                        for fd in reply.fds:
-                            os.close(fd)
+                self._send_reply(conn, reply)
                 self.observer.progress(None)
                 self._sync()
                 if self.conn is not conn:
@@ -404,9 +403,7 @@ class Server(DeviceContext):
             self._close(str(e))
             return
         except ProtocolError as e:
-            log.error("protocol error, dropping the frontend: %s", e)
-            self.protocol_errors += 1
-            self._close(f"protocol error: {e}")
+            self._protocol_error(e)
             return
         if conn.stalled_for():
             # A partial message stays in the socket, which stays readable: look again in

@@ -131,7 +131,8 @@ class Frontend:
                                     need_reply=True)
         return payload[m.CONFIG_HEAD.size:] if hdr.size else None
 
-    def close(self):
+    def close_connection(self):
+        """Close our end: the eventfds we made, the backend channel, the socket."""
         for fd in self.eventfds:
             try:
                 os.close(fd)
@@ -142,6 +143,9 @@ class Frontend:
             self.backend_sock.close()
         self.sock.close()
         self.pump()
+
+    def close(self):
+        self.close_connection()
         self.server.close()
         self.server.loop.close()
 
@@ -167,13 +171,7 @@ class SocketFrontend(Frontend):
             self.loop.run_once(timeout=0)
 
     def close(self):
-        for fd in self.eventfds:
-            os.close(fd)
-        self.eventfds = []
-        if self.backend_sock:
-            self.backend_sock.close()
-        self.sock.close()
-        self.pump()
+        self.close_connection()   # the server and the loop belong to their owner
 
 
 class RemoteFrontend(Frontend):
@@ -192,15 +190,7 @@ class RemoteFrontend(Frontend):
         """The backend runs on its own."""
 
     def close(self):
-        for fd in self.eventfds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.eventfds = []
-        if self.backend_sock:
-            self.backend_sock.close()
-        self.sock.close()
+        self.close_connection()   # pump() is a no-op: the backend runs on its own
 
     @property
     def alive(self):
