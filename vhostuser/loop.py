@@ -9,6 +9,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import time
 
 from .connection import Listener
@@ -153,6 +154,17 @@ class EventLoop(Loop):
         self.sel.close()
 
 
+def peer_pid(sock):
+    """The pid of the process at the other end of a connected Unix socket (SO_PEERCRED,
+    taken when it connected), or None (not a Unix socket, or the pid is unknown)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
+
+
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
@@ -163,6 +175,7 @@ class Server(DeviceContext):
         self.keep_listening = keep_listening
         self.backend = Backend(device, use_c=use_c)
         self.conn = None
+        self.peer_pid = None       # the frontend's process (SO_PEERCRED), None if unknown
         self.sessions = 0
         self.protocol_errors = 0   # frontends dropped for a protocol error
         self._watched = {}
@@ -223,7 +236,8 @@ class Server(DeviceContext):
     def _open(self, conn):
         self.conn = conn
         self.sessions += 1
-        log.info("frontend connected")
+        self.peer_pid = peer_pid(conn.sock)
+        log.info("frontend connected (pid %s)", self.peer_pid or "unknown")
         self.loop.add_reader(conn.fileno(), self._on_message)
 
     def disconnect(self, reason):
@@ -242,6 +256,7 @@ class Server(DeviceContext):
         self.backend.disconnect()
         self.conn.close()
         self.conn = None
+        self.peer_pid = None
         if not self.keep_listening or not self.listener.is_listening:
             self.loop.stop()
 

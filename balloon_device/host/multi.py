@@ -132,7 +132,8 @@ class Guest:
             protocol_errors=server.protocol_errors,
             internal_errors=self.internal_errors,
             memory_bytes=sum(r.size for r in list(backend.memory.regions)),
-            ram_backed_bytes=backend.memory.backed_bytes(), rings=ring_info)
+            ram_backed_bytes=backend.memory.backed_bytes(), rings=ring_info,
+            frontend_pid=server.peer_pid)
 
     def call(self, fn, *args):
         """Run fn in this guest's logging context (control socket, policy)."""
@@ -173,6 +174,7 @@ class Daemon:
             if cfg.policy is not None:
                 from .policy import PolicyLoop
                 self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
+                self.policy.open_sources()
             if cfg.control_path:
                 from .control import ControlServer
                 self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop,
