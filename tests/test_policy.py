@@ -619,3 +619,32 @@ def test_policy_on_a_real_daemon(tmp_path):
     finally:
         rig.close()
         d.close()
+
+
+def test_a_busy_guest_that_freed_what_it_took_is_fast_reclaimed(monkeypatch):
+    """alloc_touch 800 and exit: busy while it allocates, no longer once it freed it
+    (the balloon given back meanwhile does not count as freed)."""
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, FAST_CFG)
+    tick(0)
+    g.avail, g.backed = 100, 4096                 # it allocates 800 MiB
+    host[0] = H(2048 - 512)
+    last = tick(1)
+    assert last["busy"] == ["a"] and g.target == 0
+    g.avail = 100 + 200                           # 200 MiB back: still busy
+    assert tick(1)["busy"] == ["a"]
+    g.avail = 900                                 # the allocator exited: freed it all
+    last = tick(1)
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+
+
+def test_without_fast_reclaim_busy_lasts_busy_hold(monkeypatch):
+    from dataclasses import replace
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100,
+                               replace(FAST_CFG, fast_reclaim=False))
+    tick(0)
+    g.avail = 100
+    assert tick(1)["busy"] == ["a"]
+    g.avail = 900
+    assert tick(1)["busy"] == ["a"]

@@ -17,7 +17,9 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   and it is not inflated. Busy = its available_memory fell since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
   ticks (inflating takes available memory too, and the stats lag the balloon by
-  up to a tick); it stays busy for busy_hold seconds after the last such fall.
+  up to a tick); it stays busy for busy_hold seconds after the last such fall, or
+  (with fast reclaim) until its available memory rose by --policy-fast-min over its
+  level at that fall, not counting its balloon given back: it freed what it took.
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
@@ -286,6 +288,7 @@ class PolicyLoop:
         self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
         self._busy_until = {}     # name -> monotonic time its busy state ends
         self._last_fall = {}      # name -> monotonic time its available memory last fell
+        self._fall_ref = {}       # name -> (available, actual) when it last fell
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
         self._stalling_until = {}  # name -> monotonic time its stalling state ends
@@ -368,11 +371,24 @@ class PolicyLoop:
             taken = 0
         if taken > self.cfg.margin_bytes:
             self._last_fall[name] = now
+            self._fall_ref[name] = (view.available_bytes, view.actual_pages)
             if now >= self._busy_until.get(name, 0):
                 log.info("policy: guest %s is allocating (%d MiB taken since the last check): "
                          "its balloon is given back and it is left alone for %gs", name,
                          taken >> 20, self.cfg.busy_hold)
             self._busy_until[name] = now + self.cfg.busy_hold
+        elif (self.cfg.fast_reclaim and name in self._fall_ref
+              and now < self._busy_until.get(name, 0)):
+            # with fast reclaim: a busy guest that freed a lot since it last allocated is
+            # done (its balloon given back does not count): its free memory is fair game
+            ref_avail, ref_actual = self._fall_ref[name]
+            freed = (view.available_bytes - ref_avail
+                     - max(0, ref_actual - view.actual_pages) * PAGE)
+            if freed >= self.cfg.fast_min_bytes:
+                log.info("policy: guest %s freed %d MiB since it last allocated: no longer "
+                         "busy", name, freed >> 20)
+                self._busy_until[name] = now
+                del self._fall_ref[name]
         if now < self._busy_until.get(name, 0):
             return replace(view, busy=True)
         return view
@@ -400,6 +416,7 @@ class PolicyLoop:
                 self._hist.pop(name, None)
                 self._busy_until.pop(name, None)
                 self._last_fall.pop(name, None)
+                self._fall_ref.pop(name, None)
                 self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
                 fbase = self.fast.forget(name, now)
