@@ -206,3 +206,24 @@ def test_real_pressure_reader():
         assert p.stall_ms_per_s >= 0 and p.minor_faults_per_s >= 0
     finally:
         r.close()
+
+
+def test_taskstats_work_under_seccomp_once_opened():
+    """The daemon opens the netlink socket before --seccomp (which allows only Unix
+    sockets); queries must then work under the strictest mode (kill)."""
+    import subprocess
+    import sys
+    code = ("import os, time\n"
+            "from balloon_device.host.taskstats import PressureReader\n"
+            "from balloon_device.host import sandbox\n"
+            "r = PressureReader()\n"
+            "assert r.open(), r.error\n"
+            "sandbox.apply_seccomp('kill')\n"
+            "r.sample({'me': os.getpid()})\n"
+            "time.sleep(0.05)\n"
+            "p = r.sample({'me': os.getpid()})['me']\n"
+            "assert p is not None and p.pid == os.getpid(), r.error\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr)
