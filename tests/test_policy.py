@@ -432,10 +432,28 @@ def test_fast_reclaim_ends_when_the_pressure_is_over(monkeypatch):
     pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
     g.actual = 0
     assert tick(0)["fast"] == {"a": (900 - 128) * PG}
-    host[0] = H(2048 + 100)                      # above the floor (within hysteresis): hold
+    host[0] = H(2048 + 100)                      # above the floor, within hysteresis:
+    assert tick(1)["fast"] == {"a": (900 - 128) * PG}     # it goes on
+    host[0] = H(8192)                            # above floor + hysteresis: over
     last = tick(1)
     assert last["fast"] == {} and last["fast_done"] == {}
-    assert g.target == 64 * PG                   # decide()'s own target, held
+    assert g.target == 0                         # decide()'s own target (surplus: 0)
+
+
+def test_fast_pace_asks_for_stats_half_way(monkeypatch):
+    g = freed_guest()
+    g.actual = 0
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
+    tick(0)
+    refresh, nxt = pol.loop.timers[-2:]
+    assert nxt[0] == 1.0 and refresh[0] == 0.5
+    before = g.stats_requests
+    refresh[1]()
+    assert g.stats_requests == before + 1
+    host[0] = H(8192)
+    n = len(pol.loop.timers)
+    tick(1)                                      # pops one timer, adds the next tick only
+    assert len(pol.loop.timers) == n and pol.loop.timers[-1][0] == 5.0
 
 
 def test_fast_reclaim_never_squeezes_a_busy_guest(monkeypatch):

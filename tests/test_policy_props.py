@@ -29,8 +29,9 @@ Fast reclaim (fastreclaim.py, on by default):
 - a guest in fast reclaim holds max(decide(), its fast target), and the fast target
   never exceeds the guest's cap with "busy" counted (so never on a busy guest, never
   below the guest's available memory minus the margin); the swept guest is never one;
-- fast reclaims exist only while the host is under pressure (below the floor or PSI):
-  once it is over, every balloon is back at decide()'s target;
+- fast reclaims start only while the host is under pressure (below the floor or
+  PSI) and go on at most while it is below floor + hysteresis (or PSI): once it is
+  above, every balloon is back at decide()'s target;
 - a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
   still backed on the host; its target does not move while it runs; it ends at the
   first tick where the balloon is at its target, and before fast_timeout in any case;
@@ -323,7 +324,8 @@ class PolicyMachine(RuleBasedStateMachine):
     def check_fast(self, host, fast, swept, live, now):
         targets = {n: self.guests[n].target for n in live}
         under = host.available_bytes < CFG.floor_bytes or policy.pressure(host, CFG)
-        if not under:
+        short = under or host.available_bytes < LIMIT
+        if not short:
             assert fast == {}, ("fast reclaim kept after the pressure", fast)
         assert swept not in fast
         for n, (started, goal) in list(self.fast.items()):
@@ -342,6 +344,7 @@ class PolicyMachine(RuleBasedStateMachine):
             assert targets[n] == max(self.decided[n], goal), (n, targets[n], goal)
             assert goal <= policy._cap(v, CFG), ("fast reclaim above the guest's cap", n)
             if n not in self.fast:
+                assert under, "fast reclaim started without pressure"
                 assert v.available_bytes is not None and not v.busy
                 free = v.free_bytes                    # what the guest reported before the tick
                 assert free - CFG.margin_bytes >= CFG.fast_min_bytes

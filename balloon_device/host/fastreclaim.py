@@ -10,7 +10,8 @@ While the host is under pressure (below --policy-floor, or PSI), a guest whose f
 stats show a lot of free memory still backed on the host gets its balloon raised by
 its free memory minus --policy-margin (within its cap, policy._cap) at once, on top
 of decide()'s share. As soon as the balloon got there, or reporting caught up by
-itself, or the pressure is over, its target goes back to decide()'s: the deflated
+itself, or the pressure is over (the host is back above floor + --policy-hysteresis
+and PSI is quiet), its target goes back to decide()'s: the deflated
 pages return to the guest as free pages that cost the host nothing until the guest
 touches them, so the guest keeps its memory when it needs it.
 
@@ -92,8 +93,8 @@ class FastReclaim:
         act = self.active.get(name)
         return act["base"] if act else target_pages
 
-    def _why_end(self, name, act, v, cap, under, now):
-        if not under:
+    def _why_end(self, name, act, v, cap, short, now):
+        if not short:
             return "the host is no longer short"
         if v.busy:
             return "the guest is allocating"
@@ -110,9 +111,11 @@ class FastReclaim:
             return f"the balloon did not get there in {self.cfg.fast_timeout:g}s"
         return ""
 
-    def apply(self, views, targets, caps, under, now, skip=(), quiet=None):
+    def apply(self, views, targets, caps, under, short, now, skip=(), quiet=None):
         """Adjust decide()'s targets. caps: policy._cap of each view (busy counts);
-        under: the host is under pressure; skip: guests not to touch (being swept);
+        under: the host is under pressure (a fast reclaim may start); short: it is
+        under pressure or below floor + hysteresis (one may go on); skip: guests not to
+        touch (being swept);
         quiet: order of preference (quietest first; default: most to win first)."""
         if not self.enabled:
             return targets
@@ -120,7 +123,7 @@ class FastReclaim:
             act = self.active[name]
             act["base"] = targets.get(name, 0)
             v = views.get(name)
-            why = self._why_end(name, act, v, caps.get(name, 0), under, now)
+            why = self._why_end(name, act, v, caps.get(name, 0), short, now)
             if why == "":
                 targets[name] = max(targets[name], act["target"])
                 continue

@@ -284,6 +284,7 @@ class PolicyLoop:
         self.read_host = host_reader or HostReader(cfg.cgroup).read
         self.last = None          # snapshot of the last tick, for status / metrics
         self._handle = None
+        self._stats_handle = None
         self._was_pressure = False
         self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
         self._busy_until = {}     # name -> monotonic time its busy state ends
@@ -325,6 +326,9 @@ class PolicyLoop:
     def stop(self):
         self.loop.cancel(self._handle)
         self._handle = None
+        if self._stats_handle is not None:
+            self.loop.cancel(self._stats_handle)
+            self._stats_handle = None
         if self.pressure is not None:
             self.pressure.close()
 
@@ -347,7 +351,21 @@ class PolicyLoop:
             log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
             self._handle = self.loop.call_later(self.cfg.interval, self._tick)
             return
-        self._handle = self.loop.call_later(self.next_interval(), self._tick)
+        nxt = self.next_interval()
+        if nxt < self.cfg.interval:
+            # fast pace: fresh stats half way, so the next tick sees them at most half an
+            # interval old (the guest answers within milliseconds)
+            self._stats_handle = self.loop.call_later(nxt / 2, self._refresh_stats)
+        self._handle = self.loop.call_later(nxt, self._tick)
+
+    def _refresh_stats(self):
+        self._stats_handle = None
+        for guest in self.guests.values():
+            try:
+                if guest.status().serving:
+                    guest.request_stats()
+            except Exception:
+                log.exception("policy: asking guest %s for stats failed", guest.name)
 
     def _mark_busy(self, name, view, now):
         """Busy when the guest's available memory fell by more than the margin plus its
@@ -432,7 +450,7 @@ class PolicyLoop:
                                      targets, caps, short, now)
         swept = self.sweeper.active["name"] if self.sweeper.active else None
         targets = self.fast.apply(views, targets, {n: _cap(v, self.cfg) for n, v in views.items()},
-                                  under, now, skip={swept})
+                                  under, short or under, now, skip={swept})
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
                      "pressure: inflating balloons" if under else "pressure passed",
