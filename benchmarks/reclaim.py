@@ -184,12 +184,13 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
     pr = ap.add_argument_group("under pressure (fast, builtin-pressure, ours-pressure)")
-    pr.add_argument("--pressure-limit", type=int, default=1400, metavar="MIB",
-                    help="limit of the parent cgroup standing for the host (default 1400)")
-    pr.add_argument("--pressure-floor", type=int, default=600, metavar="MIB",
-                    help="--policy-floor of the daemon (default 600: the host is below it once "
-                         "the guest touched its 800 MiB)")
-    pr.add_argument("--pressure-hysteresis", type=int, default=256, metavar="MIB")
+    pr.add_argument("--pressure-limit", type=int, default=1500, metavar="MIB",
+                    help="limit of the parent cgroup standing for the host (default 1500)")
+    pr.add_argument("--pressure-floor", type=int, default=700, metavar="MIB",
+                    help="--policy-floor of the daemon (default 700: the host is below it once "
+                         "the guest touched its 800 MiB, above floor + hysteresis before)")
+    pr.add_argument("--pressure-hysteresis", type=int, default=512, metavar="MIB",
+                    help="--policy-hysteresis of the daemon (default 512, the daemon's own)")
     pr.add_argument("--fast-interval", type=float, default=1.0,
                     help="--policy-fast-interval of the daemon (default 1)")
     ns = ap.parse_args()

@@ -111,12 +111,11 @@ class FastReclaim:
             return f"the balloon did not get there in {self.cfg.fast_timeout:g}s"
         return ""
 
-    def apply(self, views, targets, caps, under, short, now, skip=(), quiet=None):
+    def apply(self, views, targets, caps, under, short, now, skip=()):
         """Adjust decide()'s targets. caps: policy._cap of each view (busy counts);
         under: the host is under pressure (a fast reclaim may start); short: it is
         under pressure or below floor + hysteresis (one may go on); skip: guests not to
-        touch (being swept);
-        quiet: order of preference (quietest first; default: most to win first)."""
+        touch (being swept). Candidates in order: most memory to win first."""
         if not self.enabled:
             return targets
         for name in sorted(self.active):
@@ -138,9 +137,7 @@ class FastReclaim:
                          "to %d MiB", name, why, act["base"] >> 8)
         if not under:
             return targets
-        order = quiet if quiet is not None else sorted(
-            views, key=lambda n: (-(backed_free(views[n]) or 0), n))
-        for name in order:
+        for name in sorted(views, key=lambda n: (-(backed_free(views[n]) or 0), n)):
             v = views[name]
             if name in self.active or name in skip or v.busy or v.stalling:
                 continue
