@@ -184,13 +184,14 @@ def main():
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
     pr = ap.add_argument_group("under pressure (fast, builtin-pressure, ours-pressure)")
-    pr.add_argument("--pressure-limit", type=int, default=1500, metavar="MIB",
-                    help="limit of the parent cgroup standing for the host (default 1500)")
-    pr.add_argument("--pressure-floor", type=int, default=700, metavar="MIB",
-                    help="--policy-floor of the daemon (default 700: the host is below it once "
-                         "the guest touched its 800 MiB, above floor + hysteresis before)")
-    pr.add_argument("--pressure-hysteresis", type=int, default=512, metavar="MIB",
-                    help="--policy-hysteresis of the daemon (default 512, the daemon's own)")
+    pr.add_argument("--pressure-limit", type=int, default=1600, metavar="MIB",
+                    help="limit of the parent cgroup standing for the host (default 1600)")
+    pr.add_argument("--pressure-floor", type=int, default=1000, metavar="MIB",
+                    help="--policy-floor of the daemon (default 1000: the host is ~400 MiB "
+                         "below it once the guest touched its 800 MiB, still below it after "
+                         "reporting's first pass, above floor + hysteresis before)")
+    pr.add_argument("--pressure-hysteresis", type=int, default=256, metavar="MIB",
+                    help="--policy-hysteresis of the daemon (default 256)")
     pr.add_argument("--fast-interval", type=float, default=1.0,
                     help="--policy-fast-interval of the daemon (default 1)")
     ns = ap.parse_args()

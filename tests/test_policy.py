@@ -656,6 +656,18 @@ def test_a_busy_guest_that_freed_what_it_took_is_fast_reclaimed(monkeypatch):
     assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
 
 
+def test_a_fast_reclaim_cut_short_by_an_allocation_does_not_cool_down(monkeypatch):
+    g = freed_guest(free=900, unreported=800)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 512, FAST_CFG)
+    g.actual = 0
+    assert tick(0)["fast"]                        # stale stats: it looked idle
+    g.avail = 100                                 # it was allocating
+    last = tick(1)
+    assert last["busy"] == ["a"] and last["fast"] == {}
+    g.avail = 900                                 # freed it again: at once, no cooldown
+    assert tick(1)["fast"] == {"a": (900 - 128) * PG}
+
+
 def test_without_fast_reclaim_busy_lasts_busy_hold(monkeypatch):
     from dataclasses import replace
     g = freed_guest(free=900, unreported=0)

@@ -35,7 +35,8 @@ Fast reclaim (fastreclaim.py, on by default):
 - a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
   still backed on the host; its target does not move while it runs; it ends at the
   first tick where the balloon is at its target, and before fast_timeout in any case;
-  the next one on the same guest starts fast_cooldown after it at the earliest.
+  after one that got there or timed out, the next one on the same guest starts
+  fast_cooldown later at the earliest.
 Behaviour we find questionable is counted with event("Q: ...") (see
 --hypothesis-show-statistics) rather than asserted.
 
@@ -331,7 +332,9 @@ class PolicyMachine(RuleBasedStateMachine):
         for n, (started, goal) in list(self.fast.items()):
             if n not in fast:
                 del self.fast[n]
-                self.fast_end[n] = now
+                v = self.views.get(n)
+                if v is not None and (v.actual_pages >= goal or now - started >= CFG.fast_timeout):
+                    self.fast_end[n] = now       # done or timed out: cooldown
                 event("fast reclaim ended")
                 continue
             # still running: it did not get there yet, and is within its timeout

@@ -19,9 +19,11 @@ touches them, so the guest keeps its memory when it needs it.
 are what reporting has not returned yet; taking page cache as well would cost the
 guest its cache for a gain reporting never promised. "Still backed" is the guest's
 RAM allocated on the host (GuestStatus.ram_backed_bytes) minus what the guest uses
-(RAM - free - balloon): this is what inflating can win. A guest is fast-reclaimed
-again --policy-fast-cooldown seconds after the last one ended at the earliest (no
-churn on a guest that keeps the memory free, or that the balloon cannot get to).
+(RAM - free - balloon): this is what inflating can win. After a fast reclaim that got
+there or timed out, the guest is fast-reclaimed again --policy-fast-cooldown seconds
+later at the earliest (no churn on a guest that keeps the memory free, or that the
+balloon cannot get to); one cut short because the guest allocated does not count
+(the guest must first be no longer busy: it freed what it took).
 
 Who is never fast-reclaimed: a busy guest (its available memory is falling, see
 policy.py), a guest without fresh stats, the guest being swept, a guest whose QEMU
@@ -83,7 +85,6 @@ class FastReclaim:
         act = self.active.pop(name, None)
         if act is None:
             return None
-        self.ended[name] = now
         log.info("policy: fast reclaim of guest %s stopped (the guest went away); its balloon "
                  "target goes back to %d MiB", name, act["base"] >> 8)
         return act["base"]
@@ -127,7 +128,8 @@ class FastReclaim:
                 targets[name] = max(targets[name], act["target"])
                 continue
             del self.active[name]
-            self.ended[name] = now
+            if why is None or why.startswith("the balloon did not"):
+                self.ended[name] = now     # done, or cannot get there: cool down
             if why is None:
                 self.count[name] = self.count.get(name, 0) + 1
                 log.info("policy: fast reclaim of guest %s done (its free memory is back on the "
