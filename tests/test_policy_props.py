@@ -86,6 +86,7 @@ class Guest:
         self.connected, self.reporting, self.answers = True, True, True
         self.stats = None           # available_memory the guest last reported
         self.stats_time = None
+        self.stats_actual = None    # the balloon when it did
         self.dirty = 0              # free memory still backed on the host (not reported yet)
         self.pid = None
         self.stall = 0.0            # its QEMU's stall on host memory, ms/s
@@ -105,6 +106,7 @@ class Guest:
             "target_pages": self.target, "actual_pages": self.actual,
             "memory_bytes": self.ram, "stats_age": age,
             "ram_backed_bytes": self.backed() if self.backed_known else None,
+            "stats_actual_pages": self.stats_actual,
             "frontend_pid": self.pid,
             "stats": {} if self.stats is None else {"available_memory": self.stats,
                                                     "free_memory": self.stats}})
@@ -118,6 +120,7 @@ class Guest:
         assert self.connected
         if self.answers:
             self.stats, self.stats_time = self.available(), Clock.now
+            self.stats_actual = self.actual
 
 
 class Pressure:

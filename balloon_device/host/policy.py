@@ -125,6 +125,7 @@ class GuestView:
     free_bytes: int = None         # guest's free_memory stat (None: no fresh stats / not sent)
     ram_backed_bytes: int = None   # guest RAM allocated on the host (None: unknown)
     stalling: bool = False         # its QEMU stalls in reclaim / refaults (taskstats)
+    stats_actual_pages: int = None # balloon size when those stats arrived (None: unknown)
 
 
 def _cap(g, cfg):
@@ -271,7 +272,8 @@ def view_of(status, cfg):
     return GuestView(target_pages=dev.target_pages, actual_pages=dev.actual_pages,
                      memory_bytes=status.memory_bytes, available_bytes=available,
                      reporting=dev.reporting, free_bytes=free,
-                     ram_backed_bytes=status.ram_backed_bytes)
+                     ram_backed_bytes=status.ram_backed_bytes,
+                     stats_actual_pages=dev.stats_actual_pages if fresh else None)
 
 
 class PolicyLoop:
@@ -375,7 +377,7 @@ class PolicyLoop:
             self._hist.pop(name, None)
             return view
         hist = self._hist.setdefault(name, [])
-        hist.append((now, view.available_bytes, view.actual_pages))
+        hist.append((now, view.available_bytes, view.actual_pages, view.stats_actual_pages))
         window = 1.5 * self.cfg.interval
         while len(hist) > 3 and hist[1][0] < now - window:
             del hist[0]
@@ -383,7 +385,12 @@ class PolicyLoop:
             i = next(k for k in range(len(hist) - 1)
                      if hist[k][0] >= now - window or k == len(hist) - 2)
             ref, before = hist[i], hist[max(0, i - 1)]
-            grown = max(0, hist[-1][2] - before[2]) * PAGE    # balloon growth since then
+            if ref[3] is not None and hist[-1][3] is not None:
+                # the balloon's size when each of the two stats arrived: its growth in
+                # between is exactly what the balloon took from available memory
+                grown = max(0, hist[-1][3] - ref[3]) * PAGE
+            else:   # unknown: count the growth from a tick earlier (stats lag a tick)
+                grown = max(0, hist[-1][2] - before[2]) * PAGE
             taken = ref[1] - hist[-1][1] - grown                # what the guest itself took
         else:
             taken = 0
