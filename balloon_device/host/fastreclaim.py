@@ -119,6 +119,7 @@ class FastReclaim:
         touch (being swept). Candidates in order: most memory to win first."""
         if not self.enabled:
             return targets
+        just_ended = set()
         for name in sorted(self.active):
             act = self.active[name]
             act["base"] = targets.get(name, 0)
@@ -128,8 +129,9 @@ class FastReclaim:
                 targets[name] = max(targets[name], act["target"])
                 continue
             del self.active[name]
-            if why is None or why.startswith("the balloon did not"):
-                self.ended[name] = now     # done, or cannot get there: cool down
+            just_ended.add(name)           # not restarted in the same tick
+            if why is None or now - act["started"] >= self.cfg.fast_timeout:
+                self.ended[name] = now     # done, or ran its full time: cool down
             if why is None:
                 self.count[name] = self.count.get(name, 0) + 1
                 log.info("policy: fast reclaim of guest %s done (its free memory is back on the "
@@ -141,7 +143,8 @@ class FastReclaim:
             return targets
         for name in sorted(views, key=lambda n: (-(backed_free(views[n]) or 0), n)):
             v = views[name]
-            if name in self.active or name in skip or v.busy or v.stalling:
+            if (name in self.active or name in just_ended or name in skip or v.busy
+                    or v.stalling):
                 continue
             bf = backed_free(v)
             if bf is None or bf < self.cfg.fast_min_bytes:
