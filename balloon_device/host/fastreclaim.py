@@ -20,7 +20,7 @@ are what reporting has not returned yet; taking page cache as well would cost th
 guest its cache for a gain reporting never promised. "Still backed" is the guest's
 RAM allocated on the host (GuestStatus.ram_backed_bytes) minus what the guest uses
 (RAM - free - balloon): this is what inflating can win. After a fast reclaim that got
-there or timed out, the guest is fast-reclaimed again --policy-fast-cooldown seconds
+there or ran --policy-fast-timeout, the guest is fast-reclaimed again --policy-fast-cooldown seconds
 later at the earliest (no churn on a guest that keeps the memory free, or that the
 balloon cannot get to); one cut short because the guest allocated does not count
 (the guest must first be no longer busy: it freed what it took).
