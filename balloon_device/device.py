@@ -54,6 +54,7 @@ class BalloonDevice(Device):
         self.last_report = None
         self.latest_stats = {}
         self.stats_time = None
+        self.stats_actual = None        # balloon pages when the latest stats arrived
         self.discard_latency = LatencyHistogram()  # seconds per engine.discard call
         self._reset_state()
 
@@ -392,6 +393,7 @@ class BalloonDevice(Device):
                     data += memory.read(seg.addr, seg.length)
                 self.latest_stats = stats_mod.parse(data)
                 self.stats_time = time.time()
+                self.stats_actual = self.actual
                 self.counters["stats_updates"] += 1
                 self._stats_head = chain.head
                 self._stats_queue = queue
@@ -448,6 +450,7 @@ class BalloonDevice(Device):
             last_report_age=None if self.last_report is None else now - self.last_report,
             stats=MappingProxyType(dict(self.latest_stats)),
             stats_age=None if self.stats_time is None else now - self.stats_time,
+            stats_actual_pages=self.stats_actual,
             discard_latency=MappingProxyType(self.discard_latency.snapshot()),
             counters=MappingProxyType(dict(self.counters)),
         )

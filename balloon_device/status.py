@@ -24,6 +24,7 @@ class DeviceStatus:
     last_report_age: float = None    # seconds, None before the first report
     stats: MappingProxyType = field(default_factory=lambda: _frozen({}))
     stats_age: float = None
+    stats_actual_pages: int = None   # balloon size when the latest stats arrived
     discard_latency: MappingProxyType = field(default_factory=lambda: _frozen({}))
     counters: MappingProxyType = field(default_factory=lambda: _frozen({}))
 

@@ -13,6 +13,15 @@ configurations, alternated round by round (the starting one rotates):
   builtin    QEMU's virtio-balloon-pci,free-page-reporting=on (the reference)
   noreport   QEMU's virtio-balloon-pci,free-page-reporting=off (control)
 
+Under pressure (the parent cgroup, standing for the host, gets a limit of
+--pressure-limit MiB: after the allocation its available memory (limit - usage)
+is below the policy's floor --pressure-floor, before it above floor + hysteresis):
+
+  fast             our daemon with --policy pointed at the parent cgroup, fast
+                   reclaim on (sweeps off, to measure fast reclaim alone)
+  builtin-pressure QEMU's built-in balloon, reporting on, same limit (the reference)
+  ours-pressure    our daemon, reporting only, same limit (optional)
+
 Figures per run: baseline (before the allocation), peak, level after the free
 (end of the watch window), seconds from the free (the guest's `alloc-freed`
 marker, seen by the host) to the first drop and to 50% / 90% of the freed
@@ -35,27 +44,41 @@ from balloon_device.host.harness import Guest, MemCgroup, alloc_steps  # noqa: E
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 from balloon_device.host.harness.reclaim import figures  # noqa: E402
 
-CONFIGS = ("ours", "builtin", "noreport")
+CONFIGS = ("ours", "builtin", "noreport", "fast", "builtin-pressure")
+PRESSURE = ("fast", "builtin-pressure", "ours-pressure")
 LABELS = {"ours": "ours (vhost-user daemon)", "builtin": "QEMU built-in, reporting on",
-          "noreport": "QEMU built-in, reporting off"}
-COLORS = {"ours": "tab:blue", "builtin": "tab:orange", "noreport": "tab:gray"}
+          "noreport": "QEMU built-in, reporting off",
+          "fast": "under pressure: ours + policy, fast reclaim",
+          "builtin-pressure": "under pressure: QEMU built-in, reporting on",
+          "ours-pressure": "under pressure: ours, reporting only"}
+COLORS = {"ours": "tab:blue", "builtin": "tab:orange", "noreport": "tab:gray",
+          "fast": "tab:purple", "builtin-pressure": "tab:red", "ours-pressure": "tab:cyan"}
+DROP = 16 * MIB  # "first drop": level below peak by this much
 
 
 def run_one(cfg, rnd, ns, accel):
     """One guest, one configuration; returns the run's record with samples."""
     tag = f"vub-bench-reclaim-{cfg}-{rnd}-{int(time.time())}"
-    parent = MemCgroup(tag).create()
+    parent = MemCgroup(tag, limit_bytes=ns.pressure_limit * MIB if cfg in PRESSURE
+                       else None).create()
     d = None
     g = None
     try:
         kw = {}
-        if cfg == "ours":
+        if cfg in ("ours", "fast", "ours-pressure"):
+            args = []
+            if cfg == "fast":
+                args = ["--policy", "--policy-cgroup", str(parent.path),
+                        "--policy-floor", f"{ns.pressure_floor}MiB",
+                        "--policy-hysteresis", f"{ns.pressure_hysteresis}MiB",
+                        "--policy-fast-interval", str(ns.fast_interval),
+                        "--policy-sweep", "0", "--policy-psi", "0"]
             d = Daemon(tempfile.mkdtemp(prefix="vub-bench-"), cgroup=parent.child("daemon").create(),
-                       log_level="info")
+                       log_level="info", args=args)
             d.start()
             kw = dict(balloon="vhost-user", vhost_socket=d.socket_path, num_vqs=4, vq_size=64)
         else:
-            kw = dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport")
+            kw = dict(balloon="builtin-noreport" if cfg == "noreport" else "builtin")
         g = Guest(name=f"reclaim-{cfg}", mem_mib=ns.guest_mib, accel=accel, cgroup_parent=parent,
                   steps=alloc_steps(ns.alloc_mib), **kw)
         g.start()
@@ -81,6 +104,8 @@ def run_one(cfg, rnd, ns, accel):
         done = g.find_marker("alloc-done")
         counters = d.status()["counters"] if d else None
         daemon_alive = d.alive() if d else None
+        policy_log = [ln for ln in d.log_text(tail=400).splitlines()
+                      if "policy" in ln or "pressure" in ln][-60:] if cfg == "fast" else []
     finally:
         if g is not None:
             g.close()
@@ -91,7 +116,8 @@ def run_one(cfg, rnd, ns, accel):
     rec = {"config": cfg, "round": rnd, "t_alloc": t_alloc, "t_free": t_free,
            "reporting": info.get("reporting"), "alloc_elapsed_ms": done.num("elapsed_ms") if done
            else None, "daemon_counters": counters, "daemon_alive_at_end": daemon_alive,
-           "freed_marker": freed.line,
+           "freed_marker": freed.line, "policy_log": policy_log,
+           "limit": parent.limit_bytes,
            "samples": [{"t": round(s["t"] - t_free, 2), "memfd": s.get("memfd"),
                         "usage": s.get("usage")} for s in samples]}
     for key in ("memfd", "usage"):
@@ -134,6 +160,17 @@ def main():
     ap.add_argument("--alloc-mib", type=int, default=800)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
+    pr = ap.add_argument_group("under pressure (fast, builtin-pressure, ours-pressure)")
+    pr.add_argument("--pressure-limit", type=int, default=1600, metavar="MIB",
+                    help="limit of the parent cgroup standing for the host (default 1600)")
+    pr.add_argument("--pressure-floor", type=int, default=1000, metavar="MIB",
+                    help="--policy-floor of the daemon (default 1000: the host is ~400 MiB "
+                         "below it once the guest touched its 800 MiB, still below it after "
+                         "reporting's first pass, above floor + hysteresis before)")
+    pr.add_argument("--pressure-hysteresis", type=int, default=256, metavar="MIB",
+                    help="--policy-hysteresis of the daemon (default 256)")
+    pr.add_argument("--fast-interval", type=float, default=1.0,
+                    help="--policy-fast-interval of the daemon (default 1)")
     ns = ap.parse_args()
     configs = [c for c in ns.configs.split(",") if c]
     res, accel = start_run("reclaim", ns)
@@ -168,6 +205,11 @@ def main():
     r90u = ratio(summary.get("ours", {}).get("usage", {}).get("t90"),
                  summary.get("builtin", {}).get("usage", {}).get("t90"))
     res.data["ratio_t90_ours_over_builtin"] = {"memfd": r90, "usage": r90u}
+    p90 = ratio(summary.get("fast", {}).get("memfd", {}).get("t90"),
+                summary.get("builtin-pressure", {}).get("memfd", {}).get("t90"))
+    p90u = ratio(summary.get("fast", {}).get("usage", {}).get("t90"),
+                 summary.get("builtin-pressure", {}).get("usage", {}).get("t90"))
+    res.data["ratio_t90_fast_over_builtin_pressure"] = {"memfd": p90, "usage": p90u}
     plot(res, runs, ns)
 
     rows = []
@@ -185,8 +227,15 @@ def main():
     md += ["", md_table(["configuration", "measure", "baseline MiB", "peak MiB",
                          f"after {ns.watch:.0f} s MiB", "first drop s", "50% back s",
                          "90% back s", "never returned MiB"], rows), ""]
-    md.append(f"Ratio ours / built-in, time to 90%: **{f(r90, '{:.2f}')}** (memfd), "
-              f"{f(r90u, '{:.2f}')} (cgroup usage); target <= 1.05.")
+    if r90 is not None:
+        md.append(f"Ratio ours / built-in, time to 90%: **{f(r90, '{:.2f}')}** (memfd), "
+                  f"{f(r90u, '{:.2f}')} (cgroup usage); target <= 1.05.")
+    if p90 is not None:
+        md.append("")
+        md.append(f"Under pressure (parent cgroup limit {ns.pressure_limit} MiB, policy floor "
+                  f"{ns.pressure_floor} MiB): ratio fast reclaim / built-in, time to 90%: "
+                  f"**{f(p90, '{:.2f}')}** (memfd), {f(p90u, '{:.2f}')} (cgroup usage); "
+                  "target <= 0.5.")
     md.append("")
     md.append("Times are seconds after the guest's `alloc-freed` marker reached the host "
               "(100 ms sampling). memfd = allocated size of the guest-RAM memfd; cgroup = "

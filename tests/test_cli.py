@@ -225,7 +225,7 @@ def test_status_shows_the_policy(capsys, tmp_path):
         d.policy.tick()
         rc, out, _ = run_cli(capsys, "status", "--control-socket", cfg.control_path)
         assert out.splitlines()[-1] == ("policy: host 1.5 GiB available; under pressure; "
-                                        "sweeps done: 0")
+                                        "sweeps done: 0; fast reclaims done: 0")
     finally:
         stop.set()
         t.join()
@@ -236,7 +236,14 @@ def test_policy_line():
     last = {"host_available": 900 << 20, "pressure": False, "busy": ["g2"],
             "sweeping": "g1", "sweeps": {"g0": 2, "g1": 1}}
     assert status_view.policy_line(last) == ("policy: host 900.0 MiB available; no pressure; "
-                                             "allocating: g2; sweeping g1; sweeps done: 3")
+                                             "allocating: g2; sweeping g1; sweeps done: 3; "
+                                             "fast reclaims done: 0")
+    last.update(fast={"g0": 512 * 256}, fast_done={"g0": 1}, stalling=["g3"],
+                host_pressure={"g3": {"stall_ms_per_s": 123.4}}, taskstats_error="no taskstats")
+    assert status_view.policy_line(last) == (
+        "policy: host 900.0 MiB available; no pressure; allocating: g2; sweeping g1; "
+        "fast reclaim: g0 -> 512.0 MiB; QEMU stalling: g3 (123 ms/s); sweeps done: 3; "
+        "fast reclaims done: 1; no taskstats")
 
 
 def test_ctl_with_guest(capsys, running):

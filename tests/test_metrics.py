@@ -148,3 +148,37 @@ def test_build_info_carries_the_version(daemon):
     assert value(s, "vhost_user_balloon_build_info", version=version()) == 1
     assert [k for k in s if k[0] == "vhost_user_balloon_build_info"] == [
         ("vhost_user_balloon_build_info", (("version", version()),))]
+
+
+def test_qemu_pressure_from_taskstats_is_exported(tmp_path):
+    """The frontend's pid (SO_PEERCRED: here this test process) goes to taskstats on each
+    policy tick; the rates show in the metrics and in ctl status. Real taskstats: needs
+    CAP_NET_ADMIN (CI runs as root)."""
+    from balloon_device.host.control import ControlServer
+    from balloon_device.host.policy import HostMemory, PolicyConfig
+    d = make_daemon(tmp_path, metrics_port=0, policy=PolicyConfig(interval=60))
+    d.policy.read_host = lambda: HostMemory(64 << 30)
+    a = GuestRig(d, "a")
+    try:
+        assert d.guests["a"].status().frontend_pid == os.getpid()
+        assert d.guests["b"].status().frontend_pid is None
+        d.policy.tick()
+        d.policy.tick()                              # rates need two samples
+        last = d.policy.last
+        assert last["taskstats_error"] is None
+        assert last["host_pressure"]["a"]["pid"] == os.getpid()
+        assert "b" not in last["host_pressure"]      # not connected: no pid
+        s = scrape(d)
+        P = "vhost_user_balloon_"
+        assert value(s, P + "qemu_memory_stall_ms_per_second", guest="a", kind="total") >= 0
+        assert value(s, P + "qemu_page_faults_per_second", guest="a", kind="minor") >= 0
+        assert value(s, P + "policy_stalling", guest="a") == 0
+        ctl = ControlServer.__new__(ControlServer)   # the status command alone, no socket
+        ctl.guests, ctl.policy = d.guests, d.policy
+        st = ctl._status(d.guests["a"])
+        assert st["frontend_pid"] == os.getpid()
+        assert st["policy"]["host_pressure"]["pid"] == os.getpid()
+        assert st["policy"]["stalling"] is False and st["policy"]["fast_reclaims"] == 0
+    finally:
+        a.close()
+        d.close()

@@ -21,6 +21,22 @@ Invariants, after every tick (decide() is wrapped to see what it returned):
 - a sweep ends at the first tick sweep_timeout after its start, or earlier;
   when it ends, the guest's target is decide()'s;
 - a busy guest's target is 0, unless it is being swept (then the sweep's pages).
+Taskstats (a fake reader: each guest's QEMU stalls or not, switched by a rule):
+- under a need, a stalling guest's target grows only if every quiet guest is at its
+  cap; with a surplus, a quiet guest's target falls only once every stalling guest's
+  is 0; a stalling guest is never fast-reclaimed.
+Fast reclaim (fastreclaim.py, on by default):
+- a guest in fast reclaim holds max(decide(), its fast target), and the fast target
+  never exceeds the guest's cap with "busy" counted (so never on a busy guest, never
+  below the guest's available memory minus the margin); the swept guest is never one;
+- fast reclaims start only while the host is under pressure (below the floor or
+  PSI) and go on at most while it is below floor + hysteresis (or PSI): once it is
+  above, every balloon is back at decide()'s target;
+- a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
+  still backed on the host; its target does not move while it runs; it ends at the
+  first tick where the balloon is at its target, and before fast_timeout in any case;
+  after one that got there or timed out, the next one on the same guest starts
+  fast_cooldown later at the earliest.
 Behaviour we find questionable is counted with event("Q: ...") (see
 --hypothesis-show-statistics) rather than asserted.
 
@@ -42,7 +58,8 @@ MiB = 1 << 20
 PAGE = 4096
 STEPS = 80
 
-CFG = PolicyConfig()        # the daemon's defaults: sweeps on, busy_hold 30 s, PSI 10 %
+CFG = PolicyConfig(fast_reclaim=True)  # the daemon's defaults (sweeps on, busy_hold 30 s,
+#                                        PSI 10 %) plus fast reclaim, which is opt-in
 SWEEP = CFG.sweep_bytes // PAGE
 LIMIT = CFG.floor_bytes + CFG.hysteresis_bytes
 STEADY = st.sampled_from([0.0, 1.0, 5.0, 5.0, 5.0, 5.0, 10.0, 20.0, 31.0])  # seconds
@@ -70,6 +87,14 @@ class Guest:
         self.connected, self.reporting, self.answers = True, True, True
         self.stats = None           # available_memory the guest last reported
         self.stats_time = None
+        self.stats_actual = None    # the balloon when it did
+        self.dirty = 0              # free memory still backed on the host (not reported yet)
+        self.pid = None
+        self.stall = 0.0            # its QEMU's stall on host memory, ms/s
+        self.backed_known = True    # the device knows ram_backed_bytes
+
+    def backed(self):
+        return min(self.ram, self.used + self.dirty)
 
     def available(self):
         return max(0, self.ram - self.used - self.actual * PAGE)
@@ -81,7 +106,11 @@ class Guest:
             "connected": self.connected, "features_acked": feats if self.connected else [],
             "target_pages": self.target, "actual_pages": self.actual,
             "memory_bytes": self.ram, "stats_age": age,
-            "stats": {} if self.stats is None else {"available_memory": self.stats}})
+            "ram_backed_bytes": self.backed() if self.backed_known else None,
+            "stats_actual_pages": self.stats_actual,
+            "frontend_pid": self.pid,
+            "stats": {} if self.stats is None else {"available_memory": self.stats,
+                                                    "free_memory": self.stats}})
 
     def set_target(self, pages):
         # the policy sets targets of connected guests only, except to give a swept
@@ -92,6 +121,20 @@ class Guest:
         assert self.connected
         if self.answers:
             self.stats, self.stats_time = self.available(), Clock.now
+            self.stats_actual = self.actual
+
+
+class Pressure:
+    def __init__(self, guests):
+        self.guests = guests
+
+    def sample(self, pids):
+        from balloon_device.host.taskstats import Pressure as P
+        by_pid = {g.pid: g for g in self.guests.values()}
+        return {n: P(pid=pid, stall_ms_per_s=by_pid[pid].stall) for n, pid in pids.items()}
+
+    def close(self):
+        pass
 
 
 class PolicyMachine(RuleBasedStateMachine):
@@ -105,6 +148,8 @@ class PolicyMachine(RuleBasedStateMachine):
         self.sweep = None           # (name, started, its target) of the sweep in progress
         self.counts = {}            # sweeps done, per guest
         self.fresh = {}             # guest -> since when it has had fresh stats
+        self.fast = {}              # guest -> (started, fast target) of fast reclaims running
+        self.fast_end = {}          # guest -> when its last fast reclaim ended
 
     def teardown(self):
         policy.time, policy.decide = self.saved
@@ -119,8 +164,11 @@ class PolicyMachine(RuleBasedStateMachine):
     def setup(self, rams, data):
         self.guests = {f"g{i}": Guest(r, data.draw(st.integers(64, r // 2), label="used"))
                        for i, r in enumerate(rams)}
+        for i, g in enumerate(self.guests.values()):
+            g.pid = 1000 + i
         self.base = dict.fromkeys(self.guests, 0)   # decide()'s last target for each guest
-        self.pol = PolicyLoop(CFG, self.guests, Loop(), host_reader=lambda: self.host)
+        self.pol = PolicyLoop(CFG, self.guests, Loop(), host_reader=lambda: self.host,
+                              pressure_reader=Pressure(self.guests))
 
     def guest(self, data):
         return self.guests[data.draw(st.sampled_from(sorted(self.guests)), label="guest")]
@@ -133,7 +181,23 @@ class PolicyMachine(RuleBasedStateMachine):
     @rule(data=st.data(), mib=st.one_of(st.integers(-200, 200), st.integers(-2048, 2048)))
     def allocate_or_free(self, data, mib):
         g = self.guest(data)
-        g.used = min(g.ram, max(0, g.used + mib * MiB))
+        used = min(g.ram, max(0, g.used + mib * MiB))
+        if used < g.used:
+            g.dirty += g.used - used                    # freed, not reported yet
+        else:
+            g.dirty = max(0, g.dirty - (used - g.used))
+        g.used = used
+        g.dirty = min(g.dirty, g.available())
+
+    @rule(data=st.data(), part=st.floats(0, 1))
+    def reporting_pass(self, data, part):
+        g = self.guest(data)
+        g.dirty = int(g.dirty * (1 - part))
+
+    @rule(data=st.data())
+    def toggle_backed_known(self, data):
+        g = self.guest(data)
+        g.backed_known = not g.backed_known
 
     @rule(data=st.data(), how=st.sampled_from(["full", "part", "none"]))
     def balloon_moves(self, data, how):
@@ -144,13 +208,20 @@ class PolicyMachine(RuleBasedStateMachine):
         goal = min(g.target, g.actual + g.available() // PAGE)
         if how == "part":
             goal = data.draw(st.integers(min(g.actual, goal), max(g.actual, goal)), label="to")
+        if goal > g.actual:                             # inflated pages are discarded
+            g.dirty = max(0, g.dirty - data.draw(st.integers(0, goal - g.actual)) * PAGE)
         g.actual = goal
+        g.dirty = min(g.dirty, g.available())
 
     @rule(data=st.data())
     def disconnect_or_reconnect(self, data):
         g = self.guest(data)
         g.connected = not g.connected
         g.actual = 0                # a new driver starts with an empty balloon
+
+    @rule(data=st.data(), ms=st.sampled_from([0.0, 10.0, CFG.stall_ms, 500.0]))
+    def qemu_stalls(self, data, ms):
+        self.guest(data).stall = ms
 
     @rule(data=st.data())
     def toggle_reporting(self, data):
@@ -194,12 +265,15 @@ class PolicyMachine(RuleBasedStateMachine):
             assert 0 <= targets[n] <= (g.ram - CFG.guest_min_bytes) // PAGE, n
             assert g.target == targets[n], n
         swept = last["sweeping"]
+        fast = last["fast"]
+        self.check_fast(host, fast, swept, live, now)
+        self.check_stalling(host, live)
         differ = {n for n in live if targets[n] != self.decided[n]}
-        assert differ <= ({swept} if swept else set()), (differ, swept)
+        assert differ <= ({swept} if swept else set()) | set(fast), (differ, swept, fast)
         if swept is None:
             self.sweep = None
             if before:                                  # a sweep ended: decide()'s target
-                assert targets[before[0]] == self.decided[before[0]]
+                assert targets[before[0]] == self.decided[before[0]] or before[0] in fast
                 event("sweep ended")
         else:
             g = self.guests[swept]
@@ -234,6 +308,59 @@ class PolicyMachine(RuleBasedStateMachine):
             event("a guest is busy")
         for n in last["busy"]:
             assert targets[n] == 0 or (n == swept and targets[n] <= SWEEP), (n, targets[n])
+
+
+    def check_stalling(self, host, live):
+        views, out = self.views, self.decided
+        stalling = {n for n in live if views[n].stalling}
+        quiet = live - stalling
+        caps = {n: policy._cap(views[n], CFG) for n in live}
+        start = {n: min(views[n].target_pages, caps[n]) for n in live}
+        if stalling and quiet:
+            event("stalling and quiet guests")
+        if any(out[n] > start[n] for n in stalling):
+            assert all(out[n] == caps[n] for n in quiet), "a stalling guest squeezed first"
+            event("stalling guest squeezed (others full)")
+        if any(out[n] < start[n] for n in quiet):
+            assert all(out[n] == 0 for n in stalling), "a quiet guest got memory back first"
+        for n in stalling:
+            assert n not in self.pol.last["fast"], "fast reclaim of a stalling guest"
+
+    def check_fast(self, host, fast, swept, live, now):
+        targets = {n: self.guests[n].target for n in live}
+        under = host.available_bytes < CFG.floor_bytes or policy.pressure(host, CFG)
+        short = under or host.available_bytes < LIMIT
+        if not short:
+            assert fast == {}, ("fast reclaim kept after the pressure", fast)
+        assert swept not in fast
+        for n, (started, goal) in list(self.fast.items()):
+            if n not in fast:
+                del self.fast[n]
+                v = self.views.get(n)
+                if v is not None and (v.actual_pages >= goal or now - started >= CFG.fast_timeout):
+                    self.fast_end[n] = now       # done or timed out: cooldown
+                event("fast reclaim ended")
+                continue
+            # still running: it did not get there yet, and is within its timeout
+            assert fast[n] == goal, "the fast target moved"
+            assert self.views[n].actual_pages < goal, "fast reclaim kept after the balloon got there"
+            assert now - started < CFG.fast_timeout, "fast reclaim outlived its timeout"
+        for n, goal in fast.items():
+            v = self.views[n]
+            assert n in live
+            assert targets[n] == max(self.decided[n], goal), (n, targets[n], goal)
+            assert goal <= policy._cap(v, CFG), ("fast reclaim above the guest's cap", n)
+            if n not in self.fast:
+                assert under, "fast reclaim started without pressure"
+                assert v.available_bytes is not None and not v.busy
+                free = v.free_bytes                    # what the guest reported before the tick
+                assert free - CFG.margin_bytes >= CFG.fast_min_bytes
+                if v.ram_backed_bytes is not None:
+                    assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
+                        >= CFG.fast_min_bytes
+                assert now - self.fast_end.get(n, -1e9) >= CFG.fast_cooldown, "restarted at once"
+                self.fast[n] = (now, goal)
+                event("fast reclaim started")
 
 
 TestPolicyProps = PolicyMachine.TestCase

@@ -9,6 +9,7 @@ import select
 import selectors
 import signal
 import socket
+import struct
 import time
 
 from .connection import RECV_TIMEOUT, Listener
@@ -174,6 +175,17 @@ class EventLoop(Loop):
         self.sel.close()
 
 
+def peer_pid(sock):
+    """The pid of the process at the other end of a connected Unix socket (SO_PEERCRED,
+    taken when it connected), or None (not a Unix socket, or the pid is unknown)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    pid = struct.unpack("3i", creds)[0]
+    return pid if pid > 0 else None
+
+
 class Server(DeviceContext):
     """Serves one device to one frontend at a time on a listener."""
 
@@ -191,6 +203,7 @@ class Server(DeviceContext):
         self.backend = Backend(device, observer=observer,
                                track_inflight=observer is not None)
         self.conn = None
+        self.peer_pid = None       # the frontend's process (SO_PEERCRED), None if unknown
         self.sessions = 0
         self.protocol_errors = 0   # frontends dropped for a protocol error
         self._watched = {}
@@ -260,7 +273,8 @@ class Server(DeviceContext):
     def _open(self, conn):
         self.conn = conn
         self.sessions += 1
-        log.info("frontend connected")
+        self.peer_pid = peer_pid(conn.sock)
+        log.info("frontend connected (pid %s)", self.peer_pid or "unknown")
         self.loop.add_reader(conn.fileno(), self._on_message)
         if self.observer is not None:
             self.observer.fd_added("conn", 0, conn.fileno())
@@ -273,6 +287,7 @@ class Server(DeviceContext):
         self.backend.restore(snapshot, fds)
         self.conn = self._wrap(sock)
         self.sessions += 1
+        self.peer_pid = peer_pid(sock)   # SO_PEERCRED holds on an inherited socket too
         self.loop.add_reader(sock.fileno(), self._on_message)
         log.info("frontend session restored after a restart")
         if pending is not None:
@@ -318,6 +333,7 @@ class Server(DeviceContext):
         if self.observer is not None:
             self.observer.fd_removed("conn", 0)
             self.observer.checkpoint()
+        self.peer_pid = None
         if not self.keep_listening or not self.listener.is_listening:
             self.loop.stop()
 

@@ -201,6 +201,34 @@ def _daemon_parser():
     pol.add_argument("--policy-sweep-timeout", type=float, default=d.sweep_timeout, metavar="S",
                      help="give a sweep up (and the guest its memory back) when the balloon has "
                           f"not got there after S seconds (default {d.sweep_timeout:g})")
+    pol.add_argument("--policy-fast-reclaim", action=argparse.BooleanOptionalAction,
+                     default=d.fast_reclaim,
+                     help="under pressure, inflate a guest with a lot of free memory by all of it "
+                          "(minus the margin) at once and deflate once the balloon got there, "
+                          "instead of waiting for free page reporting (default off)")
+    pol.add_argument("--policy-fast-interval", type=float, default=d.fast_interval, metavar="S",
+                     help="seconds between policy decisions (and stats requests) while the host "
+                          f"is short or a fast reclaim runs (default {d.fast_interval:g})")
+    pol.add_argument("--policy-fast-min", default="256MiB", metavar="SIZE",
+                     help="fast-reclaim a guest only when at least SIZE of its free memory is "
+                          "still backed on the host (default 256MiB)")
+    pol.add_argument("--policy-fast-timeout", type=float, default=d.fast_timeout, metavar="S",
+                     help="give a fast reclaim up after S seconds (default "
+                          f"{d.fast_timeout:g})")
+    pol.add_argument("--policy-fast-cooldown", type=float, default=d.fast_cooldown, metavar="S",
+                     help="fast-reclaim the same guest again only S seconds after the last "
+                          f"one ended (default {d.fast_cooldown:g})")
+    pol.add_argument("--policy-taskstats", action=argparse.BooleanOptionalAction,
+                     default=d.taskstats,
+                     help="read each guest's QEMU memory stalls from Linux taskstats (needs "
+                          "CAP_NET_ADMIN and delay accounting; default on)")
+    pol.add_argument("--policy-stall", type=float, default=d.stall_ms, metavar="MS",
+                     help="a QEMU that waits MS milliseconds per second or more on reclaim, "
+                          "thrashing or swap-in gets its balloon back first and is squeezed "
+                          f"last (default {d.stall_ms:g})")
+    pol.add_argument("--taskstats-delayacct", action="store_true",
+                     help="switch delay accounting on at start (sysctl kernel.task_delayacct=1; "
+                          "docs/operations.md)")
     return p
 
 
@@ -223,7 +251,11 @@ def _policy_from_args(ns):
         psi_step_bytes=parse_size(ns.policy_psi_step), interval=ns.policy_interval,
         stats_max_age=max(30.0, 3 * ns.policy_interval), cgroup=ns.policy_cgroup,
         sweep_bytes=parse_size(ns.policy_sweep), sweep_quiet=ns.policy_sweep_quiet,
-        sweep_every=ns.policy_sweep_every, sweep_timeout=ns.policy_sweep_timeout)
+        sweep_every=ns.policy_sweep_every, sweep_timeout=ns.policy_sweep_timeout,
+        fast_reclaim=ns.policy_fast_reclaim, fast_interval=ns.policy_fast_interval,
+        fast_min_bytes=parse_size(ns.policy_fast_min), fast_timeout=ns.policy_fast_timeout,
+        fast_cooldown=ns.policy_fast_cooldown, taskstats=ns.policy_taskstats,
+        stall_ms=ns.policy_stall, delayacct=ns.taskstats_delayacct)
 
 
 def config_from_args(ns):

@@ -159,12 +159,24 @@ class ControlServer:
                              f"{', '.join(self.guests)}")
         return guest
 
+    def _status(self, guest):
+        d = guest.status(rings=True).to_dict()
+        last = self.policy.last if self.policy is not None else None
+        if last:   # what the policy saw of this guest on its last tick
+            name = guest.name
+            d["policy"] = {"host_pressure": last.get("host_pressure", {}).get(name),
+                           "stalling": name in last.get("stalling", ()),
+                           "busy": name in last.get("busy", ()),
+                           "fast_reclaim_target_pages": last.get("fast", {}).get(name),
+                           "fast_reclaims": last.get("fast_done", {}).get(name, 0),
+                           "taskstats_error": last.get("taskstats_error")}
+        return d
+
     def _cmd_status(self, req):
         if req.get("guest") is None and len(self.guests) > 1:
             return {"version": version(),
-                    "guests": {name: g.status(rings=True).to_dict()
-                               for name, g in self.guests.items()}}
-        return {"version": version(), "status": self._guest(req).status(rings=True).to_dict()}
+                    "guests": {name: self._status(g) for name, g in self.guests.items()}}
+        return {"version": version(), "status": self._status(self._guest(req))}
 
     def _cmd_list(self, req):
         out = {"version": version(), "guests": [g.status().to_dict() for g in self.guests.values()]}

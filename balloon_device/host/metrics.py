@@ -129,6 +129,39 @@ def _collect(guests, policy=None):
         for name, n in sorted(last.get("sweeps", {}).items()):
             c.add_metric([name], n)
         yield c
+        c = CounterMetricFamily(PREFIX + "policy_fast_reclaims",
+                                "Fast reclaims completed (balloon raised by the guest's free "
+                                "memory under pressure until it got there)", labels=["guest"])
+        for name, n in sorted(last.get("fast_done", {}).items()):
+            c.add_metric([name], n)
+        yield c
+        g = GaugeMetricFamily(PREFIX + "policy_fast_reclaim_target_bytes",
+                              "Balloon target of a fast reclaim in progress", labels=["guest"])
+        for name, pages in sorted(last.get("fast", {}).items()):
+            g.add_metric([name], pages * 4096)
+        yield g
+        g = GaugeMetricFamily(PREFIX + "policy_stalling",
+                              "1 while the guest's QEMU counts as stalling on host memory "
+                              "(taskstats): its balloon goes back first", labels=["guest"])
+        for name in sorted(last.get("targets", {})):
+            g.add_metric([name], 1 if name in last.get("stalling", ()) else 0)
+        yield g
+        pres = last.get("host_pressure", {})
+        g = GaugeMetricFamily(PREFIX + "qemu_memory_stall_ms_per_second",
+                              "Milliseconds per second the guest's QEMU waited on host memory "
+                              "over the last policy tick (taskstats delay accounting)",
+                              labels=["guest", "kind"])
+        f = GaugeMetricFamily(PREFIX + "qemu_page_faults_per_second",
+                              "Page faults per second of the guest's QEMU over the last "
+                              "policy tick", labels=["guest", "kind"])
+        for name, p in sorted(pres.items()):
+            for kind in ("reclaim", "thrashing", "swapin"):
+                g.add_metric([name, kind], p[f"{kind}_ms_per_s"])
+            g.add_metric([name, "total"], p["stall_ms_per_s"])
+            f.add_metric([name, "major"], p["major_faults_per_s"])
+            f.add_metric([name, "minor"], p["minor_faults_per_s"])
+        yield g
+        yield f
 
 
 class BalloonCollector:

@@ -147,7 +147,8 @@ class Guest:
                 "pid": os.getpid(), "restarts": int(os.environ.get("VUB_RESTARTS", "0")),
                 "restored": bool(self.session and self.session.restored),
                 "fd_store": self.session is not None,
-                "checkpoints": self.session.checkpoints if self.session else 0}))
+                "checkpoints": self.session.checkpoints if self.session else 0}),
+            frontend_pid=server.peer_pid)
 
     def call(self, fn, *args):
         """Run fn in this guest's logging context (control socket, policy)."""
@@ -198,6 +199,7 @@ class Daemon:
             if cfg.policy is not None:
                 from .policy import PolicyLoop
                 self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
+                self.policy.open_sources()
             if cfg.control_path:
                 from .control import ControlServer
                 self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop,

@@ -17,7 +17,9 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   and it is not inflated. Busy = its available_memory fell since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
   ticks (inflating takes available memory too, and the stats lag the balloon by
-  up to a tick); it stays busy for busy_hold seconds after the last such fall.
+  up to a tick); it stays busy for busy_hold seconds after the last such fall, or
+  (with fast reclaim) until its available memory rose by --policy-fast-min over its
+  level at that fall, not counting its balloon given back: it freed what it took.
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
@@ -28,6 +30,14 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   floor - hysteresis; lower targets by up to surplus in total, in proportion to
   their size, down to 0 (all memory returned once the surplus covers the balloons).
 * in between: hold.
+* Stalling guests (their QEMU waits in direct reclaim, on thrashing pages or swap-in
+  for --policy-stall ms per second or more, by taskstats: taskstats.py; they stay
+  stalling for busy_hold seconds): the need is taken from the other guests first,
+  a surplus goes to them first, and they are never fast-reclaimed.
+
+Fast reclaim (fastreclaim.py): under pressure, a guest with a lot of free memory still
+backed on the host gets its balloon raised by all of it at once, and lowered again as
+soon as the balloon got there; the loop then ticks every --policy-fast-interval.
 
 Sweeps (sweep.py): while the host is within floor + hysteresis, one quiet guest at a
 time gets its balloon raised by sweep_bytes and lowered again at once, which makes the
@@ -40,6 +50,7 @@ import time
 from dataclasses import dataclass, replace
 
 from .errors import ConfigError
+from .fastreclaim import FastReclaim
 from .sweep import Sweeper
 
 log = logging.getLogger("vhost-user-balloon.policy")
@@ -65,17 +76,28 @@ class PolicyConfig:
     sweep_quiet: float = 10.0     # a guest must be quiet this long before a sweep
     sweep_timeout: float = 20.0   # give up a sweep the balloon does not complete in this time
     sweep_every: float = 600.0    # sweep a quiet guest again after this long
+    fast_reclaim: bool = False    # fastreclaim.py (opt-in until the storm shows a gain)
+    fast_interval: float = 1.0    # tick this often while the host is short / a fast reclaim runs
+    fast_min_bytes: int = 256 * MiB   # "a lot of free memory": worth a fast reclaim
+    fast_timeout: float = 15.0    # give a fast reclaim up after this long
+    fast_cooldown: float = 30.0   # fast-reclaim the same guest again after this long at the earliest
+    taskstats: bool = True        # per-guest pressure of each QEMU from taskstats (taskstats.py)
+    stall_ms: float = 50.0        # a QEMU stalled this many ms per second on memory is "stalling"
+    delayacct: bool = False       # switch kernel.task_delayacct on at start
 
     def __post_init__(self):
         for name in ("floor_bytes", "guest_min_bytes", "margin_bytes", "hysteresis_bytes",
-                     "psi_step_bytes", "sweep_bytes"):
+                     "psi_step_bytes", "sweep_bytes", "fast_min_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--policy-{name[:-6].replace('_', '-')} must be >= 0")
         if self.interval <= 0:
             raise ConfigError("--policy-interval must be > 0 seconds")
+        if self.stall_ms <= 0:
+            raise ConfigError("--policy-stall must be > 0 milliseconds per second")
         if self.busy_hold < 0:
             raise ConfigError("busy_hold must be >= 0 seconds")
-        for name in ("sweep_quiet", "sweep_timeout", "sweep_every"):
+        for name in ("sweep_quiet", "sweep_timeout", "sweep_every", "fast_interval",
+                     "fast_timeout", "fast_cooldown"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--policy-{name.replace('_', '-')} must be > 0 seconds")
         if not 0 <= self.psi_threshold <= 100:
@@ -100,6 +122,10 @@ class GuestView:
     available_bytes: int = None    # guest's available_memory stat (None: no fresh stats)
     busy: bool = False             # allocating: give its balloon back, do not inflate it
     reporting: bool = True         # free page reporting negotiated (sweeps need it)
+    free_bytes: int = None         # guest's free_memory stat (None: no fresh stats / not sent)
+    ram_backed_bytes: int = None   # guest RAM allocated on the host (None: unknown)
+    stalling: bool = False         # its QEMU stalls in reclaim / refaults (taskstats)
+    stats_actual_pages: int = None # balloon size when those stats arrived (None: unknown)
 
 
 def _cap(g, cfg):
@@ -140,16 +166,30 @@ def decide(host, guests, cfg):
     """{name: GuestView} -> {name: target_pages} for every guest given."""
     caps = {n: _cap(g, cfg) for n, g in guests.items()}
     base = {n: min(g.target_pages, caps[n]) for n, g in guests.items()}
+    quiet = [n for n, g in guests.items() if not g.stalling]
+    stalling = [n for n, g in guests.items() if g.stalling]
     need = cfg.floor_bytes - host.available_bytes
     if pressure(host, cfg):
         need = max(need, cfg.psi_step_bytes)
     if need > 0:
-        give = _share(-(-need // PAGE), {n: caps[n] - base[n] for n in guests})
-        return {n: base[n] + give[n] for n in guests}
+        out = dict(base)
+        left = -(-need // PAGE)
+        for group in (quiet, stalling):          # quiet guests are squeezed first
+            give = _share(left, {n: caps[n] - base[n] for n in group})
+            for n in group:
+                out[n] += give[n]
+            left -= sum(give.values())
+        return out
     surplus = host.available_bytes - cfg.floor_bytes - cfg.hysteresis_bytes
     if surplus > 0:
-        take = _share(surplus // PAGE, base)
-        return {n: base[n] - take[n] for n in guests}
+        out = dict(base)
+        left = surplus // PAGE
+        for group in (stalling, quiet):          # stalling guests get theirs back first
+            take = _share(left, {n: base[n] for n in group})
+            for n in group:
+                out[n] -= take[n]
+            left -= sum(take.values())
+        return out
     return base
 
 
@@ -228,26 +268,77 @@ def view_of(status, cfg):
     age = dev.stats_age
     fresh = age is not None and age <= cfg.stats_max_age
     available = dev.stats.get("available_memory") if fresh else None
+    free = dev.stats.get("free_memory") if fresh else None
     return GuestView(target_pages=dev.target_pages, actual_pages=dev.actual_pages,
                      memory_bytes=status.memory_bytes, available_bytes=available,
-                     reporting=dev.reporting)
+                     reporting=dev.reporting, free_bytes=free,
+                     ram_backed_bytes=status.ram_backed_bytes,
+                     stats_actual_pages=dev.stats_actual_pages if fresh else None)
+
+
+class NoPressure:
+    """Stands in for taskstats.PressureReader when it cannot be imported: no signal,
+    and the reason in status (taskstats_error)."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def open(self):
+        pass
+
+    def close(self):
+        pass
+
+    def sample(self, pids):
+        return dict.fromkeys(pids)
 
 
 class PolicyLoop:
     """Runs decide() every cfg.interval seconds on the daemon's event loop."""
 
-    def __init__(self, cfg, guests, loop, host_reader=None):
+    def __init__(self, cfg, guests, loop, host_reader=None, pressure_reader=None):
         self.cfg = cfg
         self.guests = guests      # name -> multi.Guest
         self.loop = loop          # call_later / cancel
         self.read_host = host_reader or HostReader(cfg.cgroup).read
         self.last = None          # snapshot of the last tick, for status / metrics
         self._handle = None
+        self._stats_handle = None
         self._was_pressure = False
         self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
         self._busy_until = {}     # name -> monotonic time its busy state ends
         self._last_fall = {}      # name -> monotonic time its available memory last fell
+        self._fall_ref = {}       # name -> (available, actual) when it last fell
         self.sweeper = Sweeper(cfg)
+        self.fast = FastReclaim(cfg)
+        self._stalling_until = {}  # name -> monotonic time its stalling state ends
+        self.pressure = pressure_reader
+        if self.pressure is None and cfg.taskstats:
+            try:
+                from .taskstats import PressureReader
+                self.pressure = PressureReader()
+            except ImportError as e:     # e.g. Debian 12's pyroute2 0.7 lacks the async API
+                log.warning("no per-QEMU pressure from taskstats: %s (needs pyroute2 >= 0.9)", e)
+                self.pressure = NoPressure(f"taskstats unavailable: {e} (needs pyroute2 >= 0.9)")
+
+    def open_sources(self):
+        """Open the taskstats socket (and switch delay accounting on if asked) now,
+        before --user/--seccomp take the right to do so (the daemon calls this)."""
+        if self.cfg.taskstats and self.cfg.delayacct:
+            from .taskstats import enable_delayacct
+            try:
+                enable_delayacct()
+                log.info("delay accounting switched on (sysctl kernel.task_delayacct=1)")
+            except OSError as e:
+                log.warning("cannot switch delay accounting on: %s", e)
+        if self.pressure is not None:
+            self.pressure.open()
+
+    def next_interval(self):
+        """Tick fast while the host is short or a fast reclaim runs; else idle along."""
+        if self.fast.enabled and (self.fast.active or (self.last or {}).get("pressure")):
+            return min(self.cfg.fast_interval, self.cfg.interval)
+        return self.cfg.interval
 
     def start(self):
         log.info("memory policy on: keep %d MiB available on the host, guests keep at least "
@@ -258,13 +349,46 @@ class PolicyLoop:
     def stop(self):
         self.loop.cancel(self._handle)
         self._handle = None
+        if self._stats_handle is not None:
+            self.loop.cancel(self._stats_handle)
+            self._stats_handle = None
+        if self.pressure is not None:
+            self.pressure.close()
+
+    def _mark_stalling(self, name, view, pres, now):
+        if pres is not None and pres.stall_ms_per_s >= self.cfg.stall_ms:
+            if now >= self._stalling_until.get(name, 0):
+                log.info("policy: guest %s's QEMU (pid %d) stalls on host memory (%.0f ms/s: "
+                         "reclaim %.0f, thrashing %.0f, swap-in %.0f): its balloon goes back "
+                         "first, it is squeezed last", name, pres.pid, pres.stall_ms_per_s,
+                         pres.reclaim_ms_per_s, pres.thrashing_ms_per_s, pres.swapin_ms_per_s)
+            self._stalling_until[name] = now + self.cfg.busy_hold
+        if now < self._stalling_until.get(name, 0):
+            return replace(view, stalling=True)
+        return view
 
     def _tick(self):
         try:
             self.tick()
         except Exception:
             log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
-        self._handle = self.loop.call_later(self.cfg.interval, self._tick)
+            self._handle = self.loop.call_later(self.cfg.interval, self._tick)
+            return
+        nxt = self.next_interval()
+        if nxt < self.cfg.interval:
+            # fast pace: fresh stats half way, so the next tick sees them at most half an
+            # interval old (the guest answers within milliseconds)
+            self._stats_handle = self.loop.call_later(nxt / 2, self._refresh_stats)
+        self._handle = self.loop.call_later(nxt, self._tick)
+
+    def _refresh_stats(self):
+        self._stats_handle = None
+        for guest in self.guests.values():
+            try:
+                if guest.status().serving:
+                    guest.request_stats()
+            except Exception:
+                log.exception("policy: asking guest %s for stats failed", guest.name)
 
     def _each(self, name, fn, *args):
         """fn(*args) for one guest: its error is its own (logged, that guest's frontend
@@ -281,25 +405,49 @@ class PolicyLoop:
 
     def _mark_busy(self, name, view, now):
         """Busy when the guest's available memory fell by more than the margin plus its
-        balloon's recent growth since the previous tick: it is allocating."""
+        balloon's recent growth since about one --policy-interval ago: it is allocating.
+        (Measured over time, not ticks: a fast tick must not hide a slow allocation.)"""
         if view.available_bytes is None:
             self._hist.pop(name, None)
             return view
         hist = self._hist.setdefault(name, [])
-        hist.append((view.available_bytes, view.actual_pages))
-        del hist[:-3]
+        hist.append((now, view.available_bytes, view.actual_pages, view.stats_actual_pages))
+        window = 1.5 * self.cfg.interval
+        while len(hist) > 3 and hist[1][0] < now - window:
+            del hist[0]
         if len(hist) >= 2:
-            grown = max(0, hist[-1][1] - hist[0][1]) * PAGE   # balloon growth, two ticks
-            taken = hist[-2][0] - hist[-1][0] - grown          # what the guest itself took
+            i = next(k for k in range(len(hist) - 1)
+                     if hist[k][0] >= now - window or k == len(hist) - 2)
+            ref, before = hist[i], hist[max(0, i - 1)]
+            if ref[3] is not None and hist[-1][3] is not None:
+                # the balloon's size when each of the two stats arrived: its growth in
+                # between is exactly what the balloon took from available memory
+                grown = max(0, hist[-1][3] - ref[3]) * PAGE
+            else:   # unknown: count the growth from a tick earlier (stats lag a tick)
+                grown = max(0, hist[-1][2] - before[2]) * PAGE
+            taken = ref[1] - hist[-1][1] - grown                # what the guest itself took
         else:
             taken = 0
         if taken > self.cfg.margin_bytes:
             self._last_fall[name] = now
+            self._fall_ref[name] = (view.available_bytes, view.actual_pages)
             if now >= self._busy_until.get(name, 0):
                 log.info("policy: guest %s is allocating (%d MiB taken since the last check): "
                          "its balloon is given back and it is left alone for %gs", name,
                          taken >> 20, self.cfg.busy_hold)
             self._busy_until[name] = now + self.cfg.busy_hold
+        elif (self.cfg.fast_reclaim and name in self._fall_ref
+              and now < self._busy_until.get(name, 0)):
+            # with fast reclaim: a busy guest that freed a lot since it last allocated is
+            # done (its balloon given back does not count): its free memory is fair game
+            ref_avail, ref_actual = self._fall_ref[name]
+            freed = (view.available_bytes - ref_avail
+                     - max(0, ref_actual - view.actual_pages) * PAGE)
+            if freed >= self.cfg.fast_min_bytes:
+                log.info("policy: guest %s freed %d MiB since it last allocated: no longer "
+                         "busy", name, freed >> 20)
+                self._busy_until[name] = now
+                del self._fall_ref[name]
         if now < self._busy_until.get(name, 0):
             return replace(view, busy=True)
         return view
@@ -308,26 +456,42 @@ class PolicyLoop:
         host = self.read_host()
         views, current = {}, {}   # current: the targets the devices hold now
         now = time.monotonic()
+        statuses = {name: guest.status() for name, guest in self.guests.items()}
+        pres = {}
+        if self.pressure is not None:
+            pres = self.pressure.sample({n: st.frontend_pid for n, st in statuses.items()
+                                         if st.serving})
         for name, guest in self.guests.items():
-            st = guest.status()
+            st = statuses[name]
             if st.serving:
                 v = self._mark_busy(name, view_of(st, self.cfg), now)
+                v = self._mark_stalling(name, v, pres.get(name), now)
                 current[name] = v.target_pages
-                v = replace(v, target_pages=self.sweeper.base_target(name, v.target_pages))
+                base = self.fast.base_target(name, self.sweeper.base_target(name, v.target_pages))
+                v = replace(v, target_pages=base)
                 self.sweeper.observe(name, v, self._last_fall.get(name), now)
                 views[name] = v
             else:
                 self._hist.pop(name, None)
                 self._busy_until.pop(name, None)
                 self._last_fall.pop(name, None)
+                self._fall_ref.pop(name, None)
+                self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
+                fbase = self.fast.forget(name, now)
+                base = fbase if fbase is not None else base
                 if base is not None:
                     self._each(name, guest.set_target, base)
         targets = decide(host, views, self.cfg)
         short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
         caps = {n: _cap(replace(v, busy=False), self.cfg) for n, v in views.items()}
-        targets = self.sweeper.apply(views, targets, caps, short, now)
         under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
+        fast = set(self.fast.active)
+        targets = self.sweeper.apply({n: v for n, v in views.items() if n not in fast},
+                                     targets, caps, short, now)
+        swept = self.sweeper.active["name"] if self.sweeper.active else None
+        targets = self.fast.apply(views, targets, {n: _cap(v, self.cfg) for n, v in views.items()},
+                                  under, short or under, now, skip={swept})
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
                      "pressure: inflating balloons" if under else "pressure passed",
@@ -347,5 +511,9 @@ class PolicyLoop:
                      "targets": dict(targets),
                      "busy": sorted(n for n, v in views.items() if v.busy),
                      "sweeping": self.sweeper.active["name"] if self.sweeper.active else None,
-                     "sweeps": dict(self.sweeper.count)}
+                     "sweeps": dict(self.sweeper.count),
+                     "fast": self.fast.targets(), "fast_done": dict(self.fast.count),
+                     "stalling": sorted(n for n, v in views.items() if v.stalling),
+                     "host_pressure": {n: p.to_dict() for n, p in pres.items() if p is not None},
+                     "taskstats_error": getattr(self.pressure, "error", None)}
         return targets

@@ -20,6 +20,7 @@ class GuestStatus:
     internal_errors: int = 0
     memory_bytes: int = 0
     ram_backed_bytes: int = None
+    frontend_pid: int = None         # QEMU's pid (SO_PEERCRED of the connection)
     rings: tuple = None              # ring diagnostics (ctl status only)
     # the serving process: pid, restarts (by its supervisor), restored (this session
     # came back from the fd store), fd_store (sessions are kept there), checkpoints

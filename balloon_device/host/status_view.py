@@ -79,7 +79,17 @@ def policy_line(last):
         words.append("allocating: " + ", ".join(last["busy"]))
     if last.get("sweeping"):
         words.append("sweeping " + last["sweeping"])
+    if last.get("fast"):
+        words.append("fast reclaim: " + ", ".join(
+            f"{n} -> {human_bytes(p * 4096)}" for n, p in sorted(last["fast"].items())))
+    if last.get("stalling"):
+        words.append("QEMU stalling: " + ", ".join(
+            f"{n} ({last.get('host_pressure', {}).get(n, {}).get('stall_ms_per_s', 0):.0f} ms/s)"
+            for n in last["stalling"]))
     words.append(f"sweeps done: {sum(last.get('sweeps', {}).values())}")
+    words.append(f"fast reclaims done: {sum(last.get('fast_done', {}).values())}")
+    if last.get("taskstats_error"):
+        words.append(last["taskstats_error"])
     return "; ".join(words)
 
 

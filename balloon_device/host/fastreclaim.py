@@ -1,0 +1,163 @@
+"""Fast reclaim: beat free page reporting's pace when the host is short now.
+
+Free page reporting returns what a guest frees at the guest's pace: Linux waits 2 s
+after a free and reports a bounded share of its free lists per pass (800 MiB: 90%
+back after about 6 s, docs/benchmarks.md). The balloon is faster: the guest hands
+inflated pages over as fast as it can allocate them, and the device discards them as
+they arrive.
+
+While the host is under pressure (below --policy-floor, or PSI), a guest whose fresh
+stats show a lot of free memory still backed on the host gets its balloon raised by
+its free memory minus --policy-margin (within its cap, policy._cap) at once, on top
+of decide()'s share. As soon as the balloon got there, or reporting caught up by
+itself, or the pressure is over (the host is back above floor + --policy-hysteresis
+and PSI is quiet), its target goes back to decide()'s: the deflated
+pages return to the guest as free pages that cost the host nothing until the guest
+touches them, so the guest keeps its memory when it needs it.
+
+"Free" is the guest's free_memory stat (available_memory without it): free pages
+are what reporting has not returned yet; taking page cache as well would cost the
+guest its cache for a gain reporting never promised. "Still backed" is the guest's
+RAM allocated on the host (GuestStatus.ram_backed_bytes) minus what the guest uses
+(RAM - free - balloon): this is what inflating can win. After a fast reclaim that got
+there or ran --policy-fast-timeout, the guest is fast-reclaimed again --policy-fast-cooldown seconds
+later at the earliest (no churn on a guest that keeps the memory free, or that the
+balloon cannot get to); one cut short because the guest allocated does not count
+(the guest must first be no longer busy: it freed what it took).
+
+Who is never fast-reclaimed: a busy guest (its available memory is falling, see
+policy.py), a guest without fresh stats, the guest being swept, a guest whose QEMU
+stalls in reclaim (taskstats, policy.py). A fast reclaim ends early when the guest
+becomes busy or stalling, or its cap falls below the fast target (it needs its memory), and after
+--policy-fast-timeout in any case.
+
+While the host is under pressure or a fast reclaim runs, the policy ticks every
+--policy-fast-interval seconds (and asks for stats as often), instead of every
+--policy-interval: a 5 s tick would lose against reporting's 6 s.
+"""
+
+import logging
+
+log = logging.getLogger("vhost-user-balloon.policy")
+
+PAGE = 4096
+
+
+def free_bytes(view):
+    """The guest's free memory by its last stats (None: no fresh stats)."""
+    if view.free_bytes is not None:
+        if view.available_bytes is not None:
+            return min(view.free_bytes, view.available_bytes)
+        return view.free_bytes
+    return view.available_bytes
+
+
+def backed_free(view):
+    """Free guest memory still allocated on the host (None: no fresh stats).
+    Without ram_backed_bytes: all free memory may be."""
+    free = free_bytes(view)
+    if free is None:
+        return None
+    if view.ram_backed_bytes is None or not view.memory_bytes:
+        return free
+    in_use = view.memory_bytes - free - view.actual_pages * PAGE   # balloon pages: not backed
+    return max(0, min(free, view.ram_backed_bytes - max(0, in_use)))
+
+
+class FastReclaim:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.min_pages = cfg.fast_min_bytes // PAGE
+        self.active = {}          # name -> {"target", "started", "base"}
+        self.ended = {}           # name -> monotonic time its last fast reclaim ended (kept
+                                  # across reconnects: the cooldown still holds)
+        self.count = {}           # name -> fast reclaims done (the balloon got there)
+
+    @property
+    def enabled(self):
+        return self.cfg.fast_reclaim
+
+    def targets(self):
+        return {n: a["target"] for n, a in self.active.items()}
+
+    def forget(self, name, now):
+        """The guest went away: the base target its device must get back, or None."""
+        act = self.active.pop(name, None)
+        if act is None:
+            return None
+        log.info("policy: fast reclaim of guest %s stopped (the guest went away); its balloon "
+                 "target goes back to %d MiB", name, act["base"] >> 8)
+        return act["base"]
+
+    def base_target(self, name, target_pages):
+        """The target decide() should see: without the fast reclaim's extra pages."""
+        act = self.active.get(name)
+        return act["base"] if act else target_pages
+
+    def _why_end(self, name, act, v, cap, short, now):
+        if not short:
+            return "the host is no longer short"
+        if v.busy:
+            return "the guest is allocating"
+        if v.stalling:
+            return "its QEMU stalls on host memory"
+        if cap < act["target"]:
+            return "the guest needs its memory"
+        if v.actual_pages >= act["target"]:
+            return None          # done: the balloon got there
+        bf = backed_free(v)
+        if v.ram_backed_bytes is not None and bf is not None and bf <= self.cfg.margin_bytes:
+            return None          # reporting caught up by itself
+        if now - act["started"] >= self.cfg.fast_timeout:
+            return f"the balloon did not get there in {self.cfg.fast_timeout:g}s"
+        return ""
+
+    def apply(self, views, targets, caps, under, short, now, skip=()):
+        """Adjust decide()'s targets. caps: policy._cap of each view (busy counts);
+        under: the host is under pressure (a fast reclaim may start); short: it is
+        under pressure or below floor + hysteresis (one may go on); skip: guests not to
+        touch (being swept). Candidates in order: most memory to win first."""
+        if not self.enabled:
+            return targets
+        just_ended = set()
+        for name in sorted(self.active):
+            act = self.active[name]
+            act["base"] = targets.get(name, 0)
+            v = views.get(name)
+            why = self._why_end(name, act, v, caps.get(name, 0), short, now)
+            if why == "":
+                targets[name] = max(targets[name], act["target"])
+                continue
+            del self.active[name]
+            just_ended.add(name)           # not restarted in the same tick
+            if why is None or now - act["started"] >= self.cfg.fast_timeout:
+                self.ended[name] = now     # done, or ran its full time: cool down
+            if why is None:
+                self.count[name] = self.count.get(name, 0) + 1
+                log.info("policy: fast reclaim of guest %s done (its free memory is back on the "
+                         "host); its balloon goes back to %d MiB", name, act["base"] >> 8)
+            else:
+                log.info("policy: fast reclaim of guest %s stopped (%s); its balloon goes back "
+                         "to %d MiB", name, why, act["base"] >> 8)
+        if not under:
+            return targets
+        for name in sorted(views, key=lambda n: (-(backed_free(views[n]) or 0), n)):
+            v = views[name]
+            if (name in self.active or name in just_ended or name in skip or v.busy
+                    or v.stalling):
+                continue
+            bf = backed_free(v)
+            if bf is None or bf < self.cfg.fast_min_bytes:
+                continue
+            if now - self.ended.get(name, -1e18) < self.cfg.fast_cooldown:
+                continue
+            free = free_bytes(v)
+            goal = min(caps.get(name, 0), v.actual_pages + (free - self.cfg.margin_bytes) // PAGE)
+            if goal - max(targets[name], v.actual_pages) < self.min_pages:
+                continue
+            self.active[name] = {"target": goal, "started": now, "base": targets[name]}
+            log.info("policy: fast reclaim of guest %s: the host is short and the guest has "
+                     "%d MiB free (%d MiB of it still backed on the host): balloon target "
+                     "%d MiB until it got there", name, free >> 20, bf >> 20, goal >> 8)
+            targets[name] = goal
+        return targets

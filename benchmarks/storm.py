@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""Boot storm: guests launched at a fixed interval, without waiting for memory to settle.
+
+    python benchmarks/storm.py [--limit-gib 3] [--intervals 3] [--cap 10]
+                               [--configs noreport,builtin,ours,policy,policy-nofast]
+
+The density set-up (benchmarks/density.py): a parent memory cgroup v1 with a limit
+of --limit-gib GiB stands for the host; 1 GiB guests (TCG) each run
+`alloc_touch 800` once booted, then idle. Here guest k is launched k * interval
+seconds after the first, whatever memory does. We count the guests whose
+allocation completed before the first OOM kill (a QEMU or daemon process killed,
+or a process killed inside a guest because a balloon was in the way), for:
+
+  noreport       QEMU virtio-balloon-pci, free-page-reporting=off
+  builtin        QEMU virtio-balloon-pci, free-page-reporting=on
+  ours           one shared daemon, reporting only (its memory counts too)
+  policy         the shared daemon with the host memory policy on the parent
+                 cgroup and fast reclaim (the default)
+  policy-nofast  the same with --no-policy-fast-reclaim (optional)
+
+Every run ends at the first OOM kill, at --cap guests, or --watch seconds after
+the last launch. Writes benchmarks/results/storm/ (result.json, result.md,
+storm.png: guests fitted against the launch interval).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (GIB, Sampler, dmesg_len, dmesg_tail, env_lines, md_table, mib,  # noqa: E402
+                    pyplot, start_run)
+from density import OOM_RE, SharedDaemon, guest_oom_lines  # noqa: E402
+
+from balloon_device.host.harness import Guest, MemCgroup  # noqa: E402
+
+CONFIGS = ("noreport", "builtin", "ours", "policy")
+LABELS = {"noreport": "no reporting", "builtin": "QEMU built-in reporting",
+          "ours": "ours, reporting only (shared daemon)",
+          "policy": "ours + policy with fast reclaim",
+          "policy-nofast": "ours + policy, no fast reclaim"}
+COLORS = {"noreport": "tab:gray", "builtin": "tab:orange", "ours": "tab:blue",
+          "policy": "tab:purple", "policy-nofast": "tab:green"}
+
+
+def policy_args(ns, parent, fast):
+    return ["--stats-interval", "1", "--policy", "--policy-cgroup", str(parent.path),
+            "--policy-floor", ns.policy_floor, "--policy-guest-min", ns.policy_guest_min,
+            "--policy-margin", ns.policy_margin, "--policy-hysteresis", ns.policy_hysteresis,
+            "--policy-interval", str(ns.policy_interval), "--policy-psi", "0",
+            "--policy-fast-interval", str(ns.fast_interval),
+            "--policy-fast-reclaim" if fast else "--no-policy-fast-reclaim"]
+
+
+def run_one(cfg, interval, ns, accel, t_global):
+    tag = f"vub-bench-storm-{cfg}-{interval:g}-{int(time.time())}"
+    parent = MemCgroup(tag, limit_bytes=int(ns.limit_gib * GIB)).create()
+    guests, shared, failure = [], None, None
+    pids = []
+    dmesg0 = dmesg_len()
+    sp = Sampler(lambda: {"usage": parent.usage()}, interval=0.5).start()
+    t0 = time.monotonic()
+    done_at = {}
+
+    def check():
+        out = [f"qemu of guest {i} exited rc={g.proc.returncode}"
+               for i, g in enumerate(guests) if g.proc is not None and g.proc.poll() is not None]
+        if shared is not None and not shared.alive():
+            out.append(f"shared daemon exited rc={shared.proc.returncode}")
+        for i, g in enumerate(guests):
+            if i not in done_at:
+                if g.find_marker("alloc-done"):
+                    done_at[i] = round(time.monotonic() - t0, 1)
+                elif g.find_marker("step-done", name="alloc"):
+                    out.append(f"allocator in guest {i} killed inside the guest")
+            if guest_oom_lines(g):
+                out.append(f"guest {i}'s kernel OOM-killed a process")
+        return out
+
+    try:
+        if cfg != "noreport" and cfg != "builtin":
+            args = () if cfg == "ours" else policy_args(ns, parent, cfg == "policy")
+            shared = SharedDaemon([f"g{i}" for i in range(ns.cap)],
+                                  parent.child("daemon").create(), args=args)
+            pids.append(shared.pid)
+        next_launch = t0
+        last_launch = None
+        while not failure:
+            now = time.monotonic()
+            if len(guests) < ns.cap and now >= next_launch:
+                i = len(guests)
+                kw = (dict(balloon="vhost-user", vhost_socket=shared.socket(f"g{i}"))
+                      if shared is not None else
+                      dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport"))
+                g = Guest(name=f"storm-{cfg}-{i}", mem_mib=ns.guest_mib, accel=accel,
+                          cgroup_parent=parent.child(f"g{i}").create(),
+                          steps=[("alloc", f"alloc_touch {ns.alloc_mib}")],
+                          stats=ns.guest_ticker, **kw)
+                guests.append(g)
+                g.start()
+                pids.append(g.pid)
+                sp.mark("launch", guest=i)
+                last_launch = now
+                next_launch = t0 + (i + 1) * interval
+                print(f"[{now - t_global:6.0f}s] {cfg} @{interval:g}s: guest {i} launched; "
+                      f"parent {mib(parent.usage())} MiB", flush=True)
+            failure = check()
+            if failure:
+                break
+            if len(guests) >= ns.cap:
+                if len(done_at) == len(guests) and now - last_launch >= ns.watch:
+                    break
+                if now - last_launch > ns.watch + 600:
+                    failure = ["timeout: allocations did not finish"]
+                    break
+            time.sleep(0.2)
+        if failure:
+            sp.mark("oom", what=failure)
+    finally:
+        t_end = time.monotonic() - t0
+        policy_log = []
+        if shared is not None and cfg.startswith("policy"):
+            try:
+                policy_log = [ln for ln in shared.log.read_text(errors="replace").splitlines()
+                              if "policy" in ln or "pressure" in ln][-300:]
+            except OSError:
+                pass
+        samples = sp.stop()
+        for g in guests:
+            g.close()
+        if shared is not None:
+            shared.stop()
+        parent.remove()
+    ps = {str(p) for p in pids}
+    dmesg = [ln for ln in dmesg_tail(dmesg0) if OOM_RE.search(ln) and (
+        tag in ln or any(f"process {p} " in ln or f"pid={p}," in ln for p in ps))]
+    fitted = len(done_at)
+    r = {"config": cfg, "interval": interval, "launched": len(guests), "fitted": fitted,
+         "capped": not failure, "failure": failure or [], "alloc_done_at": done_at,
+         "duration_s": round(t_end, 1), "dmesg_oom": dmesg[-12:], "policy_log": policy_log,
+         "samples": samples, "marks": sp.marks,
+         "peak_usage": max((s["usage"] for s in samples if s.get("usage")), default=None)}
+    print(f"[{time.monotonic() - t_global:6.0f}s] {cfg} @{interval:g}s: {fitted} guests "
+          f"completed their allocation before " + ("the first OOM kill: " + "; ".join(failure)
+                                                   if failure else f"the cap ({ns.cap})"),
+          flush=True)
+    return r
+
+
+def render(res, ns):
+    results = res.data["results"]
+    configs = list(dict.fromkeys(r["config"] for r in results))
+    intervals = sorted({r["interval"] for r in results})
+    rows = []
+    for r in results:
+        fit = f"{r['fitted']}" + (" (cap, no OOM)" if r["capped"] else "")
+        rows.append([LABELS[r["config"]], f"{r['interval']:g}", f"**{fit}**", r["launched"],
+                     "; ".join(r["failure"])[:120] or "-", mib(r["peak_usage"]),
+                     f"{r['duration_s']:.0f}"])
+    by = {(r["config"], r["interval"]): r["fitted"] for r in results}
+    md = [f"### Boot storm: guests that completed their allocation before the first OOM kill "
+          f"(parent cgroup {ns.limit_gib:g} GiB, {ns.guest_mib} MiB guests touching "
+          f"{ns.alloc_mib} MiB, one launched every INTERVAL s, cap {ns.cap})", ""]
+    md += env_lines(res.data["environment"])
+    md += ["", md_table(["configuration", "interval s", "guests fitted", "launched",
+                         "first failure", "peak parent usage MiB", "run s"], rows), ""]
+    for iv in intervals:
+        b, p = by.get(("builtin", iv)), by.get(("policy", iv))
+        if b and p is not None:
+            md.append(f"At {iv:g} s: policy with fast reclaim / built-in = **{p / b:.2f}** "
+                      "(target >= 1.5 at 3 s).")
+    md += ["", "![storm](storm.png)"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in configs:
+        pts = sorted((r["interval"], r["fitted"]) for r in results if r["config"] == c)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", color=COLORS[c], label=LABELS[c])
+    ax.set_xlabel("seconds between two guest launches")
+    ax.set_ylabel("guests fitted before the first OOM kill")
+    ax.set_title(f"Boot storm, {ns.limit_gib:g} GiB host cgroup", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    res.png(fig, "storm.png")
+    res.write("\n".join(md))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit-gib", type=float, default=3.0)
+    ap.add_argument("--guest-mib", type=int, default=1024)
+    ap.add_argument("--alloc-mib", type=int, default=800)
+    ap.add_argument("--cap", type=int, default=10)
+    ap.add_argument("--intervals", default="3", help="comma-separated seconds (default 3)")
+    ap.add_argument("--watch", type=float, default=30.0,
+                    help="seconds watched after the last launch once all allocations ended")
+    ap.add_argument("--guest-ticker", type=int, default=5, metavar="S")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    pol = ap.add_argument_group("the policy configurations (the daemon's --policy-*)")
+    pol.add_argument("--policy-floor", default="1GiB")
+    pol.add_argument("--policy-guest-min", default="128MiB")
+    pol.add_argument("--policy-margin", default="32MiB")
+    pol.add_argument("--policy-hysteresis", default="256MiB")
+    pol.add_argument("--policy-interval", type=float, default=1.0)
+    pol.add_argument("--fast-interval", type=float, default=1.0)
+    ap.add_argument("--out", help="results folder (default benchmarks/results/storm)")
+    ns = ap.parse_args()
+    configs = [c for c in ns.configs.split(",") if c]
+    bad = [c for c in configs if c not in LABELS]
+    if bad:
+        ap.error(f"unknown configurations {bad}; choose from {', '.join(LABELS)}")
+    intervals = [float(x) for x in ns.intervals.split(",") if x]
+    res, accel = start_run("storm", ns)
+    t0 = time.monotonic()
+    res.data["results"] = []
+    for iv in intervals:
+        for cfg in configs:
+            res.data["results"].append(run_one(cfg, iv, ns, accel, t0))
+            res.write("(partial)")
+    render(res, ns)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
