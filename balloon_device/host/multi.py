@@ -197,6 +197,11 @@ class Daemon:
                 self.add_guest(name, path, fd)
             self._drop_unused_fds()
             if cfg.policy is not None:
+                if not cfg.deflate_on_oom:
+                    log.warning("--policy without --deflate-on-oom: a guest that allocates "
+                                "faster than a policy tick meets its balloon and the guest's "
+                                "OOM killer ends the allocating process; add --deflate-on-oom "
+                                "so that the guest takes its balloon back instead")
                 from .policy import PolicyLoop
                 self.policy = PolicyLoop(cfg.policy, self.guests, self.loop, host_reader)
                 self.policy.open_sources()

@@ -63,7 +63,7 @@ def run_three(tmp_path, policy):
     if policy:
         args += ["--policy", "--policy-cgroup", str(parent.path), "--policy-floor", "1GiB",
                  "--policy-hysteresis", "256MiB", "--policy-interval", "1",
-                 "--policy-psi", "0"]
+                 "--policy-psi", "0", "--deflate-on-oom"]
     d = MultiDaemon(tmp_path, args).start()
     guests, samples, died = [], [], []
     out = {"alloc": {}, "guest_oom": {}}
