@@ -114,10 +114,22 @@ def test_qemu_killed_under_daemon(provisioned, tmp_path):
                 time.sleep(0.1)
             st = d.status()
             assert not st["connected"] and d.alive(), d.log_text()
-        fds = sorted(os.listdir(f"/proc/{serving}/fd"), key=int)
+        # (a control connection of the status calls above may still be closing: wait a bit)
+        deadline = time.monotonic() + 5
+        while (len(fds := sorted(os.listdir(f"/proc/{serving}/fd"), key=int)) > len(base_serving)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
         print(f"\nserving process fds: {len(base_serving)} before the guests, {len(fds)} after")
+        def what(pid, names):
+            out = []
+            for n in names:
+                try:
+                    out.append(f"{n}->{os.readlink(f'/proc/{pid}/fd/{n}')}")
+                except OSError:
+                    out.append(f"{n}->?")
+            return out
         assert len(fds) <= len(base_serving), \
-            f"daemon holds {fds} after its frontends died, {base_serving} before they came"
+            f"daemon holds {what(serving, fds)} after its frontends died, {base_serving} before"
         # its supervisor (d.pid) drops its copies as the fd store removals come in
         deadline = time.monotonic() + 10
         while len(held := os.listdir(f"/proc/{d.pid}/fd")) > len(base_fds):
