@@ -47,45 +47,32 @@ def prepare(env=None):
 
 def notify(message, env=None):
     """Send message (e.g. 'READY=1'); True if it was sent."""
-    addr = _address(os.environ if env is None else env)
-    if addr is None:
-        return False
-    if _sock is not None and env is None:
-        try:
-            _sock.send(message.encode())
-            return True
-        except OSError as e:
-            log.warning("cannot notify systemd: %s", e.strerror or e)
-            return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(message.encode())
-    except OSError as e:
-        log.warning("cannot notify systemd at %s: %s", addr.lstrip("\0"), e.strerror or e)
-        return False
-    return True
+    return _send(message, (), env, "cannot notify systemd")
 
 
 def notify_fds(message, fds, env=None):
     """Send message with fds attached (SCM_RIGHTS), e.g. 'FDSTORE=1\nFDNAME=x'.
     True if sent; False without $NOTIFY_SOCKET or on failure (logged)."""
+    return _send(message, fds, env, "cannot send fds to the fd store")
+
+
+def _send(message, fds, env, failure):
     addr = _address(os.environ if env is None else env)
     if addr is None:
         return False
     anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    if _sock is not None and env is None:
+    if _sock is not None and env is None:   # connected before the sandbox
         try:
             _sock.sendmsg([message.encode()], anc)
             return True
         except OSError as e:
-            log.warning("cannot send fds to the fd store: %s", e.strerror or e)
+            log.warning("%s: %s", failure, e.strerror or e)
             return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendmsg([message.encode()], anc, 0, addr)
     except OSError as e:
-        log.warning("cannot send fds to the fd store at %s: %s", addr.lstrip("\0"), e.strerror or e)
+        log.warning("%s at %s: %s", failure, addr.lstrip("\0"), e.strerror or e)
         return False
     return True
 
