@@ -64,7 +64,7 @@ def main():
     phases = {}
     wait = int(10 + ns.idle + 5)
     with Daemon(tempfile.mkdtemp(prefix="vub-bench-"), args=args, log_level="info") as d:
-        phases["daemon started, no guest"] = {"memory": proc_memory(d.pid)}
+        phases["daemon started, no guest"] = {"memory": proc_memory(d.serving_pid())}
         steps = [("wait", f"sleep {wait}"), ("alloc", f"alloc_touch {ns.alloc_mib}")]
         with Guest(name="footprint", mem_mib=ns.guest_mib, accel=accel, balloon="vhost-user",
                    vhost_socket=d.socket_path, steps=steps) as g:
@@ -72,7 +72,7 @@ def main():
             g.wait_marker("balloon", timeout=30)
             g.wait_marker("step-start", timeout=60, name="wait")
             time.sleep(10)
-            phases["guest booted, +10 s"] = {"memory": proc_memory(d.pid),
+            phases["guest booted, +10 s"] = {"memory": proc_memory(d.serving_pid()),
                                              "qemu": proc_memory(g.pid)}
             phases["guest booted, +10 s"]["idle"] = idle(d.pid, g.pid, ns.idle)
             print(f"idle after boot: {phases['guest booted, +10 s']['idle']}", flush=True)
@@ -83,7 +83,7 @@ def main():
             time.sleep(15)
             st = d.status()
             discarded = st["counters"]["bytes_discarded"] - before["bytes_discarded"]
-            ph = {"memory": proc_memory(d.pid), "qemu": proc_memory(g.pid),
+            ph = {"memory": proc_memory(d.serving_pid()), "qemu": proc_memory(g.pid),
                   "reclaim_cpu_s": cpu_seconds(d.pid) - c0, "bytes_discarded": discarded,
                   "report_chains": st["counters"]["report_chains"] - before["report_chains"]}
             ph["idle"] = idle(d.pid, g.pid, ns.idle)

@@ -65,6 +65,11 @@ class Daemon:
     def pid(self):
         return self.proc.pid if self.proc else None
 
+    def serving_pid(self):
+        """The process that serves the guest (pid is its supervisor's, which maps no
+        guest memory): measure CPU and memory here."""
+        return self.status().get("process", {}).get("pid") or self.pid
+
     def alive(self):
         return self.proc is not None and self.proc.poll() is None and pid_alive(self.proc.pid)
 
