@@ -53,6 +53,20 @@ def test_state_file_keeps_the_last_whole_write():
         st.close()
 
 
+def test_progress_record_moves_only_the_state_it_follows():
+    st = StateFile.create()
+    try:
+        st.write({"pending": {"msg": "x", "stage": "handled"}})
+        st.write_progress("consumed")
+        assert StateFile(os.dup(st.fd)).read()["pending"]["stage"] == "consumed"
+        st.write_progress(None)
+        assert StateFile(os.dup(st.fd)).read()["pending"] is None
+        st.write({"pending": {"msg": "y", "stage": "handled"}})  # the record is stale now
+        assert StateFile(os.dup(st.fd)).read()["pending"] == {"msg": "y", "stage": "handled"}
+    finally:
+        st.close()
+
+
 def test_fd_names_escape_guest_names():
     assert fdstore.fd_name("web1", "kick", 0, 7) == "vub.web1.kick.0.7"
     name = fdstore.fd_name("a.b:c", "listen")
@@ -360,6 +374,30 @@ def test_kill_between_a_request_and_its_reply(tmp_path, stage):
         assert g.fe.ack(R.SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1)) == 0  # in step
         h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
         assert [u.id for u in g.wait_used("reporting")] == [h]
+    finally:
+        g.close()
+        d.stop()
+
+
+def test_kill_between_sending_a_reply_and_recording_it(tmp_path):
+    """Killed right after sending GET_CONFIG's reply, before recording that (the one
+    window a kill can still hit): the frontend has not read the reply yet, so the
+    successor finds it in the socket and does not send it again."""
+    d = Supervised(tmp_path, env={"VUB_CRASH_AT": "sent:GET_CONFIG"})
+    g = Guest(d.sock)
+    try:
+        old = d.child()
+        g.fe.send(R.GET_CONFIG, m.encode_config(0, 0, bytes(16)), need_reply=True)
+        st = d.wait_serving(not_pid=old)
+        assert st["process"]["restarts"] == 1 and st["process"]["restored"]
+        assert "already in the socket" in d.log_text()
+        hdr, payload, _ = g.fe.recv()
+        assert hdr.request == R.GET_CONFIG and len(payload) == 12 + 16
+        g.fe.sock.settimeout(1.0)
+        with pytest.raises(socket.timeout):
+            g.fe.recv()  # exactly one reply
+        g.fe.sock.settimeout(20)
+        assert g.fe.ack(R.SET_VRING_ENABLE, m.VRING_STATE.pack(0, 1)) == 0  # in step
     finally:
         g.close()
         d.stop()

@@ -214,6 +214,10 @@ class Connection:
         """Bytes waiting in the socket (FIONREAD)."""
         return struct.unpack("i", fcntl.ioctl(self.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
+    def unread_sent(self):
+        """Bytes this end sent that the peer has not read yet (SIOCOUTQ)."""
+        return struct.unpack("i", fcntl.ioctl(self.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+
     def _peek(self, n):
         """The first n bytes in the socket and the fds attached to them, left there;
         None if fewer than n bytes have arrived."""

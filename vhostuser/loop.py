@@ -301,7 +301,11 @@ class Server(DeviceContext):
             # (its sender waits for the reply when one is due)
             if self.conn.peek_raw(len(msg)) == msg:
                 self.conn.consume(len(msg))
-        if pending.get("reply") is not None:
+        if pending.get("reply") is not None and self.conn.unread_sent():
+            # killed between sending the reply and recording it: it is still there
+            log.info("the reply to the request the previous process was handling is "
+                     "already in the socket")
+        elif pending.get("reply") is not None:
             fds = []
             if pending.get("reply_fd") == "inflight" and self.backend.inflight is not None:
                 fds = [self.backend.inflight.fd]

@@ -3,7 +3,9 @@
 Layout: a 4 KiB header {magic, sequence, slot, length, crc32} and two slots of
 SLOT_SIZE bytes. A write goes to the slot not in use, then the header flips to it
 (one 32-byte pwrite), so a kill at any instruction leaves the old or the new state,
-never half of one.
+never half of one. At PROGRESS_AT in the header, a {sequence, stage} record moves the
+message being handled on (consumed, replied) with one 12-byte pwrite: the window
+between sending a reply and recording it is a few instructions, not a state write.
 
 GuestSession is the FdObserver (vhostuser/restart.py) of one guest's Server: it
 pushes each fd the session keeps to the fd store under a name that says what it is,
@@ -25,7 +27,8 @@ from .fdstore import fd_name, same_fd
 log = logging.getLogger(__name__)
 
 # Fault injection for tests: "<stage>:<REQUEST>" SIGKILLs the first serving process right
-# after the checkpoint of that stage ("handled", "consumed") of that request
+# after the checkpoint of that stage ("handled", "consumed") of that request, or
+# right after its reply was sent, before that was recorded ("sent")
 CRASH_AT = os.environ.get("VUB_CRASH_AT", "")
 
 MAGIC = b"VUBSTATE"
@@ -33,6 +36,9 @@ HEADER = struct.Struct("<8sQIII")
 HEADER_SIZE = 4096
 SLOT_SIZE = 1 << 20
 VERSION = 1
+PROGRESS = struct.Struct("<QI")
+PROGRESS_AT = 64
+STAGES = {"consumed": 1, None: 2}    # stage code 0: no record
 
 
 def install_crash_points(device, backend):
@@ -89,7 +95,18 @@ class StateFile:
         if zlib.crc32(data) != crc:
             raise StateError("state slot does not match its checksum")
         self.seq, self.slot = seq, slot
-        return json.loads(data)
+        obj = json.loads(data)
+        pseq, code = PROGRESS.unpack(os.pread(self.fd, PROGRESS.size, PROGRESS_AT))
+        if pseq == seq and obj.get("pending") is not None:
+            if code == STAGES[None]:
+                obj["pending"] = None
+            elif code == STAGES["consumed"]:
+                obj["pending"]["stage"] = "consumed"
+        return obj
+
+    def write_progress(self, stage):
+        """The pending message of the last state written moved on to `stage`."""
+        os.pwrite(self.fd, PROGRESS.pack(self.seq, STAGES[stage]), PROGRESS_AT)
 
     def write(self, obj):
         data = json.dumps(obj, separators=(",", ":")).encode()
@@ -182,10 +199,11 @@ class GuestSession:
         if self.pending is None:
             return
         if stage is None:
+            self._crash_point("sent", _unb(self.pending["msg"]))
             self.pending = None
         else:
             self.pending["stage"] = stage
-        self._write()
+        self.state.write_progress(stage)
         if stage is not None:
             self._crash_point(stage, _unb(self.pending["msg"]))
 
