@@ -323,3 +323,55 @@ def test_a_single_guest_daemon_refuses_add_guest(tmp_path):
         assert len(children(d.proc.pid)) == 1
     finally:
         d.stop()
+
+
+def test_policy_reaches_guests_through_their_processes(tmp_path):
+    """The manager's PolicyLoop works on RemoteGuests: statuses and stats come from each
+    guest's process, targets go to it; a guest that does not answer is skipped."""
+    import struct
+    from balloon_device.host.manager import RemoteGuest
+    from balloon_device.host.policy import HostMemory, PolicyConfig, PolicyLoop
+    d = Supervised(tmp_path, "--policy", "--policy-interval", "3600", "--no-policy-taskstats",
+                   guests=("a", "b"))
+    a = None
+    try:
+        a = connect(tmp_path, d, "a")
+        buf = a.mem.alloc(10 * 2)
+        a.mem.write(buf, struct.pack("<HQ", 6, 32 * MiB) + struct.pack("<HQ", 5, 96 * MiB))
+        a.post("stats", [(buf, 20)], [])
+        wait_for(lambda: d.status("a")["counters"]["stats_updates"] >= 1, 30, "stats", d)
+        # the manager runs the policy (its last decision is in ctl list)
+        wait_for(lambda: ctl(d, {"cmd": "list"})["policy"].get("time"), 30, "a policy tick", d)
+        guests = {n: RemoteGuest(n, str(tmp_path / f"{n}.sock"), f"{d.ctl}.{n}")
+                  for n in ("a", "b")}
+        guests["gone"] = RemoteGuest("gone", str(tmp_path / "gone.sock"), f"{d.ctl}.gone")
+        cfg = PolicyConfig(floor_bytes=2 << 30, guest_min_bytes=16 * MiB, margin_bytes=8 * MiB,
+                           sweep_bytes=0, taskstats=False, stats_max_age=3600)
+        policy = PolicyLoop(cfg, guests, loop=None,
+                            host_reader=lambda: HostMemory(available_bytes=1 << 30))
+        targets = policy.tick()
+        assert set(targets) == {"a"}                 # b has no frontend, "gone" no process
+        assert targets["a"] == (32 - 8) * MiB >> 12
+        assert d.status("a")["target_pages"] == targets["a"]
+        assert not guests["gone"].status().serving
+    finally:
+        if a is not None:
+            a.close()
+        d.stop()
+
+
+def test_ctl_upgrade_replaces_every_process(two, tmp_path):
+    a, b = connect(tmp_path, two, "a"), connect(tmp_path, two, "b")
+    try:
+        old = {n: pid_of(two, n) for n in ("a", "b")}
+        mgr = manager_pid(two)
+        reply = ctl(two, {"cmd": "upgrade"})
+        assert reply["ok"], reply
+        for n, g in (("a", a), ("b", b)):
+            st = wait_unit(two, n, not_pid=old[n])
+            assert st["process"]["restored"] and st["connected"] and g.fe.alive
+            report_once(g, 0)
+        wait_for(lambda: manager_pid(two) != mgr, 30, "a new manager", two)
+    finally:
+        a.close()
+        b.close()

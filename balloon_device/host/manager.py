@@ -61,7 +61,8 @@ class RemoteGuest:
             raise GuestUnreachable(self._unreachable(e)) from e
         self._down_until = 0.0
         if not reply.get("ok"):
-            raise ValueError(reply.get("error", "refused"))
+            self._error = reply.get("error", "refused")
+            raise ValueError(self._error)
         reply.pop("ok", None)
         return reply
 
