@@ -85,12 +85,12 @@ def children(pid):
     return out
 
 
-def manager_pid(d):
-    for pid in children(d.proc.pid):
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"\0--unit\0manager" in f.read():
-                return pid
-    raise AssertionError("no manager process")
+def manager_pid(d, guests=("a", "b")):
+    """The supervisor's child that serves no guest."""
+    serving = {wait_unit(d, n)["process"]["pid"] for n in guests}
+    rest = set(children(d.proc.pid)) - serving
+    assert len(rest) == 1, (rest, serving)
+    return rest.pop()
 
 
 def ms(values):
@@ -114,6 +114,8 @@ def test_each_guest_has_its_own_process(two, tmp_path):
     mgr = manager_pid(two)
     assert len({pa, pb, mgr, two.proc.pid}) == 4
     assert set(children(two.proc.pid)) == {pa, pb, mgr}
+    with open(f"/proc/{pa}/comm") as fa, open(f"/proc/{mgr}/comm") as fm:
+        assert (fa.read().strip(), fm.read().strip()) == ("vub-guest-a", "vub-manager")
     st = ctl(two, {"cmd": "status"})
     assert st["ok"] and set(st["guests"]) == {"a", "b"}
     # each guest's own control socket, beside the main one
@@ -296,6 +298,11 @@ def test_add_and_remove_a_guest_at_run_time(tmp_path, supervise):
         report_once(a, 0)
         if supervise:
             assert pid_of(d, "a") not in (pb, d.proc.pid)
+            # a restarted manager knows the guest added at run time
+            mgr = manager_pid(d, ("a", "b"))
+            os.kill(mgr, signal.SIGKILL)
+            wait_for(lambda: manager_pid(d, ("a", "b")) != mgr, 30, "a new manager", d)
+            assert [g["name"] for g in ctl(d, {"cmd": "list"})["guests"]] == ["b", "a"]
         n1 = rep.count()
         assert main(["ctl", "--control-socket", d.ctl, "remove-guest", "a"]) == 0
         wait_for(lambda: not a.fe.alive, 30, "a's session to end", d)

@@ -349,12 +349,11 @@ def serve_manager(cfg):
         if cfg.control_socket_group is not None:
             sandbox.share_sockets([cfg.control_path], cfg.control_socket_group,
                                   "--control-socket-group")
-        if cfg.user is not None or cfg.group is not None:
-            sandbox.drop_privileges(cfg.user, cfg.group, [], None)
-        if cfg.seccomp is not None:
-            log.info("the manager process maps no guest memory and talks to every guest's "
-                     "process over its control socket: --seccomp applies to the guests' "
-                     "processes only")
+        if cfg.user is not None or cfg.group is not None or cfg.seccomp is not None:
+            log.info("--user/--group/--seccomp apply to the guests' serving processes; the "
+                     "manager maps no guest memory and keeps the starting user, so that it "
+                     "can reach each guest's control socket (owned by that user, as the "
+                     "main one, so that QEMU cannot)")
         log.info("%s; control socket %s", manager.describe(), cfg.control_path)
         manager.serve_forever()
     finally:

@@ -56,6 +56,7 @@ STABLE_AFTER = 1.0         # a child that served this long after READY=1 resets 
 STOP_TIMEOUT = 5.0         # a removed unit that does not stop after SIGTERM is SIGKILLed
 _UCRED = struct.Struct("iII")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def _describe(status):
@@ -88,6 +89,7 @@ class Unit:
         self.last_ping = None
         self.removed = False         # being removed: never restarted
         self.kill_at = None          # SIGKILL a removed unit that did not stop by then
+        self.exec_only = False       # True: always exec the program (an upgrade asked so)
         self.address = f"\0vub-supervisor-{os.getpid()}-{secrets.token_hex(8)}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(self.address)
@@ -109,6 +111,10 @@ class Supervisor:
         self.multi = multi             # several units: one dying never stops the others
         self.manager = manager         # the unit allowed to add and remove guests
         self.unit_factory = unit_factory   # (name, path) -> Unit, for VUB_ADD_GUEST
+        # start units by fork from this process (which has imported everything) instead
+        # of exec: their code pages stay shared. Off after an upgrade (the new program
+        # must be exec'd, and so must every later start).
+        self.fork_units = multi
         self.stopping = False
         self.exit_code = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -259,7 +265,12 @@ class Supervisor:
         if self.watchdog:
             env["WATCHDOG_USEC"] = str(int(self.watchdog * 1e6))
         parent = os.getpid()
-        pid = os.fork()
+        if self.fork_units and unit.exec_only is False:
+            pid = os.fork()
+            if pid == 0:
+                self._forked_child(unit, fds, env, parent)
+        else:
+            pid = os.fork()
         if pid == 0:  # child: only dup2/exec from here
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -284,6 +295,53 @@ class Supervisor:
         unit.start_at = None
         unit.started_at = time.monotonic()
         log.info("started %s: pid %d with %d stored fds", unit.label(), pid, len(fds))
+
+    def _forked_child(self, unit, fds, env, parent):
+        """A unit started without exec: this process already imported everything (the
+        modules' pages stay shared with the supervisor and the other units, copy on
+        write). Same fds and environment as an exec'd one; never returns."""
+        code = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+            title = "vub-manager" if unit.guest is None else f"vub-guest-{unit.guest[0]}"
+            libc.prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)   # ps, top: which unit
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            # the supervisor's sockets: their numbers are reused below, so no Python
+            # object may close them later
+            for other in self.units:
+                if other.sock.fileno() >= 0:
+                    other.sock.detach()
+            self._wake_r.detach()
+            self._wake_w.detach()
+            base = 3 + len(fds)
+            high = [fcntl_dupfd(fd, base + 16) for fd in fds]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i, inheritable=False)
+            os.closerange(base, 1 << 16)
+            env["LISTEN_PID"] = str(os.getpid())
+            if self.watchdog:
+                env["WATCHDOG_PID"] = str(os.getpid())
+            os.environ.clear()
+            os.environ.update(env)
+            from . import cli
+            code = cli.main(unit.argv[3:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            log.exception("%s failed", unit.label())
+        finally:
+            try:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
 
     def _signal(self, unit, sig):
         if unit.child is not None:
@@ -336,6 +394,7 @@ class Supervisor:
             return False
         if code == EXIT_UPGRADE:
             delay = 0.0
+            self.fork_units = False   # from now on every start runs the installed program
             unit.failures = 0
             log.info("%s %d handed over for an upgrade; starting %s", unit.label(), pid,
                      unit.argv[0])
@@ -368,6 +427,12 @@ class Supervisor:
         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(s, self._on_signal)
         self._initial = list(self.units)
+        if self.fork_units:
+            import gc
+            # what the units import on top of the command line: shared once, here
+            from . import control, manager, metrics, sandbox, state  # noqa: F401
+            gc.collect()
+            gc.freeze()   # the forked units' collector leaves these objects' pages shared
         self._tell_manager()
         going = True
         while going or any(u.child is not None for u in self.units):
