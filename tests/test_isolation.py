@@ -233,6 +233,9 @@ def test_status_and_metrics_show_a_guest_whose_process_does_not_answer(tmp_path)
             assert one["ok"] and one["status"]["process"]["pid"] is None
             lst = ctl(d, {"cmd": "list"})
             assert [g["name"] for g in lst["guests"]] == ["a", "b"]
+            from balloon_device.host import status_view
+            rows = {r[0]: r[1] for r in map(status_view.row, lst["guests"])}
+            assert rows == {"a": "no answer", "b": "serving"}
             text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10
                                           ).read().decode()
             assert 'vhost_user_balloon_connected{guest="a"} 0.0' in text

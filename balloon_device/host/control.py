@@ -297,8 +297,10 @@ class ControlServer:
                 del seen[name]
                 continue
             if getattr(guest, "remote", False):
-                dev = guest.status().device
-                now = (dev.target_pages, dev.actual_pages)
+                st = guest.status()
+                if st.process.get("unit") == "unreachable":
+                    continue          # its process is restarting: no news, not zeros
+                now = (st.device.target_pages, st.device.actual_pages)
             else:
                 now = (guest.device.target_pages, guest.device.actual)
             if seen[name] == now:
