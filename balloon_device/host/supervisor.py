@@ -192,7 +192,7 @@ class Supervisor:
             unit.ready_times.append(unit.last_ping)
             log.info("%s (pid %d) is ready (%d fds in its store)", unit.label(), unit.child,
                      len(unit.store))
-        if unit is self.manager:
+        if unit is self.manager and not self.stopping:
             if "VUB_ADD_GUEST" in fields:
                 self.add_guest(fields["VUB_ADD_GUEST"], fields.get("VUB_GUEST_PATH", ""))
             if "VUB_REMOVE_GUEST" in fields:
