@@ -592,12 +592,14 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None):
+def main(argv=None, parser=None):
+    """parser: an argument parser built beforehand (the supervisor's forked units: building
+    one costs each process megabytes of private memory)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]][2](argv[1:])
-        ns = _daemon_parser().parse_args(argv)
+        ns = (parser or _daemon_parser()).parse_args(argv)
         if ns.print_capabilities:
             print(json.dumps(capabilities()))
             return 0

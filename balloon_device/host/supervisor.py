@@ -330,7 +330,7 @@ class Supervisor:
             os.environ.clear()
             os.environ.update(env)
             from . import cli
-            code = cli.main(unit.argv[3:])
+            code = cli.main(unit.argv[3:], parser=self._parser)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -430,7 +430,8 @@ class Supervisor:
         if self.fork_units:
             import gc
             # what the units import on top of the command line: shared once, here
-            from . import control, manager, metrics, sandbox, state  # noqa: F401
+            from . import cli, control, manager, metrics, sandbox, state  # noqa: F401
+            self._parser = cli._daemon_parser()   # built once, shared with every unit
             gc.collect()
             gc.freeze()   # the forked units' collector leaves these objects' pages shared
         self._tell_manager()
