@@ -68,9 +68,14 @@ def report_once(g, i):
     """One reporting chain, posted and completed; its latency in seconds."""
     t0 = time.monotonic()
     h = g.post("reporting", [], [(g.data[i % len(g.data)], 2 * MiB)])
-    used = g.wait_used("reporting")
+    used = []
+    while not used and time.monotonic() - t0 < 30:
+        used = g.q["reporting"].pop_used()   # raises on a chain completed twice
+        time.sleep(0.0005)
+    elapsed = time.monotonic() - t0
     assert [u.id for u in used] == [h]
-    return time.monotonic() - t0
+    assert g.wait_used("reporting", timeout=0) == []
+    return elapsed
 
 
 def latencies(g, n, start=0):
@@ -297,6 +302,12 @@ def test_add_and_remove_a_guest_at_run_time(tmp_path, supervise):
                      f"a={tmp_path}/a.sock"]) == 0
         again = ctl(d, {"cmd": "add-guest", "guest": "a", "path": f"{tmp_path}/a.sock"})
         assert not again["ok"] and "already" in again["error"]
+        bad = ctl(d, {"cmd": "add-guest", "guest": "x/y", "path": f"{tmp_path}/x.sock"})
+        assert not bad["ok"] and "guest name" in bad["error"]
+        taken = ctl(d, {"cmd": "add-guest", "guest": "c", "path": f"{tmp_path}/b.sock"})
+        assert not taken["ok"] and "another guest" in taken["error"]
+        unknown = ctl(d, {"cmd": "remove-guest", "guest": "nope"})
+        assert not unknown["ok"] and "no guest 'nope'" in unknown["error"]
         a = connect(tmp_path, d, "a")
         report_once(a, 0)
         if supervise:
