@@ -340,7 +340,7 @@ def test_a_single_guest_daemon_refuses_add_guest(tmp_path):
     d = Supervised(tmp_path)
     try:
         reply = ctl(d, {"cmd": "add-guest", "guest": "x", "path": f"{tmp_path}/x.sock"})
-        assert not reply["ok"] and "multi-guest daemon" in reply["error"]
+        assert not reply["ok"] and "multi-guest daemon" in reply["error"], reply
         assert len(children(d.proc.pid)) == 1
     finally:
         d.stop()

@@ -267,14 +267,14 @@ class ControlServer:
 
     def _cmd_add_guest(self, req):
         if self.admin is None or not hasattr(self.admin, "add_guest_live"):
-            raise ValueError("this daemon serves one guest (--socket-path / --fd): guests can "
-                             "be added only to a multi-guest daemon (--guest / --socket-dir)")
+            raise ValueError("guests are added through the main control socket of a "
+                             "multi-guest daemon (--guest / --socket-dir), not here")
         return self.admin.add_guest_live(req.get("guest"), req.get("path"))
 
     def _cmd_remove_guest(self, req):
         if self.admin is None or not hasattr(self.admin, "remove_guest_live"):
-            raise ValueError("this daemon serves one guest (--socket-path / --fd): guests can "
-                             "be removed only from a multi-guest daemon")
+            raise ValueError("guests are removed through the main control socket of a "
+                             "multi-guest daemon (--guest / --socket-dir), not here")
         name = req.get("guest")
         if not isinstance(name, str):
             raise ValueError("remove-guest needs \"guest\": NAME")
