@@ -25,8 +25,10 @@ from .status import GuestStatus
 
 log = logging.getLogger("vhost-user-balloon.manager")
 
-REQUEST_TIMEOUT = 1.0     # a guest's process that does not answer within this is unreachable
-RETRY_AFTER = 1.0         # ... and is not asked again for this long (a hung one costs once)
+REQUEST_TIMEOUT = 2.0     # a guest's process that does not answer within this is unreachable
+RETRY_AFTER = 5.0         # ... and, if it timed out, is not asked again for this long (a hung
+#                           process is killed by the unit watchdog; a busy host is no reason
+#                           to stall the manager on it at every request)
 
 
 class GuestUnreachable(ControlError):
@@ -57,7 +59,8 @@ class RemoteGuest:
             reply = request(self.control_path, dict(req, guest=self.name), timeout=self.timeout)
         except ControlError as e:
             self._error = str(e)
-            self._down_until = time.monotonic() + RETRY_AFTER
+            if isinstance(e.__cause__, TimeoutError):   # hung: do not wait on it again soon
+                self._down_until = time.monotonic() + RETRY_AFTER
             raise GuestUnreachable(self._unreachable(e)) from e
         self._down_until = 0.0
         if not reply.get("ok"):
