@@ -110,7 +110,8 @@ def main():
     ns = ap.parse_args()
     sums = {}
     for supervise in (False, True):
-        label = "one process per guest (supervised)" if supervise else "one process (--no-supervise)"
+        label = ("one process per guest (supervised)" if supervise
+                 else "one process (--no-supervise)")
         rows = measure(ns.guests, supervise)
         print(f"\n{label}, {ns.guests} guests:")
         print(f"  {'process':<22} {'pid':>7} {'RSS MiB':>8} {'PSS MiB':>8} {'PSS own':>8}")
