@@ -466,6 +466,10 @@ class Supervisor:
             import gc
             # what the units import on top of the command line: shared once, here
             from . import cli, control, manager, metrics, sandbox, state  # noqa: F401
+            try:   # the manager's policy (--policy): its modules shared too, not its own
+                from . import policy  # noqa: F401
+            except ImportError:
+                pass
             self._parser = cli._daemon_parser()   # built once, shared with every unit
             gc.collect()
             gc.freeze()   # the forked units' collector leaves these objects' pages shared
