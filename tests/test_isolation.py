@@ -449,3 +449,36 @@ def test_ctl_upgrade_replaces_every_process(two, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_warm_up_runs_a_guest_units_start_in_the_supervisor(tmp_path, caplog):
+    """Before forking, the supervisor parses a guest unit's command line and builds its
+    device once (their caches then live in shared pages); it must really get through
+    that, not fail quietly."""
+    import logging
+    from balloon_device.host import cli, supervisor
+    from balloon_device.host.config import DaemonConfig
+    argv = ["--socket-dir", str(tmp_path), "--guests", "a,b", "--stats-interval", "1"]
+    cfg = cli.config_from_args(cli._daemon_parser().parse_args(argv))
+    assert isinstance(cfg, DaemonConfig) and cfg.guests
+    units = [supervisor.guest_unit(argv, cfg, n, p) for n, p in cfg.guests]
+    sup = supervisor.Supervisor(units=units, multi=True)
+    try:
+        sup._parser = cli._daemon_parser()
+        seen = []
+        from balloon_device.host import multi
+        orig = multi.make_device
+        multi.make_device = lambda c: seen.append(c) or orig(c)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="vhost-user-balloon.supervisor"):
+                sup._warm_up()
+        finally:
+            multi.make_device = orig
+        assert "warm-up failed" not in caplog.text
+        assert seen and seen[0].guests == (("a", str(tmp_path / "a.sock")),)
+        assert seen[0].stats_interval == 1
+    finally:
+        for u in units:
+            u.sock.close()
+        sup._wake_r.close()
+        sup._wake_w.close()
