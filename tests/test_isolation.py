@@ -482,3 +482,33 @@ def test_warm_up_runs_a_guest_units_start_in_the_supervisor(tmp_path, caplog):
             u.sock.close()
         sup._wake_r.close()
         sup._wake_w.close()
+
+
+def test_shared_guest_process_serves_every_guest_and_survives_a_kill(tmp_path):
+    """--guest-processes shared: one supervised serving process for every guest (no
+    manager, no per-guest process): a SIGKILL of it costs both guests one restart,
+    both sessions come back from the fd store."""
+    d = Supervised(tmp_path, "--guest-processes", "shared", "--unit-watchdog", "0",
+                   guests=("a", "b"))
+    a = b = None
+    try:
+        a, b = connect(tmp_path, d, "a"), connect(tmp_path, d, "b")
+        report_once(a, 0)
+        report_once(b, 0)
+        pa, pb = pid_of(d, "a"), pid_of(d, "b")
+        assert pa == pb and children(d.proc.pid) == [pa]
+        with open(f"/proc/{pa}/comm") as f:
+            assert f.read().strip() == "vub-guests"
+        assert ctl(d, {"cmd": "target", "guest": "b", "bytes": 8 * MiB})["ok"]
+        os.kill(pa, signal.SIGKILL)
+        for n, g in (("a", a), ("b", b)):
+            st = wait_unit(d, n, not_pid=pa)
+            assert st["process"]["restored"] and st["connected"] and g.fe.alive
+            report_once(g, 1)
+        assert d.status("b")["target_pages"] == 8 * MiB >> 12
+        assert len(children(d.proc.pid)) == 1
+    finally:
+        for g in (a, b):
+            if g is not None:
+                g.close()
+        d.stop()

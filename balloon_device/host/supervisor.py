@@ -341,7 +341,8 @@ class Supervisor:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(1)
-            title = "vub-manager" if unit.guest is None else f"vub-guest-{unit.guest[0]}"
+            title = ("vub-guests" if unit.name is None else "vub-manager" if unit.guest is None
+                     else f"vub-guest-{unit.guest[0]}")
             libc.prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)   # ps, top: which unit
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -608,9 +609,16 @@ def socket_holder(cfg):
     return hold
 
 
-def run(argv, cfg=None, watchdog=0.0):
+def run(argv, cfg=None, watchdog=0.0, shared=False):
     if cfg is None or not cfg.guests:
         return Supervisor(child_argv(argv), watchdog=watchdog).run()
+    if shared:
+        # --guest-processes shared: one serving process for every guest (and the control
+        # socket, metrics, policy), forked like the per-guest ones; restarts survive, a
+        # fault in it costs every guest one restart
+        sup = Supervisor(child_argv(argv), watchdog=watchdog)
+        sup.fork_units = True
+        return sup.run()
     manager = Unit("manager", child_argv(argv) + ["--unit", "manager"])
     units = [guest_unit(argv, cfg, n, p) for n, p in cfg.guests] + [manager]
     sup = Supervisor(units=units, watchdog=watchdog, multi=True, manager=manager,
