@@ -144,7 +144,7 @@ def run_one(cfg, rnd, ns, accel):
         if cfg in OURS:
             args = []
             if cfg == "fast":
-                args = ["--policy", "--policy-cgroup", str(parent.path),
+                args = ["--policy", "--policy-fast-reclaim", "--policy-cgroup", str(parent.path),
                         "--policy-floor", f"{ns.pressure_floor}MiB",
                         "--policy-hysteresis", f"{ns.pressure_hysteresis}MiB",
                         "--policy-fast-interval", str(ns.fast_interval),

@@ -281,6 +281,27 @@ def test_stats_buffer_kept_parsed_and_returned(rig):
     assert rig.dev.request_stats() is False  # nothing held any more
 
 
+def test_stats_listener_hears_each_fresh_buffer(rig):
+    """on_stats (the host policy's hook) runs after a stats buffer was parsed and kept,
+    once per buffer; its failure is logged and leaves the queue working."""
+    heard = []
+    rig.dev.on_stats = lambda: heard.append(dict(rig.dev.latest_stats))
+    rig.post("stats", [struct.pack("<HQ", 4, 5 * MiB)], [])
+    assert heard == [{"free_memory": 5 * MiB}]
+    assert rig.dev.request_stats() is True
+    rig.used("stats")
+
+    def broken():
+        raise RuntimeError("listener bug")
+    rig.dev.on_stats = broken
+    rig.post("stats", [struct.pack("<HQ", 4, 6 * MiB)], [])
+    assert rig.dev.latest_stats == {"free_memory": 6 * MiB}
+    assert rig.dev.request_stats() is True and len(rig.used("stats")) == 1
+    rig.dev.on_stats = None
+    rig.post("stats", [struct.pack("<HQ", 4, 7 * MiB)], [])   # no listener: fine
+    assert rig.dev.latest_stats == {"free_memory": 7 * MiB}
+
+
 def test_stats_interval_requests_refresh(monkeypatch):
     """The buffer goes back after stats_interval seconds, not before (the
     event loop's clock is a fake one: no real waiting, no timing)."""
