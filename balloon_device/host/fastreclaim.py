@@ -32,8 +32,14 @@ becomes busy or stalling, or its cap falls below the fast target (it needs its m
 --policy-fast-timeout in any case.
 
 While the host is under pressure or a fast reclaim runs, the policy ticks every
---policy-fast-interval seconds (and asks for stats as often), instead of every
---policy-interval: a 5 s tick would lose against reporting's 6 s.
+--policy-fast-interval seconds and asks for stats every quarter of it, instead of every
+--policy-interval: a 5 s tick would lose against reporting's 6 s. Between idle ticks it
+reads the host every --policy-fast-interval and decides at once when it falls below the
+floor; a decision under pressure first asks for stats older than that interval and
+waits for them (0.5 s at most), so that a guest allocating since the last idle tick is
+seen busy; and stats showing a guest freed --policy-fast-min or more since the last
+tick start the decision at once (PolicyLoop.stats_arrived): the balloon target is set
+within about a quarter interval of the free (reclaim benchmark, docs/benchmarks.md).
 """
 
 import logging

@@ -37,7 +37,14 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
 
 Fast reclaim (fastreclaim.py): under pressure, a guest with a lot of free memory still
 backed on the host gets its balloon raised by all of it at once, and lowered again as
-soon as the balloon got there; the loop then ticks every --policy-fast-interval.
+soon as the balloon got there; the loop then ticks every --policy-fast-interval, asks
+for stats every quarter of it, reads the host that often between idle ticks, and decides
+at once when a guest's fresh stats show a big free under pressure (stats_arrived).
+
+Under pressure a decision is taken on fresh stats: stats older than
+--policy-fast-interval are asked for first, and the decision waits for them (at most
+STATS_WAIT); at the idle pace they come from the previous tick, from before an
+allocation that may be under way since.
 
 Sweeps (sweep.py): while the host is within floor + hysteresis, one quiet guest at a
 time gets its balloon raised by sweep_bytes and lowered again at once, which makes the
