@@ -332,7 +332,9 @@ class BalloonDevice(Device):
         """4 KiB pages -> merged runs as packed vu_seg records; on huge-page
         backings only whole host pages, once all their 4 KiB parts came."""
         runs = []  # [gpa, length]
-        for pfn in pfns:
+        # Linux hands pages over in no particular order (one 4 KiB run each, one
+        # fallocate each: measured 256 per chain); sorted, neighbours merge
+        for pfn in sorted(pfns):
             gpa = pfn << F.PFN_SHIFT
             r = memory.find(gpa)
             if r is None:

@@ -15,6 +15,7 @@ from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
+from vhostuser.vring import SEG
 
 MiB = 1 << 20
 GUEST = 96 * MiB
@@ -236,6 +237,27 @@ def test_inflate_discards_listed_pages_and_deflate_counts(rig):
     rig.post("deflate", [struct.pack(f"<{len(pfns)}I", *pfns)], [])
     assert len(rig.used("deflate")) == 1
     assert rig.dev.counters["inflate_pages"] == rig.dev.counters["deflate_pages"] == 128
+
+
+def test_inflate_pages_in_any_order_are_discarded_as_merged_runs(rig):
+    """Linux lists the pages of an inflate chain in allocation order, descending as
+    often as not: sorted first, 256 neighbours are one run (one fallocate), not 256."""
+    base = rig.data[3] >> 12
+    pfns = [base + i for i in reversed(range(256))] + [base + 511, base + 300]
+    seen = []
+    real = rig.dev.engine.discard
+
+    def spy(memory, raw):
+        seen.append(len(raw) // SEG.size)
+        return real(memory, raw)
+    rig.dev.engine.discard = spy
+    before = blocks(rig.mem.fd)
+    rig.post("inflate", [struct.pack(f"<{len(pfns)}I", *pfns)], [])
+    assert len(rig.used("inflate")) == 1
+    assert seen == [3]                       # runs: 256 pages, one at +300, one at +511
+    assert before - blocks(rig.mem.fd) == 258 * 4096
+    assert rig.mem.read(base << 12, 256 * 4096) == bytes(256 * 4096)
+    assert rig.mem.read((base + 256) << 12, 4096) == bytes([CANARY]) * 4096
 
 
 def test_inflate_pfn_outside_memory_is_ignored(rig):
