@@ -56,7 +56,11 @@ def run_one(cfg, rnd, ns, accel):
     if cfg in ("ours", "policy"):
         args = []
         if cfg == "policy":
-            args = ["--policy", "--policy-fast-reclaim", "--policy-cgroup", str(parent.path),
+            # --deflate-on-oom, as the daemon asks of a policy: without it, churn's
+            # immediate reuse met a fast reclaim's balloon and the guest's OOM killer
+            # ended churn (seen once: 2026-12-01)
+            args = ["--policy", "--policy-fast-reclaim", "--deflate-on-oom",
+                    "--policy-cgroup", str(parent.path),
                     "--policy-floor", f"{ns.policy_floor}MiB", "--policy-hysteresis", "256MiB",
                     "--policy-psi", "0"]
         d = Daemon(tempfile.mkdtemp(prefix="vub-bench-"), log_level="info", args=args,
