@@ -856,3 +856,28 @@ def test_no_host_watch_without_fast_reclaim(monkeypatch):
     pol, host, tick = loop_rig(monkeypatch, {"a": FakeGuest(avail=2048)}, 8192)
     tick(0)
     assert [t for t in pol.loop.timers if t[1] == pol._watch] == []
+
+
+def test_a_fast_reclaim_over_with_the_host_above_its_floor_leaves_no_need_behind(monkeypatch):
+    """While the balloon is on its way the host does not show it yet, and decide() adds
+    the need to the guest's target on every tick; once the host is above its floor the
+    fast reclaim met that need itself: the target goes back to what it was when the fast
+    reclaim started, not to the piled-up need (which the surplus would return only a few
+    MiB a tick, holding memory the guest is about to reuse)."""
+    g = freed_guest()
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
+    g.actual = 0
+    last = tick(0)
+    assert last["fast"] == {"a": (900 - 128) * PG}
+    start = 64 * PG                                   # decide()'s share of the need
+    host[0] = H(2048 - 300)                           # the balloon is not there yet
+    tick(1)
+    tick(1)
+    assert pol.fast.active["a"]["base"] > start + 300 * PG    # the need piled up
+    g.actual = None                                   # the balloon got there, and the
+    host[0] = H(2048 + 600)                           # host is above floor + hysteresis
+    last = tick(1)
+    assert last["fast"] == {} and g.target == start
+    host[0] = H(2048 + 520)                           # surplus: back to 0 from there
+    tick(1)
+    assert g.target < start
