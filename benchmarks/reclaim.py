@@ -12,6 +12,12 @@ configurations, alternated round by round (the starting one rotates):
   ours       our daemon (vhost-user-test-device-pci), free page reporting on
   builtin    QEMU's virtio-balloon-pci,free-page-reporting=on (the reference)
   noreport   QEMU's virtio-balloon-pci,free-page-reporting=off (control)
+  killed     ours, with the serving process SIGKILLed twice (its supervisor
+             restarts it): once while the guest allocates (--kill-alloc-delay s
+             after the allocation starts) and once during the first reporting
+             pass after the free (as soon as the daemon completed a report chain
+             after the guest's `alloc-freed` marker); the time without service of
+             each kill is recorded (kill -> successor restored and answering)
 
 Under pressure (the parent cgroup, standing for the host, gets a limit of
 --pressure-limit MiB: after the allocation its available memory (limit - usage)
@@ -31,8 +37,11 @@ ours/builtin of the median time to 90%.  Writes benchmarks/results/reclaim/.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -45,15 +54,82 @@ from balloon_device.host.harness.daemon import Daemon  # noqa: E402
 from balloon_device.host.harness.reclaim import figures  # noqa: E402
 
 CONFIGS = ("ours", "builtin", "noreport", "fast", "builtin-pressure")
+OURS = ("ours", "fast", "ours-pressure", "killed")
 PRESSURE = ("fast", "builtin-pressure", "ours-pressure")
 LABELS = {"ours": "ours (vhost-user daemon)", "builtin": "QEMU built-in, reporting on",
           "noreport": "QEMU built-in, reporting off",
           "fast": "under pressure: ours + policy, fast reclaim",
           "builtin-pressure": "under pressure: QEMU built-in, reporting on",
-          "ours-pressure": "under pressure: ours, reporting only"}
+          "ours-pressure": "under pressure: ours, reporting only",
+          "killed": "ours, serving process SIGKILLed twice"}
 COLORS = {"ours": "tab:blue", "builtin": "tab:orange", "noreport": "tab:gray",
-          "fast": "tab:purple", "builtin-pressure": "tab:red", "ours-pressure": "tab:cyan"}
+          "fast": "tab:purple", "builtin-pressure": "tab:red", "ours-pressure": "tab:cyan",
+          "killed": "tab:green"}
 DROP = 16 * MIB  # "first drop": level below peak by this much
+
+
+class TwoKills(threading.Thread):
+    """The "killed" configuration: SIGKILL the daemon's serving process while the
+    guest allocates, and again during the first reporting pass after the free
+    (set ``freed`` when the guest's alloc-freed marker is seen). Each kill's record:
+    when (seconds on the sampler's clock), the old pid, and the time without service
+    (until a new serving process answers status with the session restored)."""
+
+    def __init__(self, d, sp, freed, alloc_delay, timeout=120.0):
+        super().__init__(daemon=True)
+        self.d, self.sp, self.freed = d, sp, freed
+        self.alloc_delay, self.timeout = alloc_delay, timeout
+        self.kills = []
+        self.error = None
+
+    def _status(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.d.status()
+            except Exception:   # the control socket is away during a restart
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _kill(self, when):
+        st = self._status()
+        pid, chains = st["process"]["pid"], st["counters"]["report_chains"]
+        t_kill = time.monotonic()
+        rec = {"when": when, "t": round(self.sp.now(), 3), "pid": pid, "chains_before": chains,
+               "before_free": not self.freed.is_set()}
+        os.kill(pid, signal.SIGKILL)
+        while time.monotonic() - t_kill < self.timeout:
+            try:
+                st = self.d.status()
+            except Exception:
+                st = None
+            if st and st["process"]["pid"] != pid and st["connected"]:
+                rec.update(gap_s=round(time.monotonic() - t_kill, 3),
+                           restored=bool(st["process"].get("restored")),
+                           new_pid=st["process"]["pid"])
+                break
+            time.sleep(0.01)
+        else:
+            raise RuntimeError(f"no serving process {self.timeout:g}s after killing {pid}")
+        self.kills.append(rec)
+        return rec
+
+    def run(self):
+        try:
+            time.sleep(self.alloc_delay)
+            self._kill("allocation")
+            if not self.freed.wait(self.timeout):
+                raise RuntimeError("the guest did not free its memory")
+            chains0 = self._status()["counters"]["report_chains"]
+            deadline = time.monotonic() + self.timeout
+            while self._status()["counters"]["report_chains"] <= chains0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no report chain after the free")
+                time.sleep(0.01)
+            self._kill("first reporting pass")
+        except Exception as e:  # noqa: BLE001 - reported with the run
+            self.error = repr(e)
 
 
 def run_one(cfg, rnd, ns, accel):
@@ -65,10 +141,10 @@ def run_one(cfg, rnd, ns, accel):
     g = None
     try:
         kw = {}
-        if cfg in ("ours", "fast", "ours-pressure"):
+        if cfg in OURS:
             args = []
             if cfg == "fast":
-                args = ["--policy", "--policy-cgroup", str(parent.path),
+                args = ["--policy", "--policy-fast-reclaim", "--policy-cgroup", str(parent.path),
                         "--policy-floor", f"{ns.pressure_floor}MiB",
                         "--policy-hysteresis", f"{ns.pressure_hysteresis}MiB",
                         "--policy-fast-interval", str(ns.fast_interval),
@@ -90,13 +166,24 @@ def run_one(cfg, rnd, ns, accel):
             return {"memfd": g.memfd_allocated(), "usage": parent.usage()}
 
         sp = Sampler(sample, interval=0.1).start()
+        killer = None
         try:
             start = g.wait_marker("step-start", timeout=60, name="alloc")
             t_alloc = sp.mark("alloc-start")
+            if cfg == "killed":
+                killer = TwoKills(d, sp, threading.Event(), ns.kill_alloc_delay)
+                killer.start()
             freed = g.wait_marker("alloc-freed", timeout=300, since=start.index)
             t_free = sp.mark("freed")
+            if killer:
+                killer.freed.set()
             g.wait_step("alloc", timeout=60)
             time.sleep(ns.watch)
+            if killer:
+                killer.join(timeout=60)
+                if killer.error or len(killer.kills) != 2:
+                    raise RuntimeError(f"the kills went wrong: {killer.error}\n"
+                                       f"{d.log_text(60)}")
             if not g.alive():
                 raise RuntimeError(f"QEMU died during the run:\n{g.diagnostics()}")
         finally:
@@ -106,6 +193,8 @@ def run_one(cfg, rnd, ns, accel):
         daemon_alive = d.alive() if d else None
         policy_log = [ln for ln in d.log_text(tail=400).splitlines()
                       if "policy" in ln or "pressure" in ln][-60:] if cfg == "fast" else []
+        if cfg == "killed":
+            policy_log = d.log_text(tail=400).splitlines()[-200:]
     finally:
         if g is not None:
             g.close()
@@ -118,6 +207,7 @@ def run_one(cfg, rnd, ns, accel):
            else None, "daemon_counters": counters, "daemon_alive_at_end": daemon_alive,
            "freed_marker": freed.line, "policy_log": policy_log,
            "limit": parent.limit_bytes,
+           "kills": [dict(k, t=round(k["t"] - t_free, 3)) for k in killer.kills] if killer else [],
            "samples": [{"t": round(s["t"] - t_free, 2), "memfd": s.get("memfd"),
                         "usage": s.get("usage")} for s in samples]}
     for key in ("memfd", "usage"):
@@ -160,6 +250,9 @@ def main():
     ap.add_argument("--alloc-mib", type=int, default=800)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", help="results folder (default benchmarks/results/reclaim)")
+    ap.add_argument("--kill-alloc-delay", type=float, default=0.8,
+                    help="killed: seconds after the allocation starts to the first SIGKILL "
+                         "(default 0.8; the allocation takes 2-11 s here)")
     pr = ap.add_argument_group("under pressure (fast, builtin-pressure, ours-pressure)")
     pr.add_argument("--pressure-limit", type=int, default=1600, metavar="MIB",
                     help="limit of the parent cgroup standing for the host (default 1600)")
@@ -184,7 +277,9 @@ def main():
               f"{f(m['t_first_drop'], '{:.1f}')} s, 50% {f(m['t50'], '{:.1f}')} s, "
               f"90% {f(m['t90'], '{:.1f}')} s; never returned {mib(m['never_returned'])} MiB"
               + (f"; daemon {r['daemon_counters']['bytes_discarded'] // MIB} MiB discarded in "
-                 f"{r['daemon_counters']['report_chains']} chains" if r["daemon_counters"] else ""),
+                 f"{r['daemon_counters']['report_chains']} chains" if r["daemon_counters"] else "")
+              + "".join(f"; killed at {k['t']:+.1f} s ({k['when']}), served again after "
+                        f"{k['gap_s'] * 1e3:.0f} ms" for k in r["kills"]),
               flush=True)
         runs.append(r)
     res.data["runs"] = runs
@@ -210,6 +305,14 @@ def main():
     p90u = ratio(summary.get("fast", {}).get("usage", {}).get("t90"),
                  summary.get("builtin-pressure", {}).get("usage", {}).get("t90"))
     res.data["ratio_t90_fast_over_builtin_pressure"] = {"memfd": p90, "usage": p90u}
+    k90 = ratio(summary.get("killed", {}).get("memfd", {}).get("t90"),
+                summary.get("builtin", {}).get("memfd", {}).get("t90"))
+    k90u = ratio(summary.get("killed", {}).get("usage", {}).get("t90"),
+                 summary.get("builtin", {}).get("usage", {}).get("t90"))
+    res.data["ratio_t90_killed_over_builtin"] = {"memfd": k90, "usage": k90u}
+    gaps = {w: [k["gap_s"] for r in runs for k in r["kills"] if k["when"] == w]
+            for w in ("allocation", "first reporting pass")}
+    res.data["kill_gaps_s"] = gaps
     plot(res, runs, ns)
 
     rows = []
@@ -230,6 +333,15 @@ def main():
     if r90 is not None:
         md.append(f"Ratio ours / built-in, time to 90%: **{f(r90, '{:.2f}')}** (memfd), "
                   f"{f(r90u, '{:.2f}')} (cgroup usage); target <= 1.05.")
+    if k90 is not None:
+        md.append("")
+        md.append(f"Two SIGKILLs of the serving process (one {ns.kill_alloc_delay:g} s into the "
+                  "allocation, one right after the first report chain after the free): ratio "
+                  f"killed / built-in, time to 90%: **{f(k90, '{:.2f}')}** (memfd), "
+                  f"{f(k90u, '{:.2f}')} (cgroup usage); target (issue 12) <= 1.25. Time without "
+                  "service per kill (kill -> successor restored and answering), ms: "
+                  + "; ".join(f"{w}: " + ", ".join(f"{g * 1e3:.0f}" for g in gs)
+                              for w, gs in gaps.items()) + ".")
     if p90 is not None:
         md.append("")
         md.append(f"Under pressure (parent cgroup limit {ns.pressure_limit} MiB, policy floor "

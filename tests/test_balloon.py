@@ -15,6 +15,7 @@ from vhostuser.testing.driver import DriverQueue, GuestMemory
 from vhostuser.testing.frontend import Frontend
 from vhostuser import messages as m
 from vhostuser.messages import Request as R
+from vhostuser.vring import SEG
 
 MiB = 1 << 20
 GUEST = 96 * MiB
@@ -238,6 +239,27 @@ def test_inflate_discards_listed_pages_and_deflate_counts(rig):
     assert rig.dev.counters["inflate_pages"] == rig.dev.counters["deflate_pages"] == 128
 
 
+def test_inflate_pages_in_any_order_are_discarded_as_merged_runs(rig):
+    """Linux lists the pages of an inflate chain in allocation order, descending as
+    often as not: sorted first, 256 neighbours are one run (one fallocate), not 256."""
+    base = rig.data[3] >> 12
+    pfns = [base + i for i in reversed(range(256))] + [base + 511, base + 300]
+    seen = []
+    real = rig.dev.engine.discard
+
+    def spy(memory, raw):
+        seen.append(len(raw) // SEG.size)
+        return real(memory, raw)
+    rig.dev.engine.discard = spy
+    before = blocks(rig.mem.fd)
+    rig.post("inflate", [struct.pack(f"<{len(pfns)}I", *pfns)], [])
+    assert len(rig.used("inflate")) == 1
+    assert seen == [3]                       # runs: 256 pages, one at +300, one at +511
+    assert before - blocks(rig.mem.fd) == 258 * 4096
+    assert rig.mem.read(base << 12, 256 * 4096) == bytes(256 * 4096)
+    assert rig.mem.read((base + 256) << 12, 4096) == bytes([CANARY]) * 4096
+
+
 def test_inflate_pfn_outside_memory_is_ignored(rig):
     before = blocks(rig.mem.fd)
     rig.post("inflate", [struct.pack("<2I", 0xFFFFFFFF, 5)], [])
@@ -279,6 +301,27 @@ def test_stats_buffer_kept_parsed_and_returned(rig):
     assert rig.dev.request_stats() is True
     assert [u.id for u in rig.used("stats")] == [head]
     assert rig.dev.request_stats() is False  # nothing held any more
+
+
+def test_stats_listener_hears_each_fresh_buffer(rig):
+    """on_stats (the host policy's hook) runs after a stats buffer was parsed and kept,
+    once per buffer; its failure is logged and leaves the queue working."""
+    heard = []
+    rig.dev.on_stats = lambda: heard.append(dict(rig.dev.latest_stats))
+    rig.post("stats", [struct.pack("<HQ", 4, 5 * MiB)], [])
+    assert heard == [{"free_memory": 5 * MiB}]
+    assert rig.dev.request_stats() is True
+    rig.used("stats")
+
+    def broken():
+        raise RuntimeError("listener bug")
+    rig.dev.on_stats = broken
+    rig.post("stats", [struct.pack("<HQ", 4, 6 * MiB)], [])
+    assert rig.dev.latest_stats == {"free_memory": 6 * MiB}
+    assert rig.dev.request_stats() is True and len(rig.used("stats")) == 1
+    rig.dev.on_stats = None
+    rig.post("stats", [struct.pack("<HQ", 4, 7 * MiB)], [])   # no listener: fine
+    assert rig.dev.latest_stats == {"free_memory": 7 * MiB}
 
 
 def test_stats_interval_requests_refresh(monkeypatch):

@@ -342,3 +342,13 @@ def test_ctl_target_is_bounded_by_guest_ram(tmp_path):
     finally:
         a.close()
         d.close()
+
+
+def test_watch_stats_calls_back_with_the_guest_name():
+    from balloon_device.device import BalloonDevice
+    from balloon_device.host.multi import Guest, current_guest
+    heard = []
+    g = Guest("vm1", BalloonDevice())
+    g.watch_stats(lambda name: heard.append((name, current_guest.get())))
+    g.device.on_stats()
+    assert heard == [("vm1", "vm1")]      # in the guest's logging context

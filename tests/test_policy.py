@@ -442,20 +442,27 @@ def test_fast_reclaim_ends_when_the_pressure_is_over(monkeypatch):
     assert g.target == 0                         # decide()'s own target (surplus: 0)
 
 
-def test_fast_pace_asks_for_stats_half_way(monkeypatch):
+def test_fast_pace_asks_for_stats_every_quarter(monkeypatch):
     g = freed_guest()
     g.actual = 0
     pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
     tick(0)
     refresh, nxt = pol.loop.timers[-2:]
-    assert nxt[0] == 1.0 and refresh[0] == 0.5
+    assert nxt[0] == 1.0 and refresh[0] == 0.25
     before = g.stats_requests
-    refresh[1]()
-    assert g.stats_requests == before + 1
+    for k in range(3):                           # at 1/4, 2/4 and 3/4 of the interval
+        refresh[1]()
+        assert g.stats_requests == before + k + 1
+        if k < 2:
+            refresh = pol.loop.timers[-1]
+            assert refresh[0] == 0.25
+            pol.loop.timers.pop()
+    assert pol.loop.timers[-1] is nxt            # no fourth: the tick asks itself
     host[0] = H(8192)
     n = len(pol.loop.timers)
-    tick(1)                                      # pops one timer, adds the next tick only
-    assert len(pol.loop.timers) == n and pol.loop.timers[-1][0] == 5.0
+    tick(1)                     # pops one timer, adds the next tick and the host watch
+    assert len(pol.loop.timers) == n + 1 and pol.loop.timers[-1][0] == 5.0
+    assert pol.loop.timers[-2][0] == 1.0 and pol.loop.timers[-2][1] == pol._watch
 
 
 def test_fast_reclaim_never_squeezes_a_busy_guest(monkeypatch):
@@ -753,3 +760,124 @@ def test_policy_runs_without_taskstats_when_pyroute2_is_unusable(monkeypatch):
     loop.timers.pop()[1]()
     assert pol.last is not None and "pyroute2" in pol.last["taskstats_error"]
     assert guests["a"].set_calls        # the policy still decides
+
+
+# ---- deciding on fresh stats ------------------------------------------------------
+
+def test_pressure_onset_decides_on_fresh_stats(monkeypatch):
+    """At the idle pace the stats are a whole interval old: from before an allocation
+    that may be under way. When the host is short, the tick first asks for fresh stats
+    and decides once they are in: the allocating guest is seen busy, not inflated (with
+    the stale stats it was, and its allocation met the balloon: the guest's OOM killer
+    ended it, seen in the reclaim benchmark)."""
+    g = FakeGuest(avail=2048)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 8192)
+    tick(0)
+    asked = g.stats_requests
+    g.stats_age = 5.0                            # it allocates; the stats do not show it yet
+    host[0] = H(2048 - 256)
+    tick(5)
+    assert g.set_calls == [] and g.stats_requests == asked + 1
+    assert pol.loop.timers[-1][0] == 0.5         # decides within 0.5 s in any case
+    g.avail, g.stats_age = 1000, 0.0             # the fresh stats: 1 GiB taken
+    pol.stats_arrived("a")
+    assert pol.loop.timers[-1][0] == 0           # all in: decide now
+    last = tick(0)
+    assert last["busy"] == ["a"] and g.set_calls == []
+
+
+def test_a_deferred_decision_does_not_wait_for_ever(monkeypatch):
+    g = FakeGuest(avail=2048, stats_age=5.0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 256)
+    tick(0)
+    assert pol.last is None and g.set_calls == []
+    last = tick(0.5)                             # no answer: decide on what there is
+    assert last is not None and g.set_calls == [256 * PG]
+    assert pol.loop.timers[-1][0] == CFG.interval
+
+
+def test_a_big_free_under_pressure_is_decided_on_at_once(monkeypatch):
+    """With fast reclaim, fresh stats showing a guest freed --policy-fast-min or more
+    since the last tick start the decision at once, not at the next tick."""
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, FAST_CFG)
+    tick(0)
+    g.avail, g.backed = 100, 4096                 # it allocates 800 MiB
+    host[0] = H(2048 - 512)
+    assert tick(1)["busy"] == ["a"]
+    n = len(pol.loop.timers)
+    g.avail = 300                                 # 200 MiB back: wait for the tick
+    pol.stats_arrived("a")
+    assert len(pol.loop.timers) == n
+    g.avail = 900                                 # the allocator exited
+    pol.stats_arrived("a")
+    assert pol.loop.timers[-1][0] == 0
+    last = tick(0.1)
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+    n = len(pol.loop.timers)
+    pol.stats_arrived("a")                        # nothing new since that decision
+    assert len(pol.loop.timers) == n
+
+
+def test_no_early_decision_without_fast_reclaim_or_pressure(monkeypatch):
+    from dataclasses import replace
+    for cfg, host_mib in ((replace(FAST_CFG, fast_reclaim=False), 2048 - 512),
+                          (FAST_CFG, 8192)):
+        g = freed_guest(free=900, unreported=0)
+        g.avail = 100
+        pol, host, tick = loop_rig(monkeypatch, {"a": g}, host_mib, cfg)
+        tick(0)
+        n = len(pol.loop.timers)
+        g.avail = 900
+        pol.stats_arrived("a")
+        assert len(pol.loop.timers) == n
+
+
+def test_fast_reclaim_watches_the_host_between_idle_ticks(monkeypatch):
+    """With fast reclaim, the host is read every --policy-fast-interval at the idle
+    pace: the decision starts when the pressure does, not up to a tick later."""
+    g = freed_guest()
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 8192, FAST_CFG)
+    tick(0)
+    watch, nxt = pol.loop.timers[-2:]
+    assert watch == (1.0, pol._watch) and nxt[0] == 5.0
+    watch[1]()                                    # still fine: watch again
+    assert pol.loop.timers[-1] == (1.0, pol._watch)
+    pol.loop.timers.pop()
+    assert g.set_calls == []
+    host[0] = H(2048 - 64)
+    watch[1]()
+    assert pol.loop.timers[-1][0] == 0            # short: decide now
+    g.actual = 0
+    assert tick(0.2)["fast"] == {"a": (900 - 128) * PG}
+
+
+def test_no_host_watch_without_fast_reclaim(monkeypatch):
+    pol, host, tick = loop_rig(monkeypatch, {"a": FakeGuest(avail=2048)}, 8192)
+    tick(0)
+    assert [t for t in pol.loop.timers if t[1] == pol._watch] == []
+
+
+def test_a_fast_reclaim_over_with_the_host_above_its_floor_leaves_no_need_behind(monkeypatch):
+    """While the balloon is on its way the host does not show it yet, and decide() adds
+    the need to the guest's target on every tick; once the host is above its floor the
+    fast reclaim met that need itself: the target goes back to what it was when the fast
+    reclaim started, not to the piled-up need (which the surplus would return only a few
+    MiB a tick, holding memory the guest is about to reuse)."""
+    g = freed_guest()
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
+    g.actual = 0
+    last = tick(0)
+    assert last["fast"] == {"a": (900 - 128) * PG}
+    start = 64 * PG                                   # decide()'s share of the need
+    host[0] = H(2048 - 300)                           # the balloon is not there yet
+    tick(1)
+    tick(1)
+    assert pol.fast.active["a"]["base"] > start + 300 * PG    # the need piled up
+    g.actual = None                                   # the balloon got there, and the
+    host[0] = H(2048 + 600)                           # host is above floor + hysteresis
+    last = tick(1)
+    assert last["fast"] == {} and g.target == start
+    host[0] = H(2048 + 520)                           # surplus: back to 0 from there
+    tick(1)
+    assert g.target < start

@@ -266,10 +266,12 @@ class PolicyMachine(RuleBasedStateMachine):
             assert g.target == targets[n], n
         swept = last["sweeping"]
         fast = last["fast"]
-        self.check_fast(host, fast, swept, live, now)
+        reset = self.check_fast(host, fast, swept, live, now)
+        for n in reset:                                 # decide() goes on from there
+            self.base[n] = targets[n]
         self.check_stalling(host, live)
         differ = {n for n in live if targets[n] != self.decided[n]}
-        assert differ <= ({swept} if swept else set()) | set(fast), (differ, swept, fast)
+        assert differ <= ({swept} if swept else set()) | set(fast) | reset, (differ, swept, fast)
         if swept is None:
             self.sweep = None
             if before:                                  # a sweep ended: decide()'s target
@@ -333,13 +335,20 @@ class PolicyMachine(RuleBasedStateMachine):
         if not short:
             assert fast == {}, ("fast reclaim kept after the pressure", fast)
         assert swept not in fast
-        for n, (started, goal) in list(self.fast.items()):
+        reset = set()
+        for n, (started, goal, start) in list(self.fast.items()):
             if n not in fast:
                 del self.fast[n]
                 v = self.views.get(n)
                 if v is not None and (v.actual_pages >= goal or now - started >= CFG.fast_timeout):
                     self.fast_end[n] = now       # done or timed out: cooldown
                 event("fast reclaim ended")
+                if n in live and not under and self.decided[n] > start:
+                    # the need decide() piled up meanwhile was met by the fast reclaim:
+                    # back to the target it had when it started
+                    assert targets[n] == start, (n, targets[n], start)
+                    reset.add(n)
+                    event("fast reclaim ended: back to its start")
                 continue
             # still running: it did not get there yet, and is within its timeout
             assert fast[n] == goal, "the fast target moved"
@@ -359,8 +368,9 @@ class PolicyMachine(RuleBasedStateMachine):
                     assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
                         >= CFG.fast_min_bytes
                 assert now - self.fast_end.get(n, -1e9) >= CFG.fast_cooldown, "restarted at once"
-                self.fast[n] = (now, goal)
+                self.fast[n] = (now, goal, self.decided[n])
                 event("fast reclaim started")
+        return reset
 
 
 TestPolicyProps = PolicyMachine.TestCase

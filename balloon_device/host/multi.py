@@ -167,6 +167,10 @@ class Guest:
     def set_stats_interval(self, seconds):
         return self.call(self.device.set_stats_interval, seconds)
 
+    def watch_stats(self, cb):
+        """cb(name) after each fresh stats buffer of this guest (on the loop thread)."""
+        self.device.on_stats = lambda: self.call(cb, self.name)
+
 
 def make_device(cfg):
     return BalloonDevice(discard_mode=cfg.discard, reporting=cfg.reporting, stats=cfg.stats,

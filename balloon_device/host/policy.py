@@ -37,7 +37,14 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
 
 Fast reclaim (fastreclaim.py): under pressure, a guest with a lot of free memory still
 backed on the host gets its balloon raised by all of it at once, and lowered again as
-soon as the balloon got there; the loop then ticks every --policy-fast-interval.
+soon as the balloon got there; the loop then ticks every --policy-fast-interval, asks
+for stats every quarter of it, reads the host that often between idle ticks, and decides
+at once when a guest's fresh stats show a big free under pressure (stats_arrived).
+
+Under pressure a decision is taken on fresh stats: stats older than
+--policy-fast-interval are asked for first, and the decision waits for them (at most
+STATS_WAIT); at the idle pace they come from the previous tick, from before an
+allocation that may be under way since.
 
 Sweeps (sweep.py): while the host is within floor + hysteresis, one quiet guest at a
 time gets its balloon raised by sweep_bytes and lowered again at once, which makes the
@@ -56,6 +63,7 @@ from .sweep import Sweeper
 log = logging.getLogger("vhost-user-balloon.policy")
 
 PAGE = 4096
+STATS_WAIT = 0.5    # seconds a deferred decision waits for fresh stats at most
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -304,6 +312,9 @@ class PolicyLoop:
         self.last = None          # snapshot of the last tick, for status / metrics
         self._handle = None
         self._stats_handle = None
+        self._watch_handle = None
+        self._refreshes = 0       # stats refreshes left before the next fast-pace tick
+        self._waiting = None      # names whose fresh stats the deferred tick waits for
         self._was_pressure = False
         self._hist = {}           # name -> [(available bytes, actual pages)] of the last 3 ticks
         self._busy_until = {}     # name -> monotonic time its busy state ends
@@ -344,14 +355,26 @@ class PolicyLoop:
         log.info("memory policy on: keep %d MiB available on the host, guests keep at least "
                  "%d MiB, check every %gs", self.cfg.floor_bytes >> 20,
                  self.cfg.guest_min_bytes >> 20, self.cfg.interval)
+        for guest in self.guests.values():
+            watch = getattr(guest, "watch_stats", None)
+            if watch is not None:
+                watch(self.stats_arrived)
+        self._handle = self.loop.call_later(0, self._tick)
+
+    def _cancel_timers(self):
+        for attr in ("_handle", "_stats_handle", "_watch_handle"):
+            handle = getattr(self, attr)
+            if handle is not None:
+                self.loop.cancel(handle)
+                setattr(self, attr, None)
+
+    def _tick_now(self):
+        """Decide at once (the next tick is scheduled from there)."""
+        self._cancel_timers()
         self._handle = self.loop.call_later(0, self._tick)
 
     def stop(self):
-        self.loop.cancel(self._handle)
-        self._handle = None
-        if self._stats_handle is not None:
-            self.loop.cancel(self._stats_handle)
-            self._stats_handle = None
+        self._cancel_timers()
         if self.pressure is not None:
             self.pressure.close()
 
@@ -367,19 +390,94 @@ class PolicyLoop:
             return replace(view, stalling=True)
         return view
 
+    @property
+    def _fresh_age(self):
+        """Stats older than this are refreshed before a decision under pressure."""
+        return min(self.cfg.fast_interval, self.cfg.interval)
+
+    def _defer_for_stats(self):
+        """Under pressure, decide on fresh stats: ask the guests whose stats are older
+        than _fresh_age (at the idle pace they are a whole --policy-interval old, from
+        before an allocation that may be under way) and decide when they are all in
+        (stats_arrived), or after STATS_WAIT at the latest. True: deferred."""
+        if self._waiting is not None:      # the wait is over
+            self._waiting = None
+            return False
+        host = self.read_host()
+        if not (self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)):
+            return False
+        stale = []
+        for name, guest in self.guests.items():
+            st = guest.status()
+            age = st.device.stats_age
+            if st.serving and age is not None and age > self._fresh_age:
+                if self._each(name, guest.request_stats) is not False:
+                    stale.append(name)
+        if not stale:
+            return False
+        self._waiting = set(stale)
+        self._handle = self.loop.call_later(min(STATS_WAIT, self._fresh_age), self._tick)
+        return True
+
+    def stats_arrived(self, name):
+        """A guest's device got fresh stats (its on_stats hook, on the loop thread):
+        the deferred tick may go on; and under pressure with fast reclaim, a guest
+        whose available memory rose by --policy-fast-min since the last tick (it freed
+        a lot) is decided on at once rather than at the next tick."""
+        if self._handle is None:
+            return
+        if self._waiting is not None:
+            self._waiting.discard(name)
+            if not self._waiting:
+                self._tick_now()
+            return
+        if not (self.fast.enabled and (self.last or {}).get("pressure")):
+            return
+        hist = self._hist.get(name)
+        if not hist or name in self.fast.active or name not in self.guests:
+            return
+        avail = view_of(self.guests[name].status(), self.cfg).available_bytes
+        if avail is not None and avail - hist[-1][1] >= self.cfg.fast_min_bytes:
+            log.info("policy: guest %s freed %d MiB while the host is short: deciding now",
+                     name, (avail - hist[-1][1]) >> 20)
+            self._tick_now()
+
     def _tick(self):
+        self._cancel_timers()
         try:
+            if self._defer_for_stats():
+                return
             self.tick()
         except Exception:
             log.exception("memory policy tick failed; trying again in %gs", self.cfg.interval)
+            self._waiting = None
             self._handle = self.loop.call_later(self.cfg.interval, self._tick)
             return
         nxt = self.next_interval()
         if nxt < self.cfg.interval:
-            # fast pace: fresh stats half way, so the next tick sees them at most half an
-            # interval old (the guest answers within milliseconds)
-            self._stats_handle = self.loop.call_later(nxt / 2, self._refresh_stats)
+            # fast pace: fresh stats every quarter interval, so the next tick sees them
+            # at most a quarter interval old (the guest answers within milliseconds),
+            # and a guest that frees a lot is seen within a quarter (stats_arrived)
+            self._refreshes = 2
+            self._stats_handle = self.loop.call_later(nxt / 4, self._refresh_stats)
+        elif self.fast.enabled and self.cfg.fast_interval < self.cfg.interval:
+            # idle pace: watch the host (a cheap read) every --policy-fast-interval, so
+            # that fast reclaim starts when the pressure does, not up to a tick later
+            self._watch_handle = self.loop.call_later(self.cfg.fast_interval, self._watch)
         self._handle = self.loop.call_later(nxt, self._tick)
+
+    def _watch(self):
+        self._watch_handle = None
+        try:
+            host = self.read_host()
+            if self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg):
+                log.info("policy: host memory below the floor (%d MiB available): deciding "
+                         "now", host.available_bytes >> 20)
+                self._tick_now()
+                return
+        except Exception:
+            log.exception("policy: reading host memory failed")
+        self._watch_handle = self.loop.call_later(self.cfg.fast_interval, self._watch)
 
     def _refresh_stats(self):
         self._stats_handle = None
@@ -389,6 +487,10 @@ class PolicyLoop:
                     guest.request_stats()
             except Exception:
                 log.exception("policy: asking guest %s for stats failed", guest.name)
+        if self._refreshes > 0:
+            self._refreshes -= 1
+            self._stats_handle = self.loop.call_later(self.next_interval() / 4,
+                                                      self._refresh_stats)
 
     def _each(self, name, fn, *args):
         """fn(*args) for one guest: its error is its own (logged, that guest's frontend
