@@ -30,6 +30,30 @@ log = logging.getLogger(__name__)
 # after the checkpoint of that stage ("handled", "consumed") of that request, or
 # right after its reply was sent, before that was recorded ("sent")
 CRASH_AT = os.environ.get("VUB_CRASH_AT", "")
+# Fault injection for tests: "N" SIGKILLs the first serving process at the N-th boundary
+# (counted from 1) once a frontend is connected. Boundaries: a state write done ("write"),
+# just before and just after a progress record ("pre-consumed": the message is out of
+# the socket, unrecorded; "pre-replied": its reply is sent, unrecorded; "consumed",
+# "replied"), a chain discarded before it is completed ("discard"), a CONFIG_CHANGE_MSG
+# sent before its ack is read ("config-change"). tests/test_restart_machine.py picks N.
+CRASH_AFTER = int(os.environ.get("VUB_CRASH_AFTER", "0") or 0)
+_boundaries = itertools.count(1)
+
+
+def boundary(kind, session=None):
+    """One more kill point passed; SIGKILL ourselves if it is the VUB_CRASH_AFTER-th.
+    session: only counted while its frontend is connected."""
+    if not CRASH_AFTER or os.environ.get("VUB_RESTARTS", "0") != "0":
+        return
+    if session is not None:
+        server = session.guest.server
+        if server is None or server.conn is None:
+            return
+    n = next(_boundaries)
+    log.debug("VUB_CRASH_AFTER: boundary %d (%s)", n, kind)
+    if n == CRASH_AFTER:
+        log.warning("VUB_CRASH_AFTER=%d: killing myself at a %s boundary", n, kind)
+        os.kill(os.getpid(), 9)
 
 MAGIC = b"VUBSTATE"
 HEADER = struct.Struct("<8sQIII")
@@ -47,6 +71,21 @@ def install_crash_points(device, backend):
     a CONFIG_CHANGE_MSG was sent, before its ack is read (sent:CONFIG_CHANGE_MSG)."""
     if os.environ.get("VUB_RESTARTS", "0") != "0":
         return
+    if CRASH_AFTER:
+        send_ = backend.notify_config_change
+        discard_ = device._discard
+
+        def send_counted():
+            ok = send_()
+            boundary("config-change")
+            return ok
+
+        def discard_counted(*args, **kw):
+            done = discard_(*args, **kw)
+            boundary("discard")
+            return done
+        backend.notify_config_change = send_counted
+        device._discard = discard_counted
     if CRASH_AT == "sent:CONFIG_CHANGE_MSG":
         send = backend.notify_config_change
 
@@ -189,6 +228,7 @@ class GuestSession:
             self.pending = {"msg": _b(pending["msg"]), "reply": _b(pending["reply"]),
                             "reply_fd": pending["reply_fd"], "stage": pending["stage"]}
         self._write()
+        boundary("write", self)
         for name in self._to_remove:
             self.store.remove(name)
         self._to_remove = []
@@ -198,12 +238,14 @@ class GuestSession:
     def progress(self, stage):
         if self.pending is None:
             return
+        boundary("pre-" + (stage or "replied"), self)
         if stage is None:
             self._crash_point("sent", _unb(self.pending["msg"]))
             self.pending = None
         else:
             self.pending["stage"] = stage
         self.state.write_progress(stage)
+        boundary(stage or "replied", self)
         if stage is not None:
             self._crash_point(stage, _unb(self.pending["msg"]))
 
