@@ -9,7 +9,8 @@ between sending a reply and recording it is a few instructions, not a state writ
 
 GuestSession is the FdObserver (vhostuser/restart.py) of one guest's Server: it
 pushes each fd the session keeps to the fd store under a name that says what it is,
-and writes the guest's state (protocol snapshot, device state, fd names, the message
+keeps the reply outbox (a pipe, both ends in the store: a reply goes out exactly
+once across a kill), and writes the guest's state (protocol snapshot, device state, fd names, the message
 being handled) ahead of acting on it. Stale fds leave the store only after the
 checkpoint that stopped referring to them.
 """
@@ -21,6 +22,8 @@ import logging
 import os
 import struct
 import zlib
+
+from vhostuser.restart import ReplyOutbox
 
 from .fdstore import fd_name, same_fd
 
@@ -170,10 +173,15 @@ def _unb(text):
     return None if text is None else base64.b64decode(text)
 
 
+def outbox_names(guest):
+    """The fd store names of a guest's reply outbox (read end, write end)."""
+    return fd_name(guest, "outbox", "r"), fd_name(guest, "outbox", "w")
+
+
 class GuestSession:
     """FdObserver for one guest: fd store names + write-ahead state."""
 
-    def __init__(self, store, guest, state=None):
+    def __init__(self, store, guest, state=None, outbox=None):
         self.store = store
         self.guest = guest            # host Guest (name, device, server)
         self.state = state or StateFile.create()
@@ -189,6 +197,11 @@ class GuestSession:
         self.state_name = fd_name(guest.name, "state")
         if state is None:
             store.push(self.state_name, self.state.fd)
+        if outbox is None:  # replies go out through it (vhostuser/restart.py ReplyOutbox)
+            outbox = ReplyOutbox.create()
+            for name, fd in zip(outbox_names(guest.name), outbox.fds()):
+                store.push(name, fd)
+        self.outbox = outbox
 
     def pin(self, name, fd):
         """An fd the host stored itself (the listening socket): aliases may point at it."""
@@ -226,7 +239,8 @@ class GuestSession:
     def checkpoint(self, pending=None):
         if pending is not None:
             self.pending = {"msg": _b(pending["msg"]), "reply": _b(pending["reply"]),
-                            "reply_fd": pending["reply_fd"], "stage": pending["stage"]}
+                            "reply_fd": pending["reply_fd"], "stage": pending["stage"],
+                            "outbox": pending.get("outbox", False)}
         self._write()
         boundary("write", self)
         for name in self._to_remove:
