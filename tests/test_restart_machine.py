@@ -3,10 +3,10 @@
 The daemon runs under its real supervisor (test_restart.Supervised); the machine plays
 QEMU over a real socket with a driver's rings in a memfd (test_restart.Guest). Kills
 come two ways: from outside (SIGKILL at a random moment, also in the middle of a
-message: the first k bytes sent, the kill, then the rest), and from inside at the N-th
-internal boundary of the first serving process (VUB_CRASH_AFTER=N, see
-balloon_device/host/state.py: state writes, progress records and the moments just
-before them, chain discards, CONFIG_CHANGE_MSG sends), N chosen by Hypothesis.
+message: the first k bytes sent, the kill, then the rest), and from inside: the r-th
+serving process kills itself at its N_r-th internal boundary (VUB_CRASH_AFTER=N0,N1,..,
+see balloon_device/host/state.py: state writes, progress records and the moments just
+before them, chain discards, CONFIG_CHANGE_MSG sends), the Ns chosen by Hypothesis.
 
 The frontend's view is checked after every step: each request that wants a reply got
 exactly one, of its own type (an extra reply left in the socket is a failure), each
@@ -15,7 +15,7 @@ chains keep being completed after each kill, the supervisor is alive and the
 frontend's socket never saw EOF.
 
 Each example starts a daemon and each kill costs a Python start-up (0.3-1 s), so the
-machine is small: 12 examples of up to 10 steps, derandomized (no example database)
+machine is small: 12 examples of up to 8 steps, derandomized (no example database)
 so that CI runs the same examples every time.
 """
 
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
@@ -70,11 +70,14 @@ class KillMachine(RuleBasedStateMachine):
         self.slot = 0
 
     # QEMU's handshake (test_restart.Guest) passes 206 boundaries; then each request
-    # passes 5 and each chain 1 (more with a state write)
-    @initialize(crash_after=st.one_of(st.integers(207, 245), st.integers(1, 206), st.just(0)))
-    def start(self, crash_after):
+    # passes 5 and each chain 1 (more with a state write). The first process dies at
+    # its first N (0: never), the next ones (restarted after any kill) at theirs.
+    @initialize(first=st.one_of(st.integers(207, 245), st.integers(1, 206), st.just(0)),
+                later=st.lists(st.integers(1, 30), min_size=1, max_size=3))
+    def start(self, first, later):
+        crash_after = ",".join(str(n) for n in [first, *later])
         self.tmp = Path(tempfile.mkdtemp(prefix="vub-killsm-"))
-        env = {"VUB_CRASH_AFTER": str(crash_after)} if crash_after else {}
+        env = {"VUB_CRASH_AFTER": crash_after}
         self.d = Supervised(self.tmp, env=env)
         self.g = MachineGuest(self.d.sock)
         self.outstanding = {role: set() for role in self.g.q}
@@ -254,10 +257,17 @@ class KillMachine(RuleBasedStateMachine):
         self.ack_config_changes()
         self.nothing_extra()
         assert self.g.fe.alive and self.d.proc.poll() is None
-        assert "frontend disconnected" not in self.d.log.read_text(errors="replace")
+        log = self.d.log.read_text(errors="replace")
+        assert "frontend disconnected" not in log
+        # what the example exercised (pytest --hypothesis-show-statistics)
+        for line in log.splitlines():
+            if "VUB_CRASH_AFTER: killing myself" in line:
+                event("internal kill at a " + line.rsplit(", a ", 1)[1])
+        event(f"outside kills: {min(self.kills, 3)}{'+' if self.kills > 3 else ''}")
+        event(f"restarts: {log.count('started serving process') - 1}")
 
 
 KillMachine.TestCase.settings = settings(
-    max_examples=12, stateful_step_count=10, deadline=None, derandomize=True,
+    max_examples=12, stateful_step_count=8, deadline=None, derandomize=True,
     database=None, suppress_health_check=list(HealthCheck))
 TestKillMachine = KillMachine.TestCase

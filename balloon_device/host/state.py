@@ -33,20 +33,29 @@ log = logging.getLogger(__name__)
 # after the checkpoint of that stage ("handled", "consumed") of that request, or
 # right after its reply was sent, before that was recorded ("sent")
 CRASH_AT = os.environ.get("VUB_CRASH_AT", "")
-# Fault injection for tests: "N" SIGKILLs the first serving process at the N-th boundary
-# (counted from 1) once a frontend is connected. Boundaries: a state write done ("write"),
-# just before and just after a progress record ("pre-consumed": the message is out of
-# the socket, unrecorded; "pre-replied": its reply is sent, unrecorded; "consumed",
-# "replied"), a chain discarded before it is completed ("discard"), a CONFIG_CHANGE_MSG
-# sent before its ack is read ("config-change"). tests/test_restart_machine.py picks N.
-CRASH_AFTER = int(os.environ.get("VUB_CRASH_AFTER", "0") or 0)
+# Fault injection for tests: "N1,N2,..." makes the r-th serving process (r = 0 for the
+# first, VUB_RESTARTS) SIGKILL itself at its N_r-th boundary (counted from 1 while a
+# frontend is connected, from the restore on in a successor); "N" kills the first one
+# only. Boundaries: a state write done ("write"), just before and just after a progress
+# record ("pre-consumed": the message is out of the socket, unrecorded; "pre-replied":
+# its reply is sent, unrecorded; "consumed", "replied"), a chain discarded before it is
+# completed ("discard"), a CONFIG_CHANGE_MSG sent before its ack is read
+# ("config-change"). tests/test_restart_machine.py picks the Ns.
+def _crash_after():
+    spec = os.environ.get("VUB_CRASH_AFTER", "")
+    restarts = int(os.environ.get("VUB_RESTARTS", "0") or 0)
+    ns = [int(n) for n in spec.split(",") if n.strip()]
+    return ns[restarts] if restarts < len(ns) else 0
+
+
+CRASH_AFTER = _crash_after()
 _boundaries = itertools.count(1)
 
 
 def boundary(kind, session=None):
-    """One more kill point passed; SIGKILL ourselves if it is the VUB_CRASH_AFTER-th.
+    """One more kill point passed; SIGKILL ourselves if it is the CRASH_AFTER-th.
     session: only counted while its frontend is connected."""
-    if not CRASH_AFTER or os.environ.get("VUB_RESTARTS", "0") != "0":
+    if not CRASH_AFTER:
         return
     if session is not None:
         server = session.guest.server
@@ -55,8 +64,9 @@ def boundary(kind, session=None):
     n = next(_boundaries)
     log.debug("VUB_CRASH_AFTER: boundary %d (%s)", n, kind)
     if n == CRASH_AFTER:
-        log.warning("VUB_CRASH_AFTER=%d: killing myself at a %s boundary", n, kind)
+        log.warning("VUB_CRASH_AFTER: killing myself at boundary %d, a %s boundary", n, kind)
         os.kill(os.getpid(), 9)
+
 
 MAGIC = b"VUBSTATE"
 HEADER = struct.Struct("<8sQIII")
@@ -72,8 +82,6 @@ def install_crash_points(device, backend):
     """Tests: SIGKILL the first serving process right after a reported chain was
     discarded, before it is completed (VUB_CRASH_AT=discarded:reporting), or right after
     a CONFIG_CHANGE_MSG was sent, before its ack is read (sent:CONFIG_CHANGE_MSG)."""
-    if os.environ.get("VUB_RESTARTS", "0") != "0":
-        return
     if CRASH_AFTER:
         send_ = backend.notify_config_change
         discard_ = device._discard
@@ -89,6 +97,8 @@ def install_crash_points(device, backend):
             return done
         backend.notify_config_change = send_counted
         device._discard = discard_counted
+    if os.environ.get("VUB_RESTARTS", "0") != "0":
+        return
     if CRASH_AT == "sent:CONFIG_CHANGE_MSG":
         send = backend.notify_config_change
 
