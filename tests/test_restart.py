@@ -67,6 +67,55 @@ def test_progress_record_moves_only_the_state_it_follows():
         st.close()
 
 
+def test_reply_outbox_sends_what_is_left_once_and_never_blocks():
+    """The outbox pipe: a reply goes out whole; bytes left after a splice are exactly the
+    unsent rest; a peer that does not read makes flush time out (it must not hang the
+    daemon: splice into a blocking socket would block whatever its flags say)."""
+    from vhostuser.restart import ReplyOutbox
+
+    def hang(*_):
+        raise AssertionError("flush blocked")
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    ours, peer = socket.socketpair()
+    box = ReplyOutbox.create()
+    try:
+        box.load(b"r" * 40)
+        assert box.queued() == 40
+        box.flush(ours, 1)
+        assert box.queued() == 0 and peer.recv(100) == b"r" * 40
+        box.flush(ours, 1)   # nothing left: nothing sent (a successor after the splice)
+        ours.setblocking(False)
+        filled = 0
+        try:
+            while True:
+                filled += ours.send(b"f" * 4096)
+        except BlockingIOError:
+            pass
+        ours.setblocking(True)
+        box.load(b"s" * 4108)
+        with pytest.raises(TimeoutError):
+            box.flush(ours, 0.3)
+        assert box.queued() == 4108   # not sent: all of it still there
+        got = b""
+        while len(got) < filled:
+            got += peer.recv(1 << 16)
+        box.flush(ours, 5)
+        got = b""
+        while len(got) < 4108:
+            got += peer.recv(1 << 16)
+        assert got == b"s" * 4108 and box.queued() == 0
+        box.load(b"t" * 10)
+        box.load(b"u" * 12)   # a leftover (a dropped session) is dropped first
+        assert box.drain() == 12
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        box.close()
+        ours.close()
+        peer.close()
+
+
 def test_fd_names_escape_guest_names():
     assert fdstore.fd_name("web1", "kick", 0, 7) == "vub.web1.kick.0.7"
     name = fdstore.fd_name("a.b:c", "listen")

@@ -85,20 +85,21 @@ class ReplyOutbox:
 
     def flush(self, sock, timeout):
         """splice() everything in the pipe into sock; a peer that does not read for
-        `timeout` s raises TimeoutError."""
-        deadline = None
+        `timeout` s raises TimeoutError. splice() into a blocking socket blocks whatever
+        its flags say, so it runs only once the socket is writable (then a whole reply,
+        4 KiB + 12 at most, fits: nothing else writes to this socket meanwhile)."""
+        deadline = time.monotonic() + timeout
         while True:
             left = self.queued()
             if not left:
                 return
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([], [sock], [], wait)[1]:
+                raise TimeoutError("peer does not read its socket")
             try:
                 os.splice(self.rfd, sock.fileno(), left, flags=os.SPLICE_F_NONBLOCK)
             except (BlockingIOError, InterruptedError):
-                if deadline is None:
-                    deadline = time.monotonic() + timeout
-                wait = deadline - time.monotonic()
-                if wait <= 0 or not select.select([], [sock], [], wait)[1]:
-                    raise TimeoutError("peer does not read its socket") from None
+                pass
 
     def fds(self):
         return self.rfd, self.wfd
