@@ -338,6 +338,24 @@ def test_kicks_while_dead_are_served_after_the_restart(daemon):
         g.close()
 
 
+def test_supervised_daemon_under_seccomp_answers_and_restores(tmp_path):
+    """Under --seccomp the journaled path's calls are allowed: replies leave through the
+    outbox (splice), a kill is survived."""
+    d = Supervised(tmp_path, "--seccomp")
+    g = Guest(d.sock)
+    try:
+        assert len(g.fe.get_config()) == 16
+        old = d.kill_child()
+        d.wait_serving(not_pid=old)
+        assert len(g.fe.get_config()) == 16
+        h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+        assert [u.id for u in g.wait_used("reporting")] == [h]
+        assert "Operation not permitted" not in d.log.read_text(), d.log_text()
+    finally:
+        g.close()
+        d.stop()
+
+
 def test_frontend_leaving_stops_the_supervisor(tmp_path):
     d = Supervised(tmp_path)
     g = Guest(d.sock)
