@@ -254,6 +254,39 @@ def proc_memory(pid: int) -> Dict[str, int]:
     return out
 
 
+def process_tree(pid: int) -> List[int]:
+    """pid and all its descendants (/proc/PID/task/*/children), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def tree_memory(pid: int) -> Dict[str, object]:
+    """proc_memory summed over pid and its descendants: a daemon is its supervisor, the
+    serving process(es) (one per guest in a supervised multi-guest daemon) and the
+    manager; PSS sums to what they cost together. "processes": each one's
+    {pid, rss, pss, pss_own}."""
+    total: Dict[str, object] = {}
+    procs = []
+    for p in process_tree(pid):
+        mem = proc_memory(p)
+        if not mem:
+            continue
+        procs.append({"pid": p, **{k: mem.get(k) for k in ("rss", "pss", "pss_own")}})
+        for k, v in mem.items():
+            total[k] = total.get(k, 0) + v
+    total["processes"] = procs
+    return total
+
+
 def dmesg_tail(since_lines: int = 0) -> List[str]:
     """Kernel log lines (``dmesg``) after the first ``since_lines`` lines."""
     lines = _run(["dmesg"]).splitlines()

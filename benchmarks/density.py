@@ -27,7 +27,9 @@ first OOM kill (a QEMU or daemon process dying; dmesg is recorded), for:
 
 --cap stops a configuration that has not failed after that many guests.
 Also records the daemons' resident memory (RSS without the guest-RAM
-mapping, PSS, anon) once each guest settled.  Writes benchmarks/results/density/.
+mapping, PSS, anon) once each guest settled, summed over every process of a
+daemon (its supervisor, and the serving process, or for the shared daemon the
+manager and one serving process per guest; benchmarks/common.py tree_memory).  Writes benchmarks/results/density/.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (GIB, MIB, ROOT, Results, Sampler, dmesg_len, dmesg_tail,  # noqa: E402
-                    env_lines, md_table, median, mib, proc_memory, pyplot, start_run)
+                    env_lines, md_table, median, mib, pyplot, start_run, tree_memory)
 
 from balloon_device.host.harness import Guest, MemCgroup, start_process, stop_process  # noqa: E402
 from balloon_device.host.harness.daemon import Daemon  # noqa: E402
@@ -226,9 +228,10 @@ def run_config(cfg, ns, accel, t_global):
                    "alloc_ms": g.find_marker("alloc-done").num("elapsed_ms")
                    if g.find_marker("alloc-done") else None}
             if d is not None:
-                rec["daemon"] = proc_memory(d.pid)
+                rec["daemon"] = tree_memory(d.pid)   # supervisor + serving process
             if shared is not None:
-                rec["daemon"] = proc_memory(shared.pid)
+                # supervisor + manager + one serving process per guest, PSS summed
+                rec["daemon"] = tree_memory(shared.pid)
                 rec["daemon_cgroup_usage"] = parent.child("daemon").usage()
             # every guest so far: its cgroup split and, for our daemon, balloon and stats
             rec["guests"] = []
@@ -249,8 +252,10 @@ def run_config(cfg, ns, accel, t_global):
             print(f"[{time.monotonic() - t_global:6.0f}s] {cfg}: guest {i} settled after "
                   f"{rec['settle_s']} s; its cgroup {mib(rec['child_usage'])} MiB, parent "
                   f"{mib(rec['parent_usage'])} MiB"
-                  + (f"; daemon rss {mib(dm['rss'], '{:.1f}')} (own {mib(dm['rss_own'], '{:.1f}')}, "
-                     f"anon {mib(dm['rss_anon'], '{:.1f}')}) pss {mib(dm['pss'], '{:.1f}')} MiB"
+                  + (f"; daemon ({len(dm['processes'])} processes) rss "
+                     f"{mib(dm['rss'], '{:.1f}')} (own {mib(dm['rss_own'], '{:.1f}')}, "
+                     f"anon {mib(dm['rss_anon'], '{:.1f}')}) pss {mib(dm['pss'], '{:.1f}')} "
+                     f"(own {mib(dm['pss_own'], '{:.1f}')}) MiB"
                      if dm else ""), flush=True)
         if not failure:
             # a last look: did anything die while the last guest settled?

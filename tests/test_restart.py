@@ -167,7 +167,8 @@ class Supervised:
         while time.monotonic() < deadline:
             try:
                 st = self.status(guest)
-                if st["process"]["pid"] != not_pid:
+                # a guest whose process does not answer yet shows with pid None
+                if st["process"].get("pid") not in (not_pid, None):
                     return st
             except (OSError, AssertionError, ValueError, ControlError):
                 pass
@@ -401,19 +402,27 @@ def test_ctl_upgrade_refused_without_an_fd_store(tmp_path):
 
 
 def test_every_guest_of_a_shared_daemon_is_restored(tmp_path):
+    """Each guest of a shared daemon has its own serving process: killing one restores
+    that guest's session and leaves the other's process alone (tests/test_isolation.py)."""
     d = Supervised(tmp_path, guests=("a", "b"))
     guests = {}
     try:
         for n in ("a", "b"):
             d.wait_serving(guest=n)
             guests[n] = Guest(str(tmp_path / f"{n}.sock"))
-        old = d.status("a")["process"]["pid"]
-        os.kill(old, signal.SIGKILL)
-        for n, g in guests.items():
-            st = d.wait_serving(not_pid=old, guest=n)
-            assert st["process"]["restored"] and st["connected"] and g.fe.alive, n
-            h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
-            assert [u.id for u in g.wait_used("reporting")] == [h], n
+        others = {n: d.status(n)["process"]["pid"] for n in guests}
+        for victim in ("a", "b"):
+            old = d.status(victim)["process"]["pid"]
+            os.kill(old, signal.SIGKILL)
+            st = d.wait_serving(not_pid=old, guest=victim)
+            others[victim] = st["process"]["pid"]
+            for n, g in guests.items():
+                st = d.status(n)
+                assert st["process"]["pid"] == others[n], n
+                assert st["process"]["restored"] == (n == "a" or victim == "b"), n
+                assert st["connected"] and g.fe.alive, n
+                h = g.post("reporting", [], [(g.data[0], 2 * MiB)])
+                assert [u.id for u in g.wait_used("reporting")] == [h], n
     finally:
         for g in guests.values():
             g.close()

@@ -145,6 +145,14 @@ def _daemon_parser():
                    help="text (default; without a timestamp when stderr is the systemd journal) "
                         "or one JSON object per line for log shippers")
     p.add_argument("--python-hot-path", action="store_true", help=argparse.SUPPRESS)
+    # the supervisor's units of a multi-guest daemon (supervisor.py): one guest's serving
+    # process (--unit guest --only-guest NAME=PATH) or the manager (--unit manager)
+    p.add_argument("--unit", choices=("guest", "manager"), help=argparse.SUPPRESS)
+    p.add_argument("--only-guest", metavar="NAME=PATH", help=argparse.SUPPRESS)
+    p.add_argument("--unit-watchdog", type=float, default=30.0, metavar="S",
+                   help="supervised multi-guest daemon: a guest's serving process (or the "
+                        "manager) that sends no watchdog ping for S seconds is killed and "
+                        "restarted (default 30; 0 = off)")
     sec = p.add_argument_group("least privilege (applied once the sockets exist)")
     sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
     sec.add_argument("--group", help="switch to this group (default: the user's group)")
@@ -259,14 +267,23 @@ def _policy_from_args(ns):
 
 
 def config_from_args(ns):
+    guests, policy, metrics_port = _guests_from_args(ns), _policy_from_args(ns), ns.metrics_port
+    if ns.unit == "guest":   # one guest's serving process: no policy, no metrics
+        if not ns.only_guest:
+            raise BalloonError("--unit guest needs --only-guest NAME=PATH")
+        guests, policy, metrics_port = (parse_guest_arg(ns.only_guest),), None, None
+    elif ns.unit == "manager" and not guests:
+        raise BalloonError("--unit manager serves a multi-guest daemon (--guest)")
+    if ns.unit_watchdog < 0 or not math.isfinite(ns.unit_watchdog):
+        raise BalloonError(f"--unit-watchdog {ns.unit_watchdog}: seconds >= 0 (0 = off)")
     return DaemonConfig(
         socket_path=ns.socket_path, fd=ns.fd, control_socket=ns.control_socket,
         discard=ns.discard, no_discard=ns.no_discard, reporting=not ns.no_reporting,
         stats=not ns.no_stats, stats_interval=ns.stats_interval, deflate_on_oom=ns.deflate_on_oom,
         keep_listening=ns.keep_listening, queue_size=ns.queue_size, log_level=ns.log_level,
-        log_format=ns.log_format, name=ns.name, guests=_guests_from_args(ns),
-        metrics_port=ns.metrics_port, metrics_address=ns.metrics_address,
-        policy=_policy_from_args(ns), seccomp=ns.seccomp, user=ns.user, group=ns.group,
+        log_format=ns.log_format, name=ns.name, guests=guests,
+        metrics_port=metrics_port, metrics_address=ns.metrics_address,
+        policy=policy, seccomp=ns.seccomp, user=ns.user, group=ns.group,
         socket_group=ns.socket_group, control_socket_group=ns.control_socket_group)
 
 
@@ -321,8 +338,36 @@ def _warn_shared_dir(cfg, daemon):
                     "too; put it elsewhere with --control-socket (docs/troubleshooting.md)", ctl)
 
 
-def serve(cfg):
+def serve_manager(cfg):
+    """The manager unit of a supervised multi-guest daemon (manager.py)."""
+    from . import sandbox
+    from .manager import Manager
+    manager = Manager(cfg)
+    try:
+        manager.loop.handle_signals()
+        sandbox.set_nondumpable()
+        if cfg.control_socket_group is not None:
+            sandbox.share_sockets([cfg.control_path], cfg.control_socket_group,
+                                  "--control-socket-group")
+        if cfg.user is not None or cfg.group is not None or cfg.seccomp is not None:
+            log.info("--user/--group/--seccomp apply to the guests' serving processes; the "
+                     "manager maps no guest memory and keeps the starting user, so that it "
+                     "can reach each guest's control socket (owned by that user, as the "
+                     "main one, so that QEMU cannot)")
+        log.info("%s; control socket %s", manager.describe(), cfg.control_path)
+        manager.serve_forever()
+    finally:
+        manager.close()
+    log.info("stopped")
+    return 0
+
+
+def serve(cfg, unit=None):
     daemon = Daemon(cfg)
+    if unit == "guest":
+        daemon.live = False
+        if daemon.control is not None:
+            daemon.control.admin = None   # the manager adds and removes guests
     try:
         daemon.loop.handle_signals()
         _warn_shared_dir(cfg, daemon)
@@ -373,6 +418,12 @@ def _ctl_parser():
     ev = sub.add_parser("events", parents=[after],
                         help="stream balloon changes (target, actual) as JSON lines until Ctrl-C")
     ev.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    ag = sub.add_parser("add-guest", help="serve one more guest from now on (multi-guest "
+                                          "daemon); its own process under the supervisor")
+    ag.add_argument("spec", metavar="NAME=PATH", help="the guest's name and socket path")
+    rg = sub.add_parser("remove-guest", help="stop serving a guest (its QEMU sees the socket "
+                                             "close) and drop its fds from the fd store")
+    rg.add_argument("name", metavar="NAME")
     return p
 
 
@@ -407,9 +458,14 @@ def _ctl(argv):
         if not math.isfinite(ns.seconds) or ns.seconds < 0:
             raise BalloonError(f"stats-interval {ns.seconds}: seconds >= 0 (0 = off)")
         req = {"cmd": "stats-interval", "seconds": ns.seconds}
+    elif ns.cmd == "add-guest":
+        name, sock = parse_guest_arg(ns.spec)
+        req = {"cmd": "add-guest", "guest": name, "path": os.path.abspath(sock)}
+    elif ns.cmd == "remove-guest":
+        req = {"cmd": "remove-guest", "guest": ns.name}
     else:
         req = {"cmd": ns.cmd}
-    if ns.guest and ns.cmd != "list":
+    if ns.guest and ns.cmd not in ("list", "add-guest", "remove-guest"):
         req["guest"] = ns.guest
     if ns.cmd == "events":
         return _ctl_events(path, req, ns.count)
@@ -526,7 +582,7 @@ def _setup_logging(cfg):
 # name -> (one line of help, parser factory, runner(argv))
 SUBCOMMANDS = {
     "ctl": ("talk to a running daemon: status, list, stats, target, inhibit, stats-interval, "
-            "events", _ctl_parser, _ctl),
+            "events, add-guest, remove-guest", _ctl_parser, _ctl),
     "status": ("every guest a running daemon serves, as a table (--watch)",
                status_view.parser, status_view.main),
     "qemu-args": ("print the QEMU arguments (or libvirt XML) that attach a guest",
@@ -536,12 +592,14 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None):
+def main(argv=None, parser=None):
+    """parser: an argument parser built beforehand (the supervisor's forked units: building
+    one costs each process megabytes of private memory)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return SUBCOMMANDS[argv[0]][2](argv[1:])
-        ns = _daemon_parser().parse_args(argv)
+        ns = (parser or _daemon_parser()).parse_args(argv)
         if ns.print_capabilities:
             print(json.dumps(capabilities()))
             return 0
@@ -549,10 +607,12 @@ def main(argv=None):
         if ns.python_hot_path:   # the pure-Python twins (as VUB_PURE_PYTHON=1)
             implementation.select(False)
         _setup_logging(cfg)
-        if supervised(ns):
+        if supervised(ns) and ns.unit is None:
             from . import supervisor
-            return supervisor.run(argv)
-        return serve(cfg)
+            return supervisor.run(argv, cfg, watchdog=ns.unit_watchdog if cfg.guests else 0.0)
+        if ns.unit == "manager":
+            return serve_manager(cfg)
+        return serve(cfg, ns.unit)
     except (BalloonError, SetupError) as e:
         print(f"vhost-user-balloon: error: {e}", file=sys.stderr)
         return 2

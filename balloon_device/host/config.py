@@ -130,3 +130,27 @@ class DaemonConfig:
         else:
             name = f"fd{self.fd}"
         return [(name, self.socket_path, self.fd)]
+
+
+def guest_control_path(control_path, name):
+    """The control socket of one guest's serving process under the supervisor:
+    CONTROL.NAME beside the daemon's control socket (e.g. control.sock.web1)."""
+    return f"{control_path}.{name}"
+
+
+def check_new_guest(name, path, guests):
+    """A guest added at run time (ctl add-guest): the same rules as --guest NAME=PATH.
+    guests: {name: object with socket_path} already served."""
+    if not isinstance(name, str) or not GUEST_NAME.fullmatch(name):
+        raise ConfigError(f"guest name {name!r}: use letters, digits, '_', '.', '-' "
+                          "(up to 64, starting with a letter or digit)")
+    if not isinstance(path, str) or not path or "\n" in path or "\0" in path:
+        raise ConfigError("add-guest needs a socket path, e.g. web1=/run/vub/web1.sock")
+    if name in guests:
+        raise ConfigError(f"guest {name!r} is already served")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"add-guest {name}={path}: folder {parent} does not exist")
+    taken = {os.path.abspath(g.socket_path) for g in guests.values() if g.socket_path}
+    if os.path.abspath(path) in taken:
+        raise ConfigError(f"add-guest {name}={path}: another guest is served on that socket")

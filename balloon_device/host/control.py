@@ -8,6 +8,8 @@ Requests:  {"cmd": "status"}
            {"cmd": "upgrade"}                   (hand over to a new process: see below)
            {"cmd": "stats-interval", "seconds": S}  (every guest unless "guest")
            {"cmd": "events"}                    (then a stream of event lines)
+           {"cmd": "add-guest", "guest": NAME, "path": PATH}   (multi-guest daemons)
+           {"cmd": "remove-guest", "guest": NAME}
 Every request but list takes "guest": NAME; it is needed when the daemon serves
 several guests (then a status without it answers {"guests": {NAME: status}}).
 Replies:   {"ok": true, ...} or {"ok": false, "error": "..."}
@@ -45,9 +47,10 @@ class ControlServer:
     """The control socket of a Daemon: JSON requests over a Unix socket,
     served on the daemon's event loop (anything with add_reader/remove_reader)."""
 
-    def __init__(self, path, *, guests, loop, policy=None):
-        self.guests = guests  # name -> multi.Guest
+    def __init__(self, path, *, guests, loop, policy=None, admin=None):
+        self.guests = guests  # name -> multi.Guest or manager.RemoteGuest
         self.policy = policy  # policy.PolicyLoop or None
+        self.admin = admin    # add_guest_live / remove_guest_live (Daemon, Manager) or None
         self.server = loop
         try:
             self.listener = Listener.at_path(path)
@@ -118,7 +121,8 @@ class ControlServer:
                   if isinstance(cmd, str) and cmd.isascii() else None)
             if fn is None:
                 raise ValueError(f"unknown command {cmd!r}; use status, list, target, stats, "
-                                 "inhibit, stats-interval, events or upgrade")
+                                 "inhibit, stats-interval, events, upgrade, add-guest or "
+                                 "remove-guest")
             return {"ok": True, **fn(req)}
         except (ValueError, TypeError, BalloonError) as e:
             return {"ok": False, "error": str(e)}
@@ -131,13 +135,18 @@ class ControlServer:
         program: the state is written, this process exits with EXIT_UPGRADE, and the
         supervisor (or systemd, Restart=on-failure) starts the successor at once."""
         from .supervisor import EXIT_UPGRADE
-        missing = [g.name for g in self.guests.values() if g.session is None]
+        remote = [g for g in self.guests.values() if getattr(g, "remote", False)]
+        missing = [g.name for g in self.guests.values()
+                   if g.session is None and g not in remote]
         if missing:
             raise ValueError("no fd store keeps this daemon's sessions (run it under the "
                              "built-in supervisor, or systemd with FileDescriptorStoreMax=): "
                              "an upgrade would drop " + ", ".join(missing))
         for g in self.guests.values():
-            g.session.checkpoint()
+            if g in remote:
+                g.forward({"cmd": "upgrade"})   # each guest's own process hands over
+            else:
+                g.session.checkpoint()
         log.info("upgrade: handing over to a new process")
 
         def leave():
@@ -160,7 +169,10 @@ class ControlServer:
         return guest
 
     def _status(self, guest):
-        d = guest.status(rings=True).to_dict()
+        if getattr(guest, "remote", False):
+            d = guest.status_dict()   # its own process answers (or a not-serving placeholder)
+        else:
+            d = guest.status(rings=True).to_dict()
         last = self.policy.last if self.policy is not None else None
         if last:   # what the policy saw of this guest on its last tick
             name = guest.name
@@ -195,20 +207,31 @@ class ControlServer:
         if not isinstance(pages, int) or isinstance(pages, bool):
             raise ValueError("pages must be an integer")
         guest = self._guest(req)
-        guest.device.check_target(pages)
-        sent = guest.set_target(pages)
-        out = {"guest": guest.name, "target_pages": pages, "notified": sent}
-        if guest.device.target_limit() is None:
-            out["note"] = ("the guest's RAM is not known yet (no frontend): a target larger than "
-                           "it can give is lowered when its memory table arrives")
+        if getattr(guest, "remote", False):
+            out = guest.forward({"cmd": "target", "pages": pages})
+            out.pop("policy", None)
+        else:
+            out = self._target(guest, pages)
         if self.policy is not None:
             out["policy"] = (f"the host memory policy (--policy) also sets this guest's target: "
                              f"it may replace this one at its next decision (every "
                              f"{self.policy.cfg.interval:g}s)")
         return out
 
+    @staticmethod
+    def _target(guest, pages):
+        guest.device.check_target(pages)
+        sent = guest.set_target(pages)
+        out = {"guest": guest.name, "target_pages": pages, "notified": sent}
+        if guest.device.target_limit() is None:
+            out["note"] = ("the guest's RAM is not known yet (no frontend): a target larger than "
+                           "it can give is lowered when its memory table arrives")
+        return out
+
     def _cmd_stats(self, req):
         guest = self._guest(req)
+        if getattr(guest, "remote", False):
+            return guest.forward({"cmd": "stats", "refresh": bool(req.get("refresh"))})
         refreshed = guest.request_stats() if req.get("refresh") else False
         return {"guest": guest.name, "stats": guest.device.latest_stats,
                 "time": guest.device.stats_time, "refresh_requested": refreshed}
@@ -218,6 +241,8 @@ class ControlServer:
         if not isinstance(on, bool):
             raise ValueError("inhibit needs 'on': true or false")
         guest = self._guest(req)
+        if getattr(guest, "remote", False):
+            return guest.forward({"cmd": "inhibit", "on": on})
         guest.device.inhibited = on
         if guest.session is not None:
             guest.session.checkpoint()
@@ -240,6 +265,21 @@ class ControlServer:
         guests = [self._guest(req)] if req.get("guest") is not None else self.guests.values()
         return {"events": "balloon-change", "guests": [g.name for g in guests]}
 
+    def _cmd_add_guest(self, req):
+        if self.admin is None or not hasattr(self.admin, "add_guest_live"):
+            raise ValueError("guests are added through the main control socket of a "
+                             "multi-guest daemon (--guest / --socket-dir), not here")
+        return self.admin.add_guest_live(req.get("guest"), req.get("path"))
+
+    def _cmd_remove_guest(self, req):
+        if self.admin is None or not hasattr(self.admin, "remove_guest_live"):
+            raise ValueError("guests are removed through the main control socket of a "
+                             "multi-guest daemon (--guest / --socket-dir), not here")
+        name = req.get("guest")
+        if not isinstance(name, str):
+            raise ValueError("remove-guest needs \"guest\": NAME")
+        return self.admin.remove_guest_live(name)
+
     # ---- events ------------------------------------------------------------
 
     def _listen(self, fd, names):
@@ -251,9 +291,18 @@ class ControlServer:
     def _check_events(self, fd, initial=False):
         """Send listener fd an event for each of its guests whose balloon changed."""
         seen = self.listeners[fd]
-        for name in seen:
-            dev = self.guests[name].device
-            now = (dev.target_pages, dev.actual)
+        for name in list(seen):
+            guest = self.guests.get(name)
+            if guest is None:        # removed at run time
+                del seen[name]
+                continue
+            if getattr(guest, "remote", False):
+                st = guest.status()
+                if st.process.get("unit") == "unreachable":
+                    continue          # its process is restarting: no news, not zeros
+                now = (st.device.target_pages, st.device.actual_pages)
+            else:
+                now = (guest.device.target_pages, guest.device.actual)
             if seen[name] == now:
                 continue
             seen[name] = now

@@ -185,6 +185,7 @@ class Daemon:
         self.guests = {}
         self.control = self.metrics = self.policy = None
         self._watchdog = None
+        self.live = True  # ctl add-guest / remove-guest (not in a supervisor's guest unit)
         specs = cfg.guest_specs
         self.multi = len(specs) > 1 or bool(cfg.guests)
         # An fd store (systemd's, or the built-in supervisor's) at $NOTIFY_SOCKET keeps the
@@ -209,7 +210,8 @@ class Daemon:
             if cfg.control_path:
                 from .control import ControlServer
                 self.control = ControlServer(cfg.control_path, guests=self.guests, loop=self.loop,
-                                             policy=self.policy)
+                                             policy=self.policy,
+                                             admin=self if self.multi and self.live else None)
             if cfg.metrics_port is not None:
                 from .metrics import MetricsServer
                 self.metrics = MetricsServer(self.guests, cfg.metrics_address,
@@ -287,6 +289,44 @@ class Daemon:
             guest.server._open(guest.server._wrap(listener.sock))
         else:
             session.checkpoint()
+
+    def add_guest_live(self, name, path):
+        """ctl add-guest in the one-process daemon (--no-supervise)."""
+        from .config import check_new_guest
+        check_new_guest(name, path, self.guests)
+        guest = self.add_guest(name, path)
+        if self.store.enabled and guest.session is not None:
+            guest.session.checkpoint()
+        log.info("guest %s added on %s", name, path)
+        return {"guest": name, "socket": path, "added": True}
+
+    def remove_guest_live(self, name):
+        """ctl remove-guest in the one-process daemon: its session ends (its QEMU sees
+        the socket close) and its fds leave the fd store."""
+        guest = self.guests.get(name) if isinstance(name, str) else None
+        if guest is None:
+            raise ConfigError(f"no guest {name!r} here; this daemon serves "
+                              f"{', '.join(self.guests) or 'no guest'}")
+        del self.guests[name]
+        token = current_guest.set(name)
+        try:
+            guest.server.close()
+            session = guest.session
+            if session is not None:
+                for stored in (set(session.names.values()) | set(session.pinned)
+                               | set(session._to_remove) | {session.state_name}):
+                    self.store.remove(stored)
+                for copy in session.copies.values():
+                    try:
+                        os.close(copy)
+                    except OSError:
+                        pass
+                session.copies.clear()
+                session.state.close()
+        finally:
+            current_guest.reset(token)
+        log.info("guest %s removed: its session is closed", name)
+        return {"guest": name, "removed": True}
 
     def _drop_unused_fds(self):
         """fds in the store that no guest claimed (left by a changed configuration or

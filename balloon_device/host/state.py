@@ -353,6 +353,9 @@ class GuestSession:
             log.exception("cannot restore the session; dropping the frontend")
             for name in set(self.names.values()) - set(self.pinned):
                 self._to_remove.append(name)
+                copy = self.copies.pop(name, None)
+                if copy is not None:   # else this process keeps the session open
+                    os.close(copy)
             self.names.clear()
             server = self.guest.server
             if server.conn is None:

@@ -41,6 +41,8 @@ def row(st):
         st = GuestStatus.from_dict(st)
     dev, c = st.device, st.device.counters
     state = ("serving" if dev.driver_ok else "connected") if st.connected else "waiting"
+    if st.process.get("unit") == "unreachable":
+        state = "no answer"   # its own process is restarting or hung (supervisor.py)
     return (st.name, state, human_bytes(dev.target_bytes),
             human_bytes(dev.actual_bytes), human_bytes(c.get("bytes_reported", 0)),
             human_bytes(c.get("bytes_discarded", 0) + c.get("bytes_inflate_discarded", 0)),

@@ -1,25 +1,40 @@
-"""The built-in supervisor: an fd store and restarter for the serving process.
+"""The built-in supervisor: an fd store and restarter for the serving processes.
 
     vhost-user-balloon --socket-path P ...      (standalone: supervised by default)
+    vhost-user-balloon --guest a=P --guest b=Q  (one unit per guest + a manager)
 
 The supervisor is a small parent process. It never maps guest memory and never
-parses guest data: it only keeps fds. It listens on a notify socket (the child's
-$NOTIFY_SOCKET) and speaks systemd's protocol: FDSTORE=1 + FDNAME=name with fds
-attached stores them, FDSTOREREMOVE=1 + FDNAME=name drops them. When the child
-dies it logs why, and starts a new one with the stored fds at 3, 4, ... and
-LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID, exactly as systemd does: at once if the
-dead one had served for STABLE_AFTER seconds after READY=1, else after a back-off
-that grows to 5 s (a crash loop). Because it
-holds a copy of every fd (the frontend's socket among them), QEMU never sees the
-connection close. It restarts with back-off, and stops when the child exits 0
-(a clean shutdown) or when the first child fails before it is ready (a
-configuration error). SIGTERM, SIGINT and SIGHUP are passed on to the child.
-A child that exits with EXIT_UPGRADE is restarted at once (ctl upgrade).
+parses guest data: it only keeps fds. It runs one or more *units*: children, each
+with its own notify socket (its $NOTIFY_SOCKET) and its own fd store, spoken with
+systemd's protocol: FDSTORE=1 + FDNAME=name with fds attached stores them,
+FDSTOREREMOVE=1 + FDNAME=name drops them. When a unit dies the supervisor logs
+why and starts it again alone, with that unit's stored fds at 3, 4, ... and
+LISTEN_FDS / LISTEN_FDNAMES / LISTEN_PID, exactly as systemd does: at once if
+the dead one had served for STABLE_AFTER seconds after READY=1, else after a
+back-off that grows to 5 s (a crash loop). Because it holds a copy of every fd
+(the frontend's socket among them), QEMU never sees the connection close.
+
+A single-guest daemon is one unit: the supervisor stops when it exits 0 (a clean
+shutdown) or when it fails before it was ever ready (a configuration error).
+
+A multi-guest daemon (--guest, --socket-dir) is one unit per guest (the serving
+process restricted to that guest: --unit guest --only-guest NAME=PATH, its own
+control socket CONTROL.NAME) and one manager unit (--unit manager: the main
+control socket, metrics and the policy; no guest memory). A fault of one guest's
+unit (SIGBUS, a crash, a hang caught by the watchdog) costs that guest one
+restart and the others nothing. The manager adds and removes guest units at run
+time with a notification from its own pid (VUB_ADD_GUEST=NAME + VUB_GUEST_PATH=PATH,
+VUB_REMOVE_GUEST=NAME). With a watchdog (--unit-watchdog S) every unit pings
+WATCHDOG=1; a unit silent for S seconds after it got ready is SIGKILLed and
+restarted.
+
+SIGTERM, SIGINT and SIGHUP are passed on to every unit. A unit that exits with
+EXIT_UPGRADE is restarted at once (ctl upgrade).
 """
 
 import array
 import ctypes
-import errno
+import json
 import logging
 import os
 import secrets
@@ -38,8 +53,10 @@ EXIT_UPGRADE = 75          # the child asks to be replaced now (EX_TEMPFAIL)
 MAX_FDS = 4096             # systemd's FileDescriptorStoreMax= upper bound in our unit
 BACKOFF = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 STABLE_AFTER = 1.0         # a child that served this long after READY=1 resets the back-off
+STOP_TIMEOUT = 5.0         # a removed unit that does not stop after SIGTERM is SIGKILLed
 _UCRED = struct.Struct("iII")
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def _describe(status):
@@ -53,34 +70,79 @@ def _describe(status):
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-class Supervisor:
-    def __init__(self, argv, env=None):
+class Unit:
+    """One supervised child: its command, notify socket, fd store, restarts."""
+
+    def __init__(self, name, argv, env=None, guest=None):
+        self.name = name
         self.argv = list(argv)
-        self.env = dict(os.environ if env is None else env)
-        self.store = []            # [name, fd] in the order they came
+        self.env = dict(env or {})   # added to the supervisor's environment
+        self.guest = guest           # (name, socket path) of a guest unit, else None
+        self.store = []              # [name, fd] in the order they came
         self.child = None
-        self.child_ready = False
+        self.ready = False
         self.restarts = 0
-        self.stopping = False
-        self.exit_code = None
+        self.failures = 0
+        self.ready_times = []        # monotonic time each child said READY=1
+        self.started_at = 0.0
+        self.start_at = 0.0          # when to (re)start it; None: not scheduled
+        self.last_ping = None
+        self.removed = False         # being removed: never restarted
+        self.kill_at = None          # SIGKILL a removed unit that did not stop by then
+        self.exec_only = False       # True: always exec the program (an upgrade asked so)
         self.address = f"\0vub-supervisor-{os.getpid()}-{secrets.token_hex(8)}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(self.address)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.setblocking(False)
+
+    def label(self):
+        return "serving process" if self.name is None else f"unit {self.name}"
+
+
+class Supervisor:
+    def __init__(self, argv=None, env=None, units=None, watchdog=0.0, multi=False,
+                 manager=None, unit_factory=None):
+        self.env = dict(os.environ if env is None else env)
+        for k in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+            self.env.pop(k, None)
+        self.units = list(units) if units is not None else [Unit(None, argv)]
+        self.watchdog = watchdog       # seconds; 0 = off
+        self.multi = multi             # several units: one dying never stops the others
+        self.manager = manager         # the unit allowed to add and remove guests
+        self.unit_factory = unit_factory   # (name, path) -> Unit, for VUB_ADD_GUEST
+        # start units by fork from this process (which has imported everything) instead
+        # of exec: their code pages stay shared. Off after an upgrade (the new program
+        # must be exec'd, and so must every later start).
+        self.fork_units = multi
+        self.stopping = False
+        self.exit_code = None
         self._wake_r, self._wake_w = socket.socketpair()
         for s in (self._wake_r, self._wake_w):
             s.setblocking(False)
-        self.ready_times = []      # monotonic time each child said READY=1
 
-    # ---- the notify socket -----------------------------------------------------
+    # compatibility with the one-unit supervisor
+    @property
+    def unit(self):
+        return self.units[0]
 
-    def _drain(self):
+    @property
+    def store(self):
+        return self.unit.store
+
+    def guest_units(self):
+        return [u for u in self.units if u.guest is not None]
+
+    # ---- the notify sockets ------------------------------------------------------
+
+    def _drain(self, unit):
         while True:
             try:
-                data, anc, flags, _ = self.sock.recvmsg(
+                data, anc, flags, _ = unit.sock.recvmsg(
                     4096, socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(_UCRED.size))
             except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
                 return
             fds, pid = [], None
             for level, kind, raw in anc:
@@ -92,39 +154,49 @@ class Supervisor:
                     pid = _UCRED.unpack(raw[:_UCRED.size])[0]
             for fd in fds:
                 os.set_inheritable(fd, False)
-            if self.child is None or pid != self.child:
-                log.warning("ignoring a notification from pid %s (not the serving process)", pid)
+            if unit.child is None or pid != unit.child:
+                log.warning("ignoring a notification from pid %s (not %s's process)", pid,
+                            unit.label())
                 self._close(fds)
                 continue
-            self._message(data.decode(errors="replace"), fds)
+            self._message(unit, data.decode(errors="replace"), fds)
 
-    def _message(self, text, fds):
+    def _message(self, unit, text, fds):
         fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
         name = fields.get("FDNAME", "stored")
         if fields.get("FDSTORE") == "1":
             for fd in fds:
-                if len(self.store) >= MAX_FDS:
-                    log.error("fd store full (%d fds): dropping %s", MAX_FDS, name)
+                if len(unit.store) >= MAX_FDS:
+                    log.error("fd store of %s full (%d fds): dropping %s", unit.label(),
+                              MAX_FDS, name)
                     self._close([fd])
-                elif any(same_fd(fd, kept) for _, kept in self.store):
+                elif any(same_fd(fd, kept) for _, kept in unit.store):
                     self._close([fd])  # as systemd: an fd already in the store is not added
                 else:
-                    self.store.append([name, fd])
+                    unit.store.append([name, fd])
             return
         self._close(fds)
         if fields.get("FDSTOREREMOVE") == "1":
             keep = []
-            for n, fd in self.store:
+            for n, fd in unit.store:
                 if n == name:
                     self._close([fd])
                 else:
                     keep.append([n, fd])
-            self.store = keep
-        if fields.get("READY") == "1" and not self.child_ready:
-            self.child_ready = True
-            self.ready_times.append(time.monotonic())
-            log.info("serving process %d is ready (%d fds in the store)", self.child,
-                     len(self.store))
+            unit.store = keep
+        if fields.get("WATCHDOG") == "1":
+            unit.last_ping = time.monotonic()
+        if fields.get("READY") == "1" and not unit.ready:
+            unit.ready = True
+            unit.last_ping = time.monotonic()
+            unit.ready_times.append(unit.last_ping)
+            log.info("%s (pid %d) is ready (%d fds in its store)", unit.label(), unit.child,
+                     len(unit.store))
+        if unit is self.manager and not self.stopping:
+            if "VUB_ADD_GUEST" in fields:
+                self.add_guest(fields["VUB_ADD_GUEST"], fields.get("VUB_GUEST_PATH", ""))
+            if "VUB_REMOVE_GUEST" in fields:
+                self.remove_guest(fields["VUB_REMOVE_GUEST"])
 
     @staticmethod
     def _close(fds):
@@ -134,15 +206,71 @@ class Supervisor:
             except OSError:
                 pass
 
-    # ---- the child ---------------------------------------------------------------
+    # ---- guests added and removed at run time -------------------------------------
 
-    def _spawn(self):
-        names = [n for n, _ in self.store]
-        fds = [fd for _, fd in self.store]
-        env = dict(self.env, NOTIFY_SOCKET="@" + self.address[1:], VUB_RESTARTS=str(self.restarts),
+    def current_guests(self):
+        return [list(u.guest) for u in self.guest_units() if not u.removed]
+
+    def add_guest(self, name, path):
+        if self.unit_factory is None or not name or not path:
+            log.warning("add-guest %r=%r ignored: not a multi-guest daemon or incomplete",
+                        name, path)
+            return
+        if any(u.guest[0] == name for u in self.guest_units() if not u.removed):
+            log.warning("add-guest %s: there is already a unit for that guest", name)
+            return
+        unit = self.unit_factory(name, path)
+        self.units.append(unit)
+        log.info("adding guest %s on %s (%s)", name, path, unit.label())
+        self._spawn(unit)
+        self._tell_manager()
+
+    def remove_guest(self, name):
+        for unit in self.guest_units():
+            if unit.guest[0] == name and not unit.removed:
+                log.info("removing guest %s: stopping %s", name, unit.label())
+                unit.removed = True
+                unit.start_at = None
+                if unit.child is not None:
+                    unit.kill_at = time.monotonic() + STOP_TIMEOUT
+                    self._signal(unit, signal.SIGTERM)
+                else:
+                    self._forget(unit)
+                self._tell_manager()
+                return
+        log.warning("remove-guest %s: no such guest", name)
+
+    def _tell_manager(self):
+        """The manager's guest list, for its next start (it changes at run time)."""
+        if self.manager is not None:
+            self.manager.env["VUB_UNIT_GUESTS"] = json.dumps(self.current_guests())
+
+    def _forget(self, unit):
+        """A removed unit is gone: drop its fds (its frontend sees the session end)."""
+        self._close([fd for _, fd in unit.store])
+        unit.store = []
+        unit.sock.close()
+        if unit in self.units:
+            self.units.remove(unit)
+        log.info("%s removed (its fds dropped from the store)", unit.label())
+
+    # ---- the children ---------------------------------------------------------------
+
+    def _spawn(self, unit):
+        names = [n for n, _ in unit.store]
+        fds = [fd for _, fd in unit.store]
+        env = dict(self.env, **unit.env, NOTIFY_SOCKET="@" + unit.address[1:],
+                   VUB_RESTARTS=str(unit.restarts),
                    LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=":".join(names))
+        if self.watchdog:
+            env["WATCHDOG_USEC"] = str(int(self.watchdog * 1e6))
         parent = os.getpid()
-        pid = os.fork()
+        if self.fork_units and unit.exec_only is False:
+            pid = os.fork()
+            if pid == 0:
+                self._forked_child(unit, fds, env, parent)
+        else:
+            pid = os.fork()
         if pid == 0:  # child: only dup2/exec from here
             try:
                 libc = ctypes.CDLL(None, use_errno=True)
@@ -156,91 +284,208 @@ class Supervisor:
                     os.dup2(fd, 3 + i, inheritable=True)
                 os.closerange(base, 1 << 16)
                 env["LISTEN_PID"] = str(os.getpid())
-                os.execve(self.argv[0], self.argv, env)
+                if self.watchdog:
+                    env["WATCHDOG_PID"] = str(os.getpid())
+                os.execve(unit.argv[0], unit.argv, env)
             except BaseException:
                 os._exit(127)
-        self.child = pid
-        self.child_ready = False
-        self.started_at = time.monotonic()
-        log.info("started serving process %d with %d stored fds", pid, len(fds))
+        unit.child = pid
+        unit.ready = False
+        unit.last_ping = None
+        unit.start_at = None
+        unit.started_at = time.monotonic()
+        log.info("started %s: pid %d with %d stored fds", unit.label(), pid, len(fds))
+
+    def _forked_child(self, unit, fds, env, parent):
+        """A unit started without exec: this process already imported everything (the
+        modules' pages stay shared with the supervisor and the other units, copy on
+        write). Same fds and environment as an exec'd one; never returns."""
+        code = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+            title = "vub-manager" if unit.guest is None else f"vub-guest-{unit.guest[0]}"
+            libc.prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)   # ps, top: which unit
+            signal.set_wakeup_fd(-1)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            # the supervisor's sockets: their numbers are reused below, so no Python
+            # object may close them later
+            for other in self.units:
+                if other.sock.fileno() >= 0:
+                    other.sock.detach()
+            self._wake_r.detach()
+            self._wake_w.detach()
+            base = 3 + len(fds)
+            high = [fcntl_dupfd(fd, base + 16) for fd in fds]
+            for i, fd in enumerate(high):
+                os.dup2(fd, 3 + i, inheritable=False)
+            os.closerange(base, 1 << 16)
+            env["LISTEN_PID"] = str(os.getpid())
+            if self.watchdog:
+                env["WATCHDOG_PID"] = str(os.getpid())
+            os.environ.clear()
+            os.environ.update(env)
+            from . import cli
+            code = cli.main(unit.argv[3:], parser=self._parser)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            log.exception("%s failed", unit.label())
+        finally:
+            try:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code if isinstance(code, int) else 1)
+
+    def _signal(self, unit, sig):
+        if unit.child is not None:
+            try:
+                os.kill(unit.child, sig)
+            except ProcessLookupError:
+                pass
 
     def _on_signal(self, signum, _frame):
         if signum == signal.SIGCHLD:
             return  # the wakeup fd does the work
         self.stopping = signum != signal.SIGHUP
-        if self.child is not None:
-            try:
-                os.kill(self.child, signal.SIGTERM if signum == signal.SIGHUP else signum)
-            except ProcessLookupError:
-                pass
+        for unit in self.units:
+            self._signal(unit, signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    def _wait_child(self):
-        """Sleep until the child exits; keep the store up to date meanwhile. Returns its status."""
-        while True:
+    def _reap(self, unit):
+        """The unit's exit status if its child is gone (its last messages read), else None."""
+        try:
+            res = os.waitid(os.P_PID, unit.child, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            res = None
+        if res is None:
+            return None
+        self._drain(unit)  # the dead child's last messages, before its pid is gone
+        _, status = os.waitpid(unit.child, 0)
+        return status
+
+    def _exited(self, unit, status):
+        """A unit's child exited. Returns False when the whole supervisor should stop."""
+        uptime = time.monotonic() - unit.started_at
+        served = time.monotonic() - unit.ready_times[-1] if unit.ready else 0.0
+        pid, unit.child = unit.child, None
+        code = os.waitstatus_to_exitcode(status)
+        if unit.removed:
+            log.info("%s (pid %d) %s", unit.label(), pid, _describe(status))
+            self._forget(unit)
+            return True
+        if self.stopping or (code == 0 and not self.multi):
+            log.info("%s %d %s; stopping", unit.label(), pid, _describe(status))
+            # killed by the SIGTERM/SIGINT we passed on counts as a clean stop (as systemd)
+            clean = code == 0 or (self.stopping and -code in (signal.SIGTERM, signal.SIGINT))
+            if not clean and self.exit_code is None:
+                self.exit_code = code if code >= 0 else 128 - code
+            return False
+        never_ready = not unit.ready and not unit.ready_times and unit.restarts == 0
+        if never_ready and (not self.multi or unit in self._initial):
+            log.error("%s %d %s before it was ready; not restarting", unit.label(), pid,
+                      _describe(status))
+            self.exit_code = code if code > 0 else 1
+            return False
+        if code == EXIT_UPGRADE:
+            delay = 0.0
+            self.fork_units = False   # from now on every start runs the installed program
+            unit.failures = 0
+            log.info("%s %d handed over for an upgrade; starting %s", unit.label(), pid,
+                     unit.argv[0])
+        else:
+            # a crash loop (dies before or right after READY=1) backs off; a process
+            # that served for a while is replaced at once
+            unit.failures = 0 if served > STABLE_AFTER else unit.failures + 1
+            delay = BACKOFF[min(unit.failures, len(BACKOFF) - 1)]
+            log.warning("%s %d %s after %.1f s; restart %d in %.2f s (%d fds kept)",
+                        unit.label(), pid, _describe(status), uptime, unit.restarts + 1,
+                        delay, len(unit.store))
+        unit.restarts += 1
+        unit.start_at = time.monotonic() + delay
+        return True
+
+    def _check_watchdog(self, now):
+        if not self.watchdog:
+            return
+        for unit in self.units:
+            if (unit.child is not None and unit.ready and not unit.removed
+                    and unit.last_ping is not None and now - unit.last_ping > self.watchdog):
+                log.error("watchdog: %s (pid %d) sent no WATCHDOG=1 for %.1f s (limit %g s): "
+                          "killing it", unit.label(), unit.child, now - unit.last_ping,
+                          self.watchdog)
+                unit.last_ping = None   # once
+                self._signal(unit, signal.SIGKILL)
+
+    def run(self):
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(s, self._on_signal)
+        self._initial = list(self.units)
+        if self.fork_units:
+            import gc
+            # what the units import on top of the command line: shared once, here
+            from . import cli, control, manager, metrics, sandbox, state  # noqa: F401
+            self._parser = cli._daemon_parser()   # built once, shared with every unit
+            gc.collect()
+            gc.freeze()   # the forked units' collector leaves these objects' pages shared
+        self._tell_manager()
+        going = True
+        while going or any(u.child is not None for u in self.units):
+            now = time.monotonic()
+            for unit in list(self.units):
+                if (going and unit.child is None and unit.start_at is not None
+                        and unit.start_at <= now and not self.stopping):
+                    self._spawn(unit)
+            if not going or self.stopping:
+                going = False
+            timeout = 1.0
+            for unit in self.units:
+                if unit.child is None and unit.start_at is not None:
+                    timeout = min(timeout, max(0.0, unit.start_at - now))
+                if unit.kill_at is not None:
+                    timeout = min(timeout, max(0.0, unit.kill_at - now))
+            if self.watchdog:
+                timeout = min(timeout, self.watchdog / 4)
             try:
-                res = os.waitid(os.P_PID, self.child, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
-                res = None
-            if res is not None:
-                self._drain()  # the dead child's last messages, before its pid is gone
-                _, status = os.waitpid(self.child, 0)
-                return status
-            try:
-                select.select([self.sock, self._wake_r], [], [], 1.0)
-            except InterruptedError:
+                select.select([u.sock for u in self.units] + [self._wake_r], [], [], timeout)
+            except (InterruptedError, ValueError, OSError):
                 pass
             try:
                 while self._wake_r.recv(512):
                     pass
             except BlockingIOError:
                 pass
-            self._drain()
-
-    def run(self):
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(s, self._on_signal)
-        failures = 0
-        while True:
-            self._spawn()
-            status = self._wait_child()
-            uptime = time.monotonic() - self.started_at
-            served = time.monotonic() - self.ready_times[-1] if self.child_ready else 0.0
-            pid, self.child = self.child, None
-            code = os.waitstatus_to_exitcode(status)
-            if code == 0 or self.stopping:
-                log.info("serving process %d %s; stopping", pid, _describe(status))
-                # killed by the SIGTERM/SIGINT we passed on counts as a clean stop (as systemd)
-                clean = self.stopping and -code in (signal.SIGTERM, signal.SIGINT)
-                self.exit_code = 0 if clean else (code if code >= 0 else 128 - code)
-                break
-            if not self.child_ready and self.restarts == 0 and not self.ready_times:
-                log.error("serving process %d %s before it was ready; not restarting",
-                          pid, _describe(status))
-                self.exit_code = code if code > 0 else 1
-                break
-            if code == EXIT_UPGRADE:
-                delay = 0.0
-                failures = 0
-                log.info("serving process %d handed over for an upgrade; starting %s",
-                         pid, self.argv[0])
-            else:
-                # a crash loop (dies before or right after READY=1) backs off; a process
-                # that served for a while is replaced at once
-                failures = 0 if served > STABLE_AFTER else failures + 1
-                delay = BACKOFF[min(failures, len(BACKOFF) - 1)]
-                log.warning("serving process %d %s after %.1f s; restart %d in %.2f s "
-                            "(%d fds kept)", pid, _describe(status), uptime, self.restarts + 1,
-                            delay, len(self.store))
-            self.restarts += 1
-            if delay:
-                time.sleep(delay)
-            if self.stopping:
-                break
+            now = time.monotonic()
+            for unit in list(self.units):
+                self._drain(unit)
+                if unit.child is None:
+                    continue
+                if unit.kill_at is not None and now >= unit.kill_at:
+                    log.warning("%s did not stop within %g s: killing it", unit.label(),
+                                STOP_TIMEOUT)
+                    unit.kill_at = None
+                    self._signal(unit, signal.SIGKILL)
+                status = self._reap(unit)
+                if status is not None and not self._exited(unit, status) and going:
+                    going = False
+                    self.stopping = True
+                    for other in self.units:   # one stops: stop the others
+                        self._signal(other, signal.SIGTERM)
+            self._check_watchdog(now)
+            if not going:
+                for unit in self.units:
+                    unit.start_at = None
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)  # the child is gone: a late stop request is moot
-        self._close([fd for _, fd in self.store])
-        self.store = []
+            signal.signal(sig, signal.SIG_IGN)  # the children are gone: a late stop is moot
+        for unit in self.units:
+            self._close([fd for _, fd in unit.store])
+            unit.store = []
         return self.exit_code or 0
 
 
@@ -254,5 +499,17 @@ def child_argv(argv):
     return [sys.executable, "-m", "balloon_device.host.cli", *argv, "--no-supervise"]
 
 
-def run(argv):
-    return Supervisor(child_argv(argv)).run()
+def guest_unit(argv, cfg, name, path):
+    from .config import guest_control_path
+    return Unit(f"guest {name}", child_argv(argv) + [
+        "--unit", "guest", "--only-guest", f"{name}={path}",
+        "--control-socket", guest_control_path(cfg.control_path, name)], guest=(name, path))
+
+
+def run(argv, cfg=None, watchdog=0.0):
+    if cfg is None or not cfg.guests:
+        return Supervisor(child_argv(argv), watchdog=watchdog).run()
+    manager = Unit("manager", child_argv(argv) + ["--unit", "manager"])
+    units = [guest_unit(argv, cfg, n, p) for n, p in cfg.guests] + [manager]
+    return Supervisor(units=units, watchdog=watchdog, multi=True, manager=manager,
+                      unit_factory=lambda n, p: guest_unit(argv, cfg, n, p)).run()
