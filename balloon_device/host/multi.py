@@ -310,12 +310,15 @@ class Daemon:
         del self.guests[name]
         token = current_guest.set(name)
         try:
+            from .state import outbox_names
             guest.server.close()
             session = guest.session
             if session is not None:
                 for stored in (set(session.names.values()) | set(session.pinned)
-                               | set(session._to_remove) | {session.state_name}):
+                               | set(session._to_remove) | {session.state_name}
+                               | set(outbox_names(name))):
                     self.store.remove(stored)
+                session.outbox.close()
                 for copy in session.copies.values():
                     try:
                         os.close(copy)
