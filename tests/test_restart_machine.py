@@ -69,7 +69,7 @@ class KillMachine(RuleBasedStateMachine):
         self.kills = 0
         self.slot = 0
 
-    # QEMU's handshake (test_restart.Guest) passes 206 boundaries; then each request
+    # the QEMU-like handshake (test_restart.Guest) passes 206 boundaries; then each request
     # passes 5 and each chain 1 (more with a state write). The first process dies at
     # its first N (0: never), the next ones (restarted after any kill) at theirs.
     @initialize(first=st.one_of(st.integers(207, 245), st.integers(1, 206), st.just(0)),
