@@ -267,8 +267,8 @@ def main(argv=None):
     ms = "{:.0f}"
     rows = []
     for name, c in cols.items():
-        rows.append([f"`ctl upgrade`" if name == "upgrade" else "SIGKILL", c["events"],
-                     c["restored"], f(c["serving_again_p50_s"] and c["serving_again_p50_s"] * 1e3, ms),
+        rows.append(["`ctl upgrade`" if name == "upgrade" else "SIGKILL", c["events"],
+                     c["restored"], f(c["serving_again_p50_s"] * 1e3, ms),
                      f(c["gap_p50_s"] * 1e3, ms), f(c["gap_max_s"] * 1e3, ms),
                      f(ratio(c["gap_p50_s"], ref50), "{:.0f}x"),
                      f(ratio(c["gap_max_s"], ref_max), "{:.1f}x")])

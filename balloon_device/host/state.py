@@ -10,8 +10,8 @@ between sending a reply and recording it is a few instructions, not a state writ
 GuestSession is the FdObserver (vhostuser/restart.py) of one guest's Server: it
 pushes each fd the session keeps to the fd store under a name that says what it is,
 keeps the reply outbox (a pipe, both ends in the store: a reply goes out exactly
-once across a kill), and writes the guest's state (protocol snapshot, device state, fd names, the message
-being handled) ahead of acting on it. Stale fds leave the store only after the
+once across a kill), and writes the guest's state (protocol snapshot, device state,
+fd names, the message being handled) ahead of acting on it. Stale fds leave the store only after the
 checkpoint that stopped referring to them.
 """
 
