@@ -159,7 +159,8 @@ def run_config(cfg, ns, accel, t_global):
         if cfg in ("shared", "policy"):
             shared = SharedDaemon([f"g{i}" for i in range(ns.cap)],
                                   parent.child("daemon").create(),
-                                  args=policy_args(ns, parent) if cfg == "policy" else ())
+                                  args=(policy_args(ns, parent) if cfg == "policy" else [])
+                                  + ["--guest-processes", ns.guest_processes])
             pids_seen.append(shared.pid)
         for i in range(ns.cap):
             child = parent.child(f"g{i}").create()
@@ -351,6 +352,9 @@ def main():
                          "marker), like the timers of any real guest; 0 = a silent guest "
                          "(default 5)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--guest-processes", choices=("per-guest", "shared"), default="per-guest",
+                    help="the shared daemon's --guest-processes (shared and policy "
+                         "configurations; default per-guest)")
     pol = ap.add_argument_group("the policy configuration (passed to the daemon's --policy-*)")
     pol.add_argument("--policy-floor", default="1GiB",
                      help="keep this much of the parent cgroup's limit available: room for "

@@ -77,7 +77,10 @@ def measure(n, supervise):
                 try:
                     st = request(str(d / "control.sock"), {"cmd": "status", "guest": name},
                                  timeout=5)
-                    if st.get("ok") and st["status"]["process"].get("pid"):
+                    # a guest's process starts when its frontend connects: the daemon is
+                    # ready for it once the manager answers (pid, or "unit": "waiting")
+                    if st.get("ok") and (st["status"]["process"].get("pid")
+                                         or st["status"]["process"].get("unit") == "waiting"):
                         break
                 except Exception:  # noqa: BLE001 - not up yet
                     pass

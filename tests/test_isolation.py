@@ -110,11 +110,63 @@ def two(tmp_path):
 
 
 def connect(tmp_path, d, name, **kw):
+    """A frontend on the guest's socket (its process starts when it connects)."""
+    path = tmp_path / f"{name}.sock"
+    wait_for(lambda: path.exists(), 60, f"{path}", d)
+    g = Guest(str(path), **kw)
     wait_unit(d, name)
-    return Guest(str(tmp_path / f"{name}.sock"), **kw)
+    return g
+
+
+def test_a_guest_gets_its_process_when_its_frontend_comes(tmp_path):
+    """No frontend, no process: the supervisor holds the guest's listening socket and
+    forks the guest's process when a connection is pending; that process serves it and
+    survives a restart like any other. A guest removed before it ever connected leaves
+    no socket behind."""
+    d = Supervised(tmp_path, "--unit-watchdog", "0", guests=("a", "b", "c"))
+    a = None
+    try:
+        mgr = manager_pid(d, ())
+        assert set(children(d.proc.pid)) == {mgr}             # the manager only
+        assert all((tmp_path / f"{n}.sock").exists() for n in "abc")
+        st = ctl(d, {"cmd": "status"})
+        assert st["ok"] and set(st["guests"]) == {"a", "b", "c"}
+        for n in "abc":
+            p = st["guests"][n]["process"]
+            assert p["unit"] == "waiting" and p["pid"] is None and "error" not in p, p
+            assert not st["guests"][n]["connected"]
+        from balloon_device.host import status_view
+        rows = {r[0]: r[1] for r in map(status_view.row, ctl(d, {"cmd": "list"})["guests"])}
+        assert rows == {"a": "waiting", "b": "waiting", "c": "waiting"}
+        refused = ctl(d, {"cmd": "target", "guest": "a", "bytes": MiB})
+        assert not refused["ok"] and "no frontend has connected" in refused["error"]
+        a = connect(tmp_path, d, "a")
+        report_once(a, 0)
+        pa = pid_of(d, "a")
+        assert set(children(d.proc.pid)) == {mgr, pa}          # b and c still have none
+        with open(f"/proc/{pa}/comm") as f:
+            assert f.read().strip() == "vub-guest-a"
+        assert ctl(d, {"cmd": "status", "guest": "b"})["status"]["process"]["unit"] == "waiting"
+        assert ctl(d, {"cmd": "target", "guest": "a", "bytes": 8 * MiB})["ok"]
+        os.kill(pa, signal.SIGKILL)                            # the on-demand unit restarts
+        st = wait_unit(d, "a", not_pid=pa)
+        assert st["process"]["restored"] and st["connected"] and a.fe.alive
+        assert st["target_pages"] == 8 * MiB >> 12
+        report_once(a, 1)
+        assert ctl(d, {"cmd": "remove-guest", "guest": "c"})["ok"]
+        wait_for(lambda: not (tmp_path / "c.sock").exists(), 30, "c's socket to go", d)
+        assert len(children(d.proc.pid)) == 2                  # a's process, the manager
+    finally:
+        if a is not None:
+            a.close()
+        d.stop()
+    assert not any((tmp_path / f"{n}.sock").exists() for n in "abc")
 
 
 def test_each_guest_has_its_own_process(two, tmp_path):
+    a, b = connect(tmp_path, two, "a"), connect(tmp_path, two, "b")
+    a.close()
+    b.close()
     pa, pb = pid_of(two, "a"), pid_of(two, "b")
     mgr = manager_pid(two)
     assert len({pa, pb, mgr, two.proc.pid}) == 4
@@ -397,3 +449,66 @@ def test_ctl_upgrade_replaces_every_process(two, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_warm_up_runs_a_guest_units_start_in_the_supervisor(tmp_path, caplog):
+    """Before forking, the supervisor parses a guest unit's command line and builds its
+    device once (their caches then live in shared pages); it must really get through
+    that, not fail quietly."""
+    import logging
+    from balloon_device.host import cli, supervisor
+    from balloon_device.host.config import DaemonConfig
+    argv = ["--socket-dir", str(tmp_path), "--guests", "a,b", "--stats-interval", "1"]
+    cfg = cli.config_from_args(cli._daemon_parser().parse_args(argv))
+    assert isinstance(cfg, DaemonConfig) and cfg.guests
+    units = [supervisor.guest_unit(argv, cfg, n, p) for n, p in cfg.guests]
+    sup = supervisor.Supervisor(units=units, multi=True)
+    try:
+        sup._parser = cli._daemon_parser()
+        seen = []
+        from balloon_device.host import multi
+        orig = multi.make_device
+        multi.make_device = lambda c: seen.append(c) or orig(c)
+        try:
+            with caplog.at_level(logging.DEBUG, logger="vhost-user-balloon.supervisor"):
+                sup._warm_up()
+        finally:
+            multi.make_device = orig
+        assert "warm-up failed" not in caplog.text
+        assert seen and seen[0].guests == (("a", str(tmp_path / "a.sock")),)
+        assert seen[0].stats_interval == 1
+    finally:
+        for u in units:
+            u.sock.close()
+        sup._wake_r.close()
+        sup._wake_w.close()
+
+
+def test_shared_guest_process_serves_every_guest_and_survives_a_kill(tmp_path):
+    """--guest-processes shared: one supervised serving process for every guest (no
+    manager, no per-guest process): a SIGKILL of it costs both guests one restart,
+    both sessions come back from the fd store."""
+    d = Supervised(tmp_path, "--guest-processes", "shared", "--unit-watchdog", "0",
+                   guests=("a", "b"))
+    a = b = None
+    try:
+        a, b = connect(tmp_path, d, "a"), connect(tmp_path, d, "b")
+        report_once(a, 0)
+        report_once(b, 0)
+        pa, pb = pid_of(d, "a"), pid_of(d, "b")
+        assert pa == pb and children(d.proc.pid) == [pa]
+        with open(f"/proc/{pa}/comm") as f:
+            assert f.read().strip() == "vub-guests"
+        assert ctl(d, {"cmd": "target", "guest": "b", "bytes": 8 * MiB})["ok"]
+        os.kill(pa, signal.SIGKILL)
+        for n, g in (("a", a), ("b", b)):
+            st = wait_unit(d, n, not_pid=pa)
+            assert st["process"]["restored"] and st["connected"] and g.fe.alive
+            report_once(g, 1)
+        assert d.status("b")["target_pages"] == 8 * MiB >> 12
+        assert len(children(d.proc.pid)) == 1
+    finally:
+        for g in (a, b):
+            if g is not None:
+                g.close()
+        d.stop()

@@ -24,22 +24,47 @@ def queue_region_size(queue_size):
 
 
 class InflightQueue:
-    def __init__(self, buf, offset, queue_size):
+    def __init__(self, buf, offset, queue_size, fd=None, file_offset=0):
         self.buf = buf
         self.offset = offset
         self.queue_size = queue_size
+        self.fd = fd                    # read the marks with pread: a read through the
+        self.file_offset = file_offset  # mapping would allocate every page of the area
         self.counter = 0
         _f, version, num, _b, _u = HEAD.unpack_from(buf, offset)
         if version != VERSION or num != queue_size:
             HEAD.pack_into(buf, offset, 0, VERSION, queue_size, 0, 0)
         else:
-            self.counter = max((DESC.unpack_from(buf, self._desc(i))[2]
-                                for i in range(queue_size)), default=0)
+            self.counter = max((c for _f, _n, c in self._descs()), default=0)
+
+    def _descs(self):
+        """(flag, n, counter) of every head, read without faulting in the area's holes."""
+        start, length = self.offset + HEAD.size, DESC.size * self.queue_size
+        raw = None
+        if self.fd is not None:
+            try:
+                raw = os.pread(self.fd, length, self.file_offset + start)
+            except OSError:
+                raw = None
+        if raw is None or len(raw) != length:
+            raw = self.buf[start:start + length]
+        return DESC.iter_unpack(raw)
 
     def reset(self):
-        """Forget every mark (the ring starts again from a new base)."""
-        self.buf[self.offset + HEAD.size:self.offset + HEAD.size + DESC.size * self.queue_size] = \
-            bytes(DESC.size * self.queue_size)
+        """Forget every mark (the ring starts again from a new base). Whole pages are
+        given back (MADV_REMOVE reads as zeroes) rather than written: an area sized for
+        the largest ring would otherwise cost every process its full size in memory."""
+        start = self.offset + HEAD.size
+        end = start + DESC.size * self.queue_size
+        lo = min(end, -(-start // mmap.PAGESIZE) * mmap.PAGESIZE)
+        hi = max(lo, end // mmap.PAGESIZE * mmap.PAGESIZE)
+        if hi > lo:
+            try:
+                self.buf.madvise(mmap.MADV_REMOVE, lo, hi - lo)
+            except (OSError, ValueError, AttributeError):
+                lo = hi = start   # not a shared file mapping: write the zeroes
+        self.buf[start:lo] = bytes(lo - start)
+        self.buf[hi:end] = bytes(end - hi)
         self.counter = 0
 
     def _desc(self, head):
@@ -75,8 +100,7 @@ class InflightQueue:
     def pending(self):
         """Heads marked inflight, oldest first."""
         out = []
-        for i in range(self.queue_size):
-            flag, _n, counter = DESC.unpack_from(self.buf, self._desc(i))
+        for i, (flag, _n, counter) in enumerate(self._descs()):
             if flag:
                 out.append((counter, i))
         return [h for _c, h in sorted(out)]
@@ -91,7 +115,8 @@ class InflightArea:
         self.num_queues = num_queues
         self.queue_size = queue_size
         step = queue_region_size(queue_size)
-        self._queues = [InflightQueue(buf, i * step, queue_size) for i in range(num_queues)]
+        self._queues = [InflightQueue(buf, i * step, queue_size, fd, offset)
+                        for i in range(num_queues)]
 
     @classmethod
     def create(cls, num_queues, queue_size):

@@ -153,6 +153,12 @@ def _daemon_parser():
                    help="supervised multi-guest daemon: a guest's serving process (or the "
                         "manager) that sends no watchdog ping for S seconds is killed and "
                         "restarted (default 30; 0 = off)")
+    p.add_argument("--guest-processes", choices=("per-guest", "shared"), default="per-guest",
+                   help="supervised multi-guest daemon: per-guest (default) serves each guest "
+                        "in its own process (a fault costs one guest; ~7 MiB per guest); "
+                        "shared serves every guest in one supervised process (restarts "
+                        "survive, but a fault in it costs every guest a restart; the "
+                        "smallest footprint, for the tightest hosts)")
     sec = p.add_argument_group("least privilege (applied once the sockets exist)")
     sec.add_argument("--user", help="switch to this user (sockets are chowned to it first)")
     sec.add_argument("--group", help="switch to this group (default: the user's group)")
@@ -609,7 +615,8 @@ def main(argv=None, parser=None):
         _setup_logging(cfg)
         if supervised(ns) and ns.unit is None:
             from . import supervisor
-            return supervisor.run(argv, cfg, watchdog=ns.unit_watchdog if cfg.guests else 0.0)
+            return supervisor.run(argv, cfg, watchdog=ns.unit_watchdog if cfg.guests else 0.0,
+                                  shared=ns.guest_processes == "shared")
         if ns.unit == "manager":
             return serve_manager(cfg)
         return serve(cfg, ns.unit)

@@ -298,8 +298,8 @@ class ControlServer:
                 continue
             if getattr(guest, "remote", False):
                 st = guest.status()
-                if st.process.get("unit") == "unreachable":
-                    continue          # its process is restarting: no news, not zeros
+                if st.process.get("unit") in ("unreachable", "waiting"):
+                    continue          # no process (restarting, or no frontend yet): no news
                 now = (st.device.target_pages, st.device.actual_pages)
             else:
                 now = (guest.device.target_pages, guest.device.actual)

@@ -8,7 +8,9 @@ and reaches each guest through that guest's control socket with a RemoteGuest,
 which offers what ControlServer, MetricsServer and PolicyLoop use of multi.Guest.
 A guest whose process is restarting (or hung) answers nothing: it shows as not
 connected, with "unit": "unreachable" in its process info, and the manager
-carries on. Guests added or removed at run time (ctl add-guest / remove-guest)
+carries on. A guest whose frontend has not come yet has no process at all (the
+supervisor starts it when its QEMU connects): its control socket does not exist and it
+shows as waiting for its frontend ("unit": "waiting"), which is no error. Guests added or removed at run time (ctl add-guest / remove-guest)
 are passed on to the supervisor with a notification from the manager's pid.
 """
 
@@ -35,6 +37,10 @@ class GuestUnreachable(ControlError):
     pass
 
 
+class GuestWaiting(GuestUnreachable):
+    """The guest has no serving process yet: no frontend connected to its socket."""
+
+
 class RemoteGuest:
     """One guest served by its own process, seen through its control socket."""
 
@@ -59,6 +65,10 @@ class RemoteGuest:
             reply = request(self.control_path, dict(req, guest=self.name), timeout=self.timeout)
         except ControlError as e:
             self._error = str(e)
+            if isinstance(e.__cause__, FileNotFoundError):   # no process: no frontend yet
+                raise GuestWaiting(f"guest {self.name}: no frontend has connected to "
+                                   f"{self.socket_path} yet; its serving process starts when "
+                                   "one does") from e
             if isinstance(e.__cause__, TimeoutError):   # hung: do not wait on it again soon
                 self._down_until = time.monotonic() + RETRY_AFTER
             raise GuestUnreachable(self._unreachable(e)) from e
@@ -74,6 +84,9 @@ class RemoteGuest:
                 f"hung; the supervisor restarts it): {why}")
 
     def placeholder(self, error):
+        if isinstance(error, GuestWaiting):
+            return GuestStatus(name=self.name, socket=self.socket_path, process={
+                "pid": None, "unit": "waiting", "restarts": 0})
         return GuestStatus(name=self.name, socket=self.socket_path, process={
             "pid": None, "unit": "unreachable", "error": str(error)})
 

@@ -24,7 +24,11 @@ control socket, metrics and the policy; no guest memory). A fault of one guest's
 unit (SIGBUS, a crash, a hang caught by the watchdog) costs that guest one
 restart and the others nothing. The manager adds and removes guest units at run
 time with a notification from its own pid (VUB_ADD_GUEST=NAME + VUB_GUEST_PATH=PATH,
-VUB_REMOVE_GUEST=NAME). With a watchdog (--unit-watchdog S) every unit pings
+VUB_REMOVE_GUEST=NAME). A guest's unit starts only when its frontend comes: until
+then the supervisor holds the guest's listening socket (created by hold_socket, kept
+in that unit's store as the unit would keep it) and forks the unit once a connection
+is pending; the unit takes the socket from the store and accepts it. A guest without
+a frontend costs no process. With a watchdog (--unit-watchdog S) every unit pings
 WATCHDOG=1; a unit silent for S seconds after it got ready is SIGKILLed and
 restarted.
 
@@ -45,7 +49,7 @@ import struct
 import sys
 import time
 
-from .fdstore import same_fd
+from .fdstore import fd_name, same_fd
 
 log = logging.getLogger("vhost-user-balloon.supervisor")
 
@@ -90,6 +94,9 @@ class Unit:
         self.removed = False         # being removed: never restarted
         self.kill_at = None          # SIGKILL a removed unit that did not stop by then
         self.exec_only = False       # True: always exec the program (an upgrade asked so)
+        self.socket_path = None      # a guest unit started on demand: its vhost-user socket
+        self.control_path = None     # ... and its own control socket
+        self.waiting = None          # the listening fd held while no frontend came, else None
         self.address = f"\0vub-supervisor-{os.getpid()}-{secrets.token_hex(8)}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.sock.bind(self.address)
@@ -102,7 +109,7 @@ class Unit:
 
 class Supervisor:
     def __init__(self, argv=None, env=None, units=None, watchdog=0.0, multi=False,
-                 manager=None, unit_factory=None):
+                 manager=None, unit_factory=None, hold_socket=None):
         self.env = dict(os.environ if env is None else env)
         for k in ("WATCHDOG_USEC", "WATCHDOG_PID"):
             self.env.pop(k, None)
@@ -111,6 +118,7 @@ class Supervisor:
         self.multi = multi             # several units: one dying never stops the others
         self.manager = manager         # the unit allowed to add and remove guests
         self.unit_factory = unit_factory   # (name, path) -> Unit, for VUB_ADD_GUEST
+        self.hold_socket = hold_socket     # path -> listening fd: start guest units on demand
         # start units by fork from this process (which has imported everything) instead
         # of exec: their code pages stay shared. Off after an upgrade (the new program
         # must be exec'd, and so must every later start).
@@ -220,9 +228,16 @@ class Supervisor:
             log.warning("add-guest %s: there is already a unit for that guest", name)
             return
         unit = self.unit_factory(name, path)
-        self.units.append(unit)
         log.info("adding guest %s on %s (%s)", name, path, unit.label())
-        self._spawn(unit)
+        try:
+            self._hold(unit)
+        except Exception as e:   # noqa: BLE001 - the socket cannot be made: no unit
+            log.error("add-guest %s: %s", name, e)
+            unit.sock.close()
+            return
+        self.units.append(unit)
+        if unit.waiting is None:
+            self._spawn(unit)
         self._tell_manager()
 
     def remove_guest(self, name):
@@ -245,8 +260,25 @@ class Supervisor:
         if self.manager is not None:
             self.manager.env["VUB_UNIT_GUESTS"] = json.dumps(self.current_guests())
 
+    def _hold(self, unit):
+        """A guest unit with nothing in its store starts when its frontend comes: make its
+        listening socket and keep it in the unit's store meanwhile."""
+        if self.hold_socket is None or unit.socket_path is None or unit.store:
+            return
+        fd = self.hold_socket(unit.socket_path)
+        if unit.control_path:
+            _unlink(unit.control_path)   # no control socket: the manager shows "waiting"
+        unit.store.append([fd_name(unit.guest[0], "listen"), fd])
+        unit.waiting = fd
+        unit.start_at = None
+        log.info("%s: listening on %s; its process starts when its frontend connects",
+                 unit.label(), unit.socket_path)
+
     def _forget(self, unit):
         """A removed unit is gone: drop its fds (its frontend sees the session end)."""
+        if unit.waiting is not None:
+            _unlink(unit.socket_path)    # never started: nobody else removes its socket
+            unit.waiting = None
         self._close([fd for _, fd in unit.store])
         unit.store = []
         unit.sock.close()
@@ -257,6 +289,9 @@ class Supervisor:
     # ---- the children ---------------------------------------------------------------
 
     def _spawn(self, unit):
+        if unit.waiting is not None:
+            log.info("%s: its frontend connected", unit.label())
+            unit.waiting = None
         names = [n for n, _ in unit.store]
         fds = [fd for _, fd in unit.store]
         env = dict(self.env, **unit.env, NOTIFY_SOCKET="@" + unit.address[1:],
@@ -306,7 +341,8 @@ class Supervisor:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             if os.getppid() != parent:
                 os._exit(1)
-            title = "vub-manager" if unit.guest is None else f"vub-guest-{unit.guest[0]}"
+            title = ("vub-guests" if unit.name is None else "vub-manager" if unit.guest is None
+                     else f"vub-guest-{unit.guest[0]}")
             libc.prctl(_PR_SET_NAME, title.encode()[:15], 0, 0, 0)   # ps, top: which unit
             signal.set_wakeup_fd(-1)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
@@ -342,6 +378,24 @@ class Supervisor:
                 sys.stderr.flush()
             finally:
                 os._exit(code if isinstance(code, int) else 1)
+
+    def _warm_up(self):
+        """Run what every guest's process runs first (its command line, its device) once
+        here: the caches and specialised code that leaves behind are shared with every
+        unit instead of made again in each."""
+        unit = next((u for u in self.units if u.guest is not None), None)
+        if unit is None:
+            return
+        try:
+            from . import cli
+            from .multi import make_device
+            cfg = cli.config_from_args(self._parser.parse_args(unit.argv[3:]))
+            for _ in range(2):
+                dev = make_device(cfg)
+                json.dumps(dev.status().to_dict())
+            del dev
+        except Exception:   # noqa: BLE001 - only an optimisation
+            log.debug("warm-up failed", exc_info=True)
 
     def _signal(self, unit, sig):
         if unit.child is not None:
@@ -431,9 +485,16 @@ class Supervisor:
             import gc
             # what the units import on top of the command line: shared once, here
             from . import cli, control, manager, metrics, sandbox, state  # noqa: F401
+            try:   # the manager's policy (--policy): its modules shared too, not its own
+                from . import policy  # noqa: F401
+            except ImportError:
+                pass
             self._parser = cli._daemon_parser()   # built once, shared with every unit
+            self._warm_up()
             gc.collect()
             gc.freeze()   # the forked units' collector leaves these objects' pages shared
+        for unit in self.units:
+            self._hold(unit)
         self._tell_manager()
         going = True
         while going or any(u.child is not None for u in self.units):
@@ -453,9 +514,15 @@ class Supervisor:
             if self.watchdog:
                 timeout = min(timeout, self.watchdog / 4)
             try:
-                select.select([u.sock for u in self.units] + [self._wake_r], [], [], timeout)
+                waiting = {u.waiting: u for u in self.units
+                           if u.waiting is not None and u.child is None and not self.stopping}
+                readable, _, _ = select.select([u.sock for u in self.units] + [self._wake_r]
+                                               + list(waiting), [], [], timeout)
             except (InterruptedError, ValueError, OSError):
-                pass
+                readable = []
+            for fd in readable:
+                if fd in waiting and not waiting[fd].removed:
+                    waiting[fd].start_at = time.monotonic()   # a frontend is knocking
             try:
                 while self._wake_r.recv(512):
                     pass
@@ -484,9 +551,18 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # the children are gone: a late stop is moot
         for unit in self.units:
+            if unit.waiting is not None:
+                _unlink(unit.socket_path)   # as the unit would when it stops
             self._close([fd for _, fd in unit.store])
             unit.store = []
         return self.exit_code or 0
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def fcntl_dupfd(fd, lowest):
@@ -501,15 +577,58 @@ def child_argv(argv):
 
 def guest_unit(argv, cfg, name, path):
     from .config import guest_control_path
-    return Unit(f"guest {name}", child_argv(argv) + [
+    control = guest_control_path(cfg.control_path, name)
+    unit = Unit(f"guest {name}", child_argv(argv) + [
         "--unit", "guest", "--only-guest", f"{name}={path}",
-        "--control-socket", guest_control_path(cfg.control_path, name)], guest=(name, path))
+        "--control-socket", control], guest=(name, path))
+    unit.socket_path, unit.control_path = path, control
+    return unit
 
 
-def run(argv, cfg=None, watchdog=0.0):
+def socket_holder(cfg):
+    """path -> a listening fd for a guest's socket, made as its serving process would
+    make it (mode 0600, or --socket-group's 0660; owned by --user/--group)."""
+    from vhostuser.connection import Listener
+
+    def hold(path):
+        listener = Listener.at_path(path)
+        try:
+            from . import sandbox
+            gid = None
+            if cfg.socket_group is not None:
+                gid = sandbox.share_sockets([path], cfg.socket_group, "--socket-group")
+            if cfg.user is not None or cfg.group is not None:
+                uid, ugid = sandbox.resolve_ids(cfg.user, cfg.group)
+                g = gid if gid is not None else ugid
+                os.chown(path, -1 if uid is None else uid, -1 if g is None else g)
+        except BaseException:
+            listener.sock.close()
+            _unlink(path)
+            raise
+        return listener.sock.detach()
+    return hold
+
+
+def run(argv, cfg=None, watchdog=0.0, shared=False):
     if cfg is None or not cfg.guests:
         return Supervisor(child_argv(argv), watchdog=watchdog).run()
+    if shared:
+        # --guest-processes shared: one serving process for every guest (and the control
+        # socket, metrics, policy), forked like the per-guest ones; restarts survive, a
+        # fault in it costs every guest one restart
+        sup = Supervisor(child_argv(argv), watchdog=watchdog)
+        sup.fork_units = True
+        return sup.run()
     manager = Unit("manager", child_argv(argv) + ["--unit", "manager"])
     units = [guest_unit(argv, cfg, n, p) for n, p in cfg.guests] + [manager]
-    return Supervisor(units=units, watchdog=watchdog, multi=True, manager=manager,
-                      unit_factory=lambda n, p: guest_unit(argv, cfg, n, p)).run()
+    sup = Supervisor(units=units, watchdog=watchdog, multi=True, manager=manager,
+                     unit_factory=lambda n, p: guest_unit(argv, cfg, n, p),
+                     hold_socket=socket_holder(cfg))
+    try:
+        for unit in units:      # a socket that cannot be made stops the start, as before
+            sup._hold(unit)
+    except BaseException:
+        for unit in units:
+            sup._forget(unit)
+        raise
+    return sup.run()
