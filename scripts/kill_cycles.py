@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """SIGKILL the serving process N times under a real QEMU 11.1 guest and record the results.
 
-    python scripts/kill_cycles.py [--cycles 100] [--seed S] [--out FILE.json]
+    python scripts/kill_cycles.py [--cycles 100] [--seed S] [--out FILE.json] [--upgrade]
 
 One 1 GiB TCG guest runs the integrity workload (256 MiB allocated, verified and freed
 per round); the daemon runs under its built-in supervisor with --stats-interval 1.
@@ -11,6 +11,7 @@ then check (balloon_device/host/harness/restart.py): the successor restores the
 session, the guest's next report is completed and discards memory, QEMU's log has no
 vhost-user line, the guest's console no virtio error, integrity 0 bad bytes. Prints the
 time without service (kill -> successor serving) and until the next report, p50 and max.
+--upgrade: `ctl upgrade` instead of SIGKILL (the same checks).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main():
     p.add_argument("--cycles", type=int, default=100)
     p.add_argument("--seed", type=int, default=int(time.time()))
     p.add_argument("--out", help="write every cycle's figures here (JSON)")
+    p.add_argument("--upgrade", action="store_true", help="ctl upgrade instead of SIGKILL")
     ns = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vub-kill-"))
     d = Daemon(work, args=["--stats-interval", "1"], log_level="info").start()
@@ -49,11 +51,12 @@ def main():
             time.sleep(0.1)
         print(f"seed {ns.seed}; daemon log {d.log_path}", flush=True)
         results = kill_cycles(d, g, ns.cycles, random.Random(ns.seed),
-                              log=lambda s: print(s, flush=True))
+                              log=lambda s: print(s, flush=True),
+                              how="upgrade" if ns.upgrade else "kill")
         rounds = check_quiet(g)
         st = d.status()
         s = summary(results)
-        s.update(seed=ns.seed, integrity_rounds=rounds, restarts=st["process"]["restarts"],
+        s.update(seed=ns.seed, how="upgrade" if ns.upgrade else "kill", integrity_rounds=rounds, restarts=st["process"]["restarts"],
                  qemu_alive=g.alive(), minutes=(time.monotonic() - t0) / 60,
                  report_chains=st["counters"]["report_chains"],
                  bytes_discarded_mib=st["counters"]["bytes_discarded"] >> 20)

@@ -153,6 +153,7 @@ CHILD = textwrap.dedent(r"""
     TGKILL = sandbox.TABLES[platform.machine()]["tgkill"]
     held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # made before the filter
     open({tmp!r} + ".keep", "w").close()
+    pair = socket.socketpair()                                # (a frontend's socket)
     sandbox.apply_seccomp({mode!r})
     out = []
     def check(name, fn):
@@ -171,6 +172,11 @@ CHILD = textwrap.dedent(r"""
             raise OSError(ctypes.get_errno(), "fallocate")
     check("fallocate", punch)
     check("eventfd", lambda: os.eventfd_write(os.eventfd(0), 1))
+    def splice():  # the reply outbox (vhostuser/restart.py)
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.write(w, b"x")
+        os.splice(r, pair[0].fileno(), 1)
+    check("splice", splice)
     check("unix_socket", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close())
     check("connect", lambda: held.connect("/dev/log"))
     check("unlink", lambda: os.unlink({tmp!r} + ".keep"))
@@ -198,7 +204,7 @@ def run_child(mode, tmp_path):
 def test_seccomp_errno_mode_allows_the_daemon_calls_and_refuses_others(tmp_path):
     r = run_child("errno", tmp_path)
     got = dict(kv.split("=") for kv in r.stdout.split())
-    allowed = ("memfd", "fallocate", "eventfd", "read_open", "thread", "tgkill_self")
+    allowed = ("memfd", "fallocate", "eventfd", "splice", "read_open", "thread", "tgkill_self")
     assert {k: got[k] for k in allowed} == dict.fromkeys(allowed, "ok"), r
     # no new socket, no connect, no unlink, no signal to another process (issue 13)
     refused = ("inet_socket", "unix_socket", "connect", "unlink", "tgkill_other", "write_open",

@@ -292,6 +292,10 @@ class Server(DeviceContext):
         log.info("frontend session restored after a restart")
         if pending is not None:
             self._finish_pending(pending)
+        elif self.observer.outbox is not None and self.observer.outbox.drain():
+            # killed after loading a reply, before the checkpoint of its message: the
+            # message is still in the socket and is handled again
+            log.info("dropping a reply the previous process had not recorded")
         self._sync()
 
     def _finish_pending(self, pending):
@@ -301,7 +305,15 @@ class Server(DeviceContext):
             # (its sender waits for the reply when one is due)
             if self.conn.peek_raw(len(msg)) == msg:
                 self.conn.consume(len(msg))
-        if pending.get("reply") is not None and self.conn.unread_sent():
+        outbox = self.observer.outbox
+        if pending.get("outbox") and outbox is not None:
+            # what is left in the pipe is exactly what was not sent: send that only
+            left = outbox.queued()
+            log.info("the reply to the request the previous process was handling: "
+                     "%d of %d bytes left to send", left, len(pending["reply"]))
+            self._flush_outbox(self.conn)
+        elif pending.get("reply") is not None and self.conn.unread_sent():
+            # (a reply with an fd, or a state written before the outbox existed)
             # killed between sending the reply and recording it: it is still there
             log.info("the reply to the request the previous process was handling is "
                      "already in the socket")
@@ -312,6 +324,14 @@ class Server(DeviceContext):
             log.info("answering the request the previous process was handling")
             self.conn.send(pending["reply"], fds)
         self.observer.progress(None)
+
+    def _flush_outbox(self, conn):
+        try:
+            self.observer.outbox.flush(conn.sock, RECV_TIMEOUT)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ConnectionClosed("peer went away while we were replying") from e
+        except TimeoutError as e:
+            raise ConnectionClosed(str(e)) from e
 
     def disconnect(self, reason):
         """Drop the current frontend (no-op without one); reason is logged."""
@@ -408,13 +428,20 @@ class Server(DeviceContext):
                           msg.header.size, len(msg.fds))
                 reply = self.backend.handle(msg)
                 self.backend.sync_fds()
+                outbox = self.observer.outbox
+                via_outbox = outbox is not None and reply is not None and not reply.fds
+                if via_outbox:
+                    outbox.load(reply.data)   # before the checkpoint that says it is there
                 self.observer.checkpoint({
                     "msg": raw, "reply": None if reply is None else reply.data,
                     "reply_fd": "inflight" if reply is not None and reply.fds else None,
-                    "stage": "handled"})
+                    "outbox": via_outbox, "stage": "handled"})
                 conn.consume(len(raw))
                 self.observer.progress("consumed")
-                self._send_reply(conn, reply)
+                if via_outbox:
+                    self._flush_outbox(conn)
+                else:
+                    self._send_reply(conn, reply)
                 self.observer.progress(None)
                 self._sync()
                 if self.conn is not conn:

@@ -24,6 +24,7 @@ from types import MappingProxyType
 
 from vhostuser.connection import Listener
 from vhostuser.loop import EventLoop, Loop, Server, open_listener
+from vhostuser.restart import ReplyOutbox
 
 from . import notify
 from .fdstore import FdStore, fd_name, parse_name, take_listen_fds
@@ -250,7 +251,7 @@ class Daemon:
     def _add_kept_guest(self, guest, socket_path, fd, gloop, keep):
         """A guest whose fds and state live in the fd store: take them back if a
         previous process left them there, else start afresh and push them."""
-        from .state import GuestSession, StateFile, install_crash_points
+        from .state import GuestSession, StateFile, install_crash_points, outbox_names
         t0 = time.monotonic()
         listen_name = fd_name(guest.name, "listen")
         kept = self.inherited.pop(listen_name, None)
@@ -262,7 +263,14 @@ class Daemon:
             self.store.push(listen_name, listener.fileno())
         state_fd = self.inherited.pop(fd_name(guest.name, "state"), None)
         state = StateFile(state_fd) if state_fd is not None else None
-        session = GuestSession(self.store, guest, state)
+        names = outbox_names(guest.name)
+        ends = [self.inherited.pop(n, None) for n in names]
+        outbox = ReplyOutbox(*ends) if None not in ends else None
+        for name, fd in zip(names, ends) if outbox is None else ():
+            if fd is not None:  # half of one: a new outbox replaces it
+                self.store.remove(name)
+                os.close(fd)
+        session = GuestSession(self.store, guest, state, outbox)
         session.pin(listen_name, listener.fileno())
         guest.session = session
         connected = not listener.is_listening
@@ -306,12 +314,15 @@ class Daemon:
         del self.guests[name]
         token = current_guest.set(name)
         try:
+            from .state import outbox_names
             guest.server.close()
             session = guest.session
             if session is not None:
                 for stored in (set(session.names.values()) | set(session.pinned)
-                               | set(session._to_remove) | {session.state_name}):
+                               | set(session._to_remove) | {session.state_name}
+                               | set(outbox_names(name))):
                     self.store.remove(stored)
+                session.outbox.close()
                 for copy in session.copies.values():
                     try:
                         os.close(copy)

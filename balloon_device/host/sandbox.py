@@ -15,7 +15,7 @@ What stays allowed is what CPython and this daemon use while serving (recorded
 with strace over protocol fuzzing, reporting, inflight, control and metrics
 requests): epoll/poll, recvmsg/sendmsg, accept4, mmap/munmap, fallocate,
 madvise, memfd_create/ftruncate (inflight areas), kcmp (is an fd already in the fd
-store), eventfd reads and writes,
+store), splice (replies leave through the outbox pipe), eventfd reads and writes,
 futex, clock reads, signals, getrandom, read-only openat (tracebacks, /proc
 and cgroup reads by the policy), and a few with argument checks: clone() only
 for threads (CLONE_THREAD; clone3 gets ENOSYS so that glibc falls back to
@@ -109,7 +109,7 @@ _X86_64 = {
         "fallocate": 285, "accept4": 288, "epoll_create1": 291, "dup3": 292, "pipe2": 293,
         "prlimit64": 302, "getrandom": 318, "memfd_create": 319, "kcmp": 312, "statx": 332, "rseq": 334,
         "faccessat": 269, "faccessat2": 439, "epoll_pwait2": 441, "select": 23,
-        "close_range": 436,
+        "close_range": 436, "splice": 275,
     },
     "openat": 257, "open": 2, "socket": 41, "clone": 56, "clone3": 435, "ioctl": 16,
     "tgkill": 234,
@@ -138,7 +138,7 @@ _AARCH64 = {
         "epoll_pwait": 22, "eventfd2": 19, "fallocate": 47, "accept4": 242,
         "epoll_create1": 20, "pipe2": 59, "prlimit64": 261, "getrandom": 278,
         "memfd_create": 279, "kcmp": 272, "statx": 291, "rseq": 293, "faccessat": 48, "faccessat2": 439,
-        "epoll_pwait2": 441, "close_range": 436,
+        "epoll_pwait2": 441, "close_range": 436, "splice": 76,
     },
     "openat": 56, "open": None, "socket": 198, "clone": 220, "clone3": 435, "ioctl": 29,
     "tgkill": 131,

@@ -9,8 +9,9 @@ between sending a reply and recording it is a few instructions, not a state writ
 
 GuestSession is the FdObserver (vhostuser/restart.py) of one guest's Server: it
 pushes each fd the session keeps to the fd store under a name that says what it is,
-and writes the guest's state (protocol snapshot, device state, fd names, the message
-being handled) ahead of acting on it. Stale fds leave the store only after the
+keeps the reply outbox (a pipe, both ends in the store: a reply goes out exactly
+once across a kill), and writes the guest's state (protocol snapshot, device state,
+fd names, the message being handled) ahead of acting on it. Stale fds leave the store only after the
 checkpoint that stopped referring to them.
 """
 
@@ -22,6 +23,8 @@ import os
 import struct
 import zlib
 
+from vhostuser.restart import ReplyOutbox
+
 from .fdstore import fd_name, same_fd
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,40 @@ log = logging.getLogger(__name__)
 # after the checkpoint of that stage ("handled", "consumed") of that request, or
 # right after its reply was sent, before that was recorded ("sent")
 CRASH_AT = os.environ.get("VUB_CRASH_AT", "")
+# Fault injection for tests: "N1,N2,..." makes the r-th serving process (r = 0 for the
+# first, VUB_RESTARTS) SIGKILL itself at its N_r-th boundary (counted from 1 while a
+# frontend is connected, from the restore on in a successor); "N" kills the first one
+# only. Boundaries: a state write done ("write"), just before and just after a progress
+# record ("pre-consumed": the message is out of the socket, unrecorded; "pre-replied":
+# its reply is sent, unrecorded; "consumed", "replied"), a chain discarded before it is
+# completed ("discard"), a CONFIG_CHANGE_MSG sent before its ack is read
+# ("config-change"). tests/test_restart_machine.py picks the Ns.
+def _crash_after():
+    spec = os.environ.get("VUB_CRASH_AFTER", "")
+    restarts = int(os.environ.get("VUB_RESTARTS", "0") or 0)
+    ns = [int(n) for n in spec.split(",") if n.strip()]
+    return ns[restarts] if restarts < len(ns) else 0
+
+
+CRASH_AFTER = _crash_after()
+_boundaries = itertools.count(1)
+
+
+def boundary(kind, session=None):
+    """One more kill point passed; SIGKILL ourselves if it is the CRASH_AFTER-th.
+    session: only counted while its frontend is connected."""
+    if not CRASH_AFTER:
+        return
+    if session is not None:
+        server = session.guest.server
+        if server is None or server.conn is None:
+            return
+    n = next(_boundaries)
+    log.debug("VUB_CRASH_AFTER: boundary %d (%s)", n, kind)
+    if n == CRASH_AFTER:
+        log.warning("VUB_CRASH_AFTER: killing myself at boundary %d, a %s boundary", n, kind)
+        os.kill(os.getpid(), 9)
+
 
 MAGIC = b"VUBSTATE"
 HEADER = struct.Struct("<8sQIII")
@@ -45,6 +82,21 @@ def install_crash_points(device, backend):
     """Tests: SIGKILL the first serving process right after a reported chain was
     discarded, before it is completed (VUB_CRASH_AT=discarded:reporting), or right after
     a CONFIG_CHANGE_MSG was sent, before its ack is read (sent:CONFIG_CHANGE_MSG)."""
+    if CRASH_AFTER:
+        send_ = backend.notify_config_change
+        discard_ = device._discard
+
+        def send_counted():
+            ok = send_()
+            boundary("config-change")
+            return ok
+
+        def discard_counted(*args, **kw):
+            done = discard_(*args, **kw)
+            boundary("discard")
+            return done
+        backend.notify_config_change = send_counted
+        device._discard = discard_counted
     if os.environ.get("VUB_RESTARTS", "0") != "0":
         return
     if CRASH_AT == "sent:CONFIG_CHANGE_MSG":
@@ -131,10 +183,15 @@ def _unb(text):
     return None if text is None else base64.b64decode(text)
 
 
+def outbox_names(guest):
+    """The fd store names of a guest's reply outbox (read end, write end)."""
+    return fd_name(guest, "outbox", "r"), fd_name(guest, "outbox", "w")
+
+
 class GuestSession:
     """FdObserver for one guest: fd store names + write-ahead state."""
 
-    def __init__(self, store, guest, state=None):
+    def __init__(self, store, guest, state=None, outbox=None):
         self.store = store
         self.guest = guest            # host Guest (name, device, server)
         self.state = state or StateFile.create()
@@ -150,6 +207,11 @@ class GuestSession:
         self.state_name = fd_name(guest.name, "state")
         if state is None:
             store.push(self.state_name, self.state.fd)
+        if outbox is None:  # replies go out through it (vhostuser/restart.py ReplyOutbox)
+            outbox = ReplyOutbox.create()
+            for name, fd in zip(outbox_names(guest.name), outbox.fds()):
+                store.push(name, fd)
+        self.outbox = outbox
 
     def pin(self, name, fd):
         """An fd the host stored itself (the listening socket): aliases may point at it."""
@@ -187,8 +249,10 @@ class GuestSession:
     def checkpoint(self, pending=None):
         if pending is not None:
             self.pending = {"msg": _b(pending["msg"]), "reply": _b(pending["reply"]),
-                            "reply_fd": pending["reply_fd"], "stage": pending["stage"]}
+                            "reply_fd": pending["reply_fd"], "stage": pending["stage"],
+                            "outbox": pending.get("outbox", False)}
         self._write()
+        boundary("write", self)
         for name in self._to_remove:
             self.store.remove(name)
         self._to_remove = []
@@ -198,12 +262,14 @@ class GuestSession:
     def progress(self, stage):
         if self.pending is None:
             return
+        boundary("pre-" + (stage or "replied"), self)
         if stage is None:
             self._crash_point("sent", _unb(self.pending["msg"]))
             self.pending = None
         else:
             self.pending["stage"] = stage
         self.state.write_progress(stage)
+        boundary(stage or "replied", self)
         if stage is not None:
             self._crash_point(stage, _unb(self.pending["msg"]))
 

@@ -74,7 +74,8 @@ def check_quiet(g, qemu_log_start=0):
 
 
 def kill_cycles(d, g, cycles, rng, min_wait=0.5, max_wait=6.0, serve_timeout=120,
-                log=print, target_mib=64):
+                log=print, target_mib=64, how="kill"):
+    """how: "kill" (SIGKILL of the serving process) or "upgrade" (`ctl upgrade`)."""
     results = []
     for cycle in range(cycles):
         if cycle % 3 == 1:
@@ -86,7 +87,10 @@ def kill_cycles(d, g, cycles, rng, min_wait=0.5, max_wait=6.0, serve_timeout=120
         pid = st["process"]["pid"]
         chains0 = st["counters"]["report_chains"]
         t_kill = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
+        if how == "upgrade":
+            d.ctl({"cmd": "upgrade"})
+        else:
+            os.kill(pid, signal.SIGKILL)
         st = _wait(lambda: (lambda s: s if s["process"]["pid"] != pid and s["connected"] else None)(
             d.status()), serve_timeout, "the next serving process", d, g)
         t_serving = time.monotonic()
@@ -104,7 +108,7 @@ def kill_cycles(d, g, cycles, rng, min_wait=0.5, max_wait=6.0, serve_timeout=120
              "chains_before": chains0, "restarts": st["process"]["restarts"],
              "integrity_rounds": rounds, "memfd_mib": (g.memfd_allocated() or 0) / MIB}
         results.append(r)
-        log(f"cycle {cycle}: served again after {r['gap_s'] * 1e3:.0f} ms, next report after "
+        log(f"cycle {cycle} ({how}): served again after {r['gap_s'] * 1e3:.0f} ms, next report after "
             f"{r['next_report_s']:.2f} s; {rounds} integrity rounds clean; "
             f"memfd {r['memfd_mib']:.0f} MiB")
     return results
