@@ -492,3 +492,41 @@ def test_daemon_logs_json_and_without_timestamp_under_the_journal(tmp_path):
     assert line.startswith("INFO: serving 1 guest"), line
     line = first_line([], False)
     assert line[:4].isdigit() and "INFO: serving 1 guest" in line
+
+
+def test_remove_guest_drops_all_its_fds_from_systemds_store(notify_socket, tmp_path):
+    """Under systemd (one process, systemd's fd store): ctl remove-guest takes every fd
+    the guest stored out of the store again, its reply outbox's two ends included, and
+    none of the other guest's."""
+    from balloon_device.host.state import outbox_names
+    s, path = notify_socket
+    env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "balloon_device.host.cli", "--guest",
+                             f"a={tmp_path}/a.sock", "--guest", f"b={tmp_path}/b.sock"],
+                            env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+    def fdname(msg):
+        return dict(ln.split("=", 1) for ln in msg.splitlines() if "=" in ln).get("FDNAME")
+    try:
+        stored = set()
+        while not (msg := s.recv(4096).decode()).startswith("READY=1"):
+            if msg.startswith("FDSTORE=1"):
+                stored.add(fdname(msg))
+        assert set(outbox_names("a")) <= stored and set(outbox_names("b")) <= stored
+        assert cli.main(["ctl", "--control-socket", str(tmp_path / "control.sock"),
+                     "remove-guest", "a"]) == 0
+        removed = set()
+        s.settimeout(2)
+        try:
+            while True:
+                msg = s.recv(4096).decode()
+                if msg.startswith("FDSTOREREMOVE=1"):
+                    removed.add(fdname(msg))
+        except socket.timeout:
+            pass
+        a_names = {n for n in stored if n.startswith("vub.a.")}
+        assert set(outbox_names("a")) <= removed and a_names <= removed, (a_names, removed)
+        assert not {n for n in removed if n.startswith("vub.b.")}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
