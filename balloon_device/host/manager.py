@@ -23,6 +23,7 @@ from . import notify
 from .config import check_new_guest, guest_control_path
 from .control import request
 from .errors import ConfigError, ControlError
+from .services import HostServices
 from .status import GuestStatus
 
 log = logging.getLogger("vhost-user-balloon.manager")
@@ -131,7 +132,7 @@ def unit_guests(cfg, env=None):
     return [(n, p) for n, p in cfg.guests]
 
 
-class Manager:
+class Manager(HostServices):
     """The manager unit: RemoteGuests, control socket, metrics, policy."""
 
     def __init__(self, cfg, loop=None, host_reader=None, env=None):
@@ -189,32 +190,8 @@ class Manager:
     def start(self):
         if self.policy is not None:
             self.policy.start()
-        notify.notify(f"READY=1\nSTATUS={self.describe()}")
-        interval = notify.watchdog_interval()
-        if interval:
-            self._watchdog_tick(interval)
-
-    def _watchdog_tick(self, interval):
-        notify.notify("WATCHDOG=1")
-        self._watchdog = self.loop.call_later(interval, lambda: self._watchdog_tick(interval))
-
-    def serve_forever(self):
-        self.start()
-        try:
-            self.loop.run()
-        finally:
-            notify.notify("STOPPING=1")
+        self._announce()
 
     def close(self):
-        if self.policy is not None:
-            self.policy.stop()
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-        self.loop.cancel(self._watchdog)
-        if self._own_loop:
-            self.loop.close()
-            self._own_loop = False
+        self._close_services()
+        self._close_loop()

@@ -26,10 +26,10 @@ from vhostuser.connection import Listener
 from vhostuser.loop import EventLoop, Loop, Server, open_listener
 from vhostuser.restart import ReplyOutbox
 
-from . import notify
 from .fdstore import FdStore, fd_name, parse_name, take_listen_fds
 from ..device import BalloonDevice
 from .errors import ConfigError
+from .services import HostServices
 from .status import GuestStatus
 
 log = logging.getLogger("vhost-user-balloon")
@@ -179,7 +179,7 @@ def make_device(cfg):
                          stats_interval=cfg.stats_interval)
 
 
-class Daemon:
+class Daemon(HostServices):
     """The whole daemon for a DaemonConfig: guests, control socket, metrics, policy."""
 
     def __init__(self, cfg, loop=None, host_reader=None, env=None):
@@ -357,10 +357,7 @@ class Daemon:
             self.policy.start()
         if self.store.enabled:
             self._checkpoint_tick()
-        notify.notify(f"READY=1\nSTATUS={self.describe()}")
-        interval = notify.watchdog_interval()
-        if interval:
-            self._watchdog_tick(interval)
+        self._announce()
 
     def _checkpoint_tick(self):
         """Counters move with every chain; keep them in the state every CHECKPOINT_EVERY s
@@ -371,36 +368,15 @@ class Daemon:
                     guest.call(guest.session.checkpoint)
         self._checkpoints = self.loop.call_later(CHECKPOINT_EVERY, self._checkpoint_tick)
 
-    def _watchdog_tick(self, interval):
-        notify.notify("WATCHDOG=1")
-        self._watchdog = self.loop.call_later(interval, lambda: self._watchdog_tick(interval))
-
-    def serve_forever(self):
-        self.start()
-        try:
-            self.loop.run()
-        finally:
-            notify.notify("STOPPING=1")
-
     def close(self):
-        if self.policy is not None:
-            self.policy.stop()
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
+        self._close_services()
         for guest in self.guests.values():
             try:
                 guest.server.close()
             except Exception:
                 log.exception("guest %s: error while closing", guest.name)
-        self.loop.cancel(self._watchdog)
         self.loop.cancel(getattr(self, "_checkpoints", None))
-        if self._own_loop:
-            self.loop.close()
-            self._own_loop = False
+        self._close_loop()
 
 
 def socket_dir_guests(directory, names):
