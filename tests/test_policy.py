@@ -384,7 +384,7 @@ FAST_CFG = PolicyConfig(
     floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_bytes=128 * MiB,
     hysteresis_bytes=512 * MiB, psi_threshold=10.0, sweep_bytes=0, interval=5.0,
     fast_reclaim=True, fast_interval=1.0, fast_min_bytes=256 * MiB, fast_timeout=15.0,
-    fast_cooldown=30.0)
+    fast_cooldown=30.0, fast_settle=0.0)   # settle: its own tests below
 
 
 def freed_guest(free=900, unreported=800):
@@ -881,3 +881,76 @@ def test_a_fast_reclaim_over_with_the_host_above_its_floor_leaves_no_need_behind
     host[0] = H(2048 + 520)                           # surplus: back to 0 from there
     tick(1)
     assert g.target < start
+
+
+def test_a_free_must_settle_before_a_fast_reclaim_takes_it(monkeypatch):
+    """--policy-fast-settle: the free is seen, fresh stats are asked for a settle later,
+    and the fast reclaim starts on them if the memory is still free."""
+    from dataclasses import replace
+    g = freed_guest()
+    g.actual = 0
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, replace(FAST_CFG, fast_settle=0.5))
+    last = tick(0)
+    assert last["fast"] == {} and pol.fast.pending == {"a"}
+    settle = pol.loop.timers.pop()
+    assert settle[0] == 0.5 and settle[1] == pol._settle_check
+    before = g.stats_requests
+    settle[1]()
+    assert g.stats_requests == before + 1 and pol._waiting == {"a"}
+    pol.stats_arrived("a")                       # in: decide now
+    assert pol.loop.timers[-1][0] == 0
+    last = tick(0.5)
+    assert last["fast"] == {"a": (900 - 128) * PG} and pol.fast.pending == set()
+
+
+def test_a_free_reused_at_once_is_left_to_the_guest(monkeypatch):
+    """The immediate-reuse case of the overhead benchmark: the guest allocates again
+    right after its free; by the settle its free memory fell: no fast reclaim."""
+    from dataclasses import replace
+    g = freed_guest()
+    g.actual = 0
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, replace(FAST_CFG, fast_settle=0.5))
+
+    def settle_then_decide():
+        assert pol.loop.timers[-1][1] == pol._settle_check
+        tick(0.5)                                    # the settle: stats asked for
+        pol.stats_arrived("a")
+        return tick(0)                               # decided on them
+    assert tick(0)["fast"] == {}
+    g.avail -= 100                                   # reusing it
+    last = settle_then_decide()
+    assert last["fast"] == {} and pol.fast.pending == {"a"}        # seen again, from here
+    assert settle_then_decide()["fast"] == {"a": (800 - 128) * PG}  # held still this time
+
+
+def test_host_side_growth_marks_a_guest_busy_before_its_stats_show_it(monkeypatch):
+    """A guest faulting in memory the host does not hold (ram_backed_bytes growing) is
+    allocating, whatever its stats (a round trip late) still say: not squeezed."""
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, FAST_CFG)
+    tick(0)
+    g.backed += 300                                  # faulted in; stats unchanged
+    host[0] = H(2048 - 512)
+    last = tick(1)
+    assert last["busy"] == ["a"] and g.target == 0 and last["fast"] == {}
+    g.avail = 900 - 300 + 300 + 300                  # it freed that and more: done
+    last = tick(1)
+    assert last["busy"] == []
+
+
+def test_growth_before_a_free_does_not_keep_the_guest_busy(monkeypatch):
+    """alloc_touch: backing grows while it allocates, then it frees; the growth already
+    counted must not make the guest busy again at the next tick."""
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, FAST_CFG)
+    tick(0)
+    g.backed += 400
+    host[0] = H(2048 - 512)
+    assert tick(1)["busy"] == ["a"]
+    g.backed += 400
+    g.avail = 100
+    assert tick(1)["busy"] == ["a"]
+    g.avail = 900                                    # freed; still backed (not yet reported)
+    last = tick(1)
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+    assert tick(1)["busy"] == []

@@ -232,6 +232,10 @@ def _daemon_parser():
     pol.add_argument("--policy-fast-cooldown", type=float, default=d.fast_cooldown, metavar="S",
                      help="fast-reclaim the same guest again only S seconds after the last "
                           f"one ended (default {d.fast_cooldown:g})")
+    pol.add_argument("--policy-fast-settle", type=float, default=d.fast_settle, metavar="S",
+                     help="take a guest's free memory only once it stayed free S seconds, so a "
+                          "guest that reuses it at once keeps it (default "
+                          f"{d.fast_settle:g}; 0 = at once)")
     pol.add_argument("--policy-taskstats", action=argparse.BooleanOptionalAction,
                      default=d.taskstats,
                      help="read each guest's QEMU memory stalls from Linux taskstats (needs "
@@ -268,7 +272,8 @@ def _policy_from_args(ns):
         sweep_every=ns.policy_sweep_every, sweep_timeout=ns.policy_sweep_timeout,
         fast_reclaim=ns.policy_fast_reclaim, fast_interval=ns.policy_fast_interval,
         fast_min_bytes=parse_size(ns.policy_fast_min), fast_timeout=ns.policy_fast_timeout,
-        fast_cooldown=ns.policy_fast_cooldown, taskstats=ns.policy_taskstats,
+        fast_cooldown=ns.policy_fast_cooldown, fast_settle=ns.policy_fast_settle,
+        taskstats=ns.policy_taskstats,
         stall_ms=ns.policy_stall, delayacct=ns.taskstats_delayacct)
 
 

@@ -8,8 +8,9 @@ they arrive.
 
 While the host is under pressure (below --policy-floor, or PSI), a guest whose fresh
 stats show a lot of free memory still backed on the host gets its balloon raised by
-its free memory minus --policy-margin (within its cap, policy._cap) at once, on top
-of decide()'s share. As soon as the balloon got there, or reporting caught up by
+its free memory minus --policy-margin (within its cap, policy._cap), on top of
+decide()'s share, once the free held --policy-fast-settle seconds (a guest that reuses
+at once what it freed shows its free memory falling again by then). As soon as the balloon got there, or reporting caught up by
 itself, or the pressure is over (the host is back above floor + --policy-hysteresis
 and PSI is quiet), its target goes back to decide()'s (once the host is back above its floor, to at
 most what it was when the fast reclaim started: the need decide() added meanwhile was
@@ -80,10 +81,29 @@ class FastReclaim:
         self.ended = {}           # name -> monotonic time its last fast reclaim ended (kept
                                   # across reconnects: the cooldown still holds)
         self.count = {}           # name -> fast reclaims done (the balloon got there)
+        self.seen = {}            # name -> (time, free bytes) it was first seen worth one
 
     @property
     def enabled(self):
         return self.cfg.fast_reclaim
+
+    @property
+    def pending(self):
+        """Guests worth a fast reclaim that wait for --policy-fast-settle to pass."""
+        return set(self.seen)
+
+    def _settled(self, name, free, now):
+        """A free is taken only once it held --policy-fast-settle seconds: a guest that
+        reuses what it freed at once (a loop of allocations) shows it falling again by
+        then, and the balloon stays out of its way."""
+        settle = self.cfg.fast_settle
+        if settle <= 0:
+            return True
+        seen = self.seen.get(name)
+        if seen is None or free < seen[1] - self.cfg.fast_min_bytes // 4:
+            self.seen[name] = (now, free)
+            return False
+        return now - seen[0] >= settle
 
     def targets(self):
         return {n: a["target"] for n, a in self.active.items()}
@@ -155,7 +175,9 @@ class FastReclaim:
                 log.info("policy: fast reclaim of guest %s stopped (%s); its balloon goes back "
                          "to %d MiB", name, why, act["base"] >> 8)
         if not under:
+            self.seen.clear()
             return targets
+        worth = set()
         for name in sorted(views, key=lambda n: (-(backed_free(views[n]) or 0), n)):
             v = views[name]
             if (name in self.active or name in just_ended or name in skip or v.busy
@@ -170,10 +192,17 @@ class FastReclaim:
             goal = min(caps.get(name, 0), v.actual_pages + (free - self.cfg.margin_bytes) // PAGE)
             if goal - max(targets[name], v.actual_pages) < self.min_pages:
                 continue
+            worth.add(name)
+            if not self._settled(name, free, now):
+                continue
+            self.seen.pop(name, None)
+            worth.discard(name)
             self.active[name] = {"target": goal, "started": now, "base": targets[name],
                                  "start": targets[name]}
             log.info("policy: fast reclaim of guest %s: the host is short and the guest has "
                      "%d MiB free (%d MiB of it still backed on the host): balloon target "
                      "%d MiB until it got there", name, free >> 20, bf >> 20, goal >> 8)
             targets[name] = goal
+        for name in set(self.seen) - worth:
+            del self.seen[name]
         return targets

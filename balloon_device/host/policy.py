@@ -89,6 +89,7 @@ class PolicyConfig:
     fast_min_bytes: int = 256 * MiB   # "a lot of free memory": worth a fast reclaim
     fast_timeout: float = 15.0    # give a fast reclaim up after this long
     fast_cooldown: float = 30.0   # fast-reclaim the same guest again after this long at the earliest
+    fast_settle: float = 0.5      # a free must hold this long before a fast reclaim takes it
     taskstats: bool = True        # per-guest pressure of each QEMU from taskstats (taskstats.py)
     stall_ms: float = 50.0        # a QEMU stalled this many ms per second on memory is "stalling"
     delayacct: bool = False       # switch kernel.task_delayacct on at start
@@ -104,6 +105,8 @@ class PolicyConfig:
             raise ConfigError("--policy-stall must be > 0 milliseconds per second")
         if self.busy_hold < 0:
             raise ConfigError("busy_hold must be >= 0 seconds")
+        if self.fast_settle < 0:
+            raise ConfigError("--policy-fast-settle must be >= 0 seconds")
         for name in ("sweep_quiet", "sweep_timeout", "sweep_every", "fast_interval",
                      "fast_timeout", "fast_cooldown"):
             if getattr(self, name) <= 0:
@@ -313,6 +316,7 @@ class PolicyLoop:
         self._handle = None
         self._stats_handle = None
         self._watch_handle = None
+        self._settle_handle = None
         self._refreshes = 0       # stats refreshes left before the next fast-pace tick
         self._waiting = None      # names whose fresh stats the deferred tick waits for
         self._was_pressure = False
@@ -320,6 +324,7 @@ class PolicyLoop:
         self._busy_until = {}     # name -> monotonic time its busy state ends
         self._last_fall = {}      # name -> monotonic time its available memory last fell
         self._fall_ref = {}       # name -> (available, actual) when it last fell
+        self._backed_from = {}    # name -> time from which host-side growth counts
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
         self._stalling_until = {}  # name -> monotonic time its stalling state ends
@@ -362,7 +367,7 @@ class PolicyLoop:
         self._handle = self.loop.call_later(0, self._tick)
 
     def _cancel_timers(self):
-        for attr in ("_handle", "_stats_handle", "_watch_handle"):
+        for attr in ("_handle", "_stats_handle", "_watch_handle", "_settle_handle"):
             handle = getattr(self, attr)
             if handle is not None:
                 self.loop.cancel(handle)
@@ -465,6 +470,25 @@ class PolicyLoop:
             # that fast reclaim starts when the pressure does, not up to a tick later
             self._watch_handle = self.loop.call_later(self.cfg.fast_interval, self._watch)
         self._handle = self.loop.call_later(nxt, self._tick)
+        if self.fast.pending:
+            self._settle_handle = self.loop.call_later(self.cfg.fast_settle, self._settle_check)
+
+    def _settle_check(self):
+        """--policy-fast-settle after a guest was seen worth a fast reclaim: ask it for
+        fresh stats and decide as soon as they are in (STATS_WAIT at most)."""
+        self._settle_handle = None
+        waiting = set()
+        for name in sorted(self.fast.pending):
+            guest = self.guests.get(name)
+            if guest is not None and guest.status().serving:
+                if self._each(name, guest.request_stats) is not False:
+                    waiting.add(name)
+        if not waiting:
+            return
+        if self._handle is not None:
+            self.loop.cancel(self._handle)
+        self._waiting = waiting
+        self._handle = self.loop.call_later(STATS_WAIT, self._tick)
 
     def _watch(self):
         self._watch_handle = None
@@ -513,7 +537,8 @@ class PolicyLoop:
             self._hist.pop(name, None)
             return view
         hist = self._hist.setdefault(name, [])
-        hist.append((now, view.available_bytes, view.actual_pages, view.stats_actual_pages))
+        hist.append((now, view.available_bytes, view.actual_pages, view.stats_actual_pages,
+                     view.ram_backed_bytes))
         window = 1.5 * self.cfg.interval
         while len(hist) > 3 and hist[1][0] < now - window:
             del hist[0]
@@ -530,7 +555,23 @@ class PolicyLoop:
             taken = ref[1] - hist[-1][1] - grown                # what the guest itself took
         else:
             taken = 0
-        if taken > self.cfg.margin_bytes:
+        freed = None
+        if self.cfg.fast_reclaim and name in self._fall_ref and now < self._busy_until.get(name, 0):
+            ref_avail, ref_actual = self._fall_ref[name]
+            freed = (view.available_bytes - ref_avail
+                     - max(0, ref_actual - view.actual_pages) * PAGE)
+        faulted = self._faulted_in(name, hist, now)
+        if freed is not None and freed >= self.cfg.fast_min_bytes:
+            # with fast reclaim: a busy guest that freed a lot since it last allocated is
+            # done (its balloon given back does not count): its free memory is fair game;
+            # what it faulted in before that free no longer counts
+            log.info("policy: guest %s freed %d MiB since it last allocated: no longer "
+                     "busy", name, freed >> 20)
+            self._busy_until[name] = now
+            del self._fall_ref[name]
+            self._backed_from[name] = now
+        elif taken > self.cfg.margin_bytes or faulted > self.cfg.margin_bytes:
+            taken = max(taken, faulted)
             self._last_fall[name] = now
             self._fall_ref[name] = (view.available_bytes, view.actual_pages)
             if now >= self._busy_until.get(name, 0):
@@ -538,21 +579,23 @@ class PolicyLoop:
                          "its balloon is given back and it is left alone for %gs", name,
                          taken >> 20, self.cfg.busy_hold)
             self._busy_until[name] = now + self.cfg.busy_hold
-        elif (self.cfg.fast_reclaim and name in self._fall_ref
-              and now < self._busy_until.get(name, 0)):
-            # with fast reclaim: a busy guest that freed a lot since it last allocated is
-            # done (its balloon given back does not count): its free memory is fair game
-            ref_avail, ref_actual = self._fall_ref[name]
-            freed = (view.available_bytes - ref_avail
-                     - max(0, ref_actual - view.actual_pages) * PAGE)
-            if freed >= self.cfg.fast_min_bytes:
-                log.info("policy: guest %s freed %d MiB since it last allocated: no longer "
-                         "busy", name, freed >> 20)
-                self._busy_until[name] = now
-                del self._fall_ref[name]
+        elif freed is not None and view.available_bytes < ref_avail:
+            # still busy and lower than at its last fall: "freed" counts from the bottom
+            self._fall_ref[name] = (view.available_bytes, view.actual_pages)
         if now < self._busy_until.get(name, 0):
             return replace(view, busy=True)
         return view
+
+    def _faulted_in(self, name, hist, now):
+        """Guest RAM newly allocated on the host (ram_backed_bytes) since the lowest
+        point in the busy window: the guest touches memory the host does not hold, i.e.
+        it allocates. Seen on the host at once, while its stats lag (a stats round trip,
+        a tick): the balloon stays out of an allocation's way from its start."""
+        since = max(now - 1.5 * self.cfg.interval, self._backed_from.get(name, -1e18))
+        backed = [h[4] for h in hist if h[0] >= since and h[4] is not None]
+        if len(backed) < 2:
+            return 0
+        return max(0, backed[-1] - min(backed))
 
     def tick(self):
         host = self.read_host()
@@ -578,6 +621,7 @@ class PolicyLoop:
                 self._busy_until.pop(name, None)
                 self._last_fall.pop(name, None)
                 self._fall_ref.pop(name, None)
+                self._backed_from.pop(name, None)
                 self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
                 fbase = self.fast.forget(name, now)
