@@ -17,6 +17,19 @@ or a process killed inside a guest because a balloon was in the way), for:
   policy         the shared daemon with the host memory policy on the parent
                  cgroup and fast reclaim (the default)
   policy-nofast  the same with --no-policy-fast-reclaim (optional)
+  policy-notaskstats  the policy without the taskstats signal (optional; the
+                 others switch delay accounting on, --taskstats-delayacct)
+
+Launch (--launch): "boot" starts QEMU at the launch time; "resume" (the default
+under TCG) boots every guest beforehand, two at a time, and pauses it (QMP stop)
+just after boot, inside a 3 s sleep that precedes its allocation; the launch is
+then QMP cont, and the allocation starts about 3 s later, as after a KVM boot.
+Two TCG cores cannot boot a guest every 3 s (a boot takes 20-40 s of CPU, 0 guests
+fitted at 3 s in every configuration on 2026-12-01): resume keeps the storm's
+memory pattern (a new 800 MiB demand every interval) and moves only the boot's CPU
+before the clock. The paused guests' memory counts (the parent cgroup holds them
+from the start), and the storm begins once their stats are stale (the policy never
+inflates a guest without fresh stats: a paused guest stands for one not launched yet).
 
 Every run ends at the first OOM kill, at --cap guests, or --watch seconds after
 the last launch. Writes benchmarks/results/storm/ (result.json, result.md,
@@ -40,13 +53,23 @@ CONFIGS = ("noreport", "builtin", "ours", "policy")
 LABELS = {"noreport": "no reporting", "builtin": "QEMU built-in reporting",
           "ours": "ours, reporting only (shared daemon)",
           "policy": "ours + policy with fast reclaim",
-          "policy-nofast": "ours + policy, no fast reclaim"}
+          "policy-nofast": "ours + policy, no fast reclaim",
+          "policy-notaskstats": "ours + policy with fast reclaim, no taskstats"}
 COLORS = {"noreport": "tab:gray", "builtin": "tab:orange", "ours": "tab:blue",
-          "policy": "tab:purple", "policy-nofast": "tab:green"}
+          "policy": "tab:purple", "policy-nofast": "tab:green",
+          "policy-notaskstats": "tab:red"}
 
 
-def policy_args(ns, parent, fast):
-    return ["--stats-interval", "1", "--policy", "--policy-cgroup", str(parent.path),
+HOLD_S = 3   # the sleep before a guest's allocation, in which resume mode pauses it
+
+
+def policy_args(ns, parent, cfg):
+    fast = cfg != "policy-nofast"
+    taskstats = cfg != "policy-notaskstats"
+    return ["--stats-interval", "1", "--deflate-on-oom", "--policy",
+            "--policy-taskstats" if taskstats else "--no-policy-taskstats",
+            *(["--taskstats-delayacct"] if taskstats else []),
+            "--policy-cgroup", str(parent.path),
             "--policy-floor", ns.policy_floor, "--policy-guest-min", ns.policy_guest_min,
             "--policy-margin", ns.policy_margin, "--policy-hysteresis", ns.policy_hysteresis,
             "--policy-interval", str(ns.policy_interval), "--policy-psi", "0",
@@ -54,15 +77,54 @@ def policy_args(ns, parent, fast):
             "--policy-fast-reclaim" if fast else "--no-policy-fast-reclaim"]
 
 
+def make_guest(cfg, i, ns, accel, parent, shared, hold):
+    kw = (dict(balloon="vhost-user", vhost_socket=shared.socket(f"g{i}"))
+          if shared is not None else
+          dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport"))
+    steps = ([("hold", f"sleep {HOLD_S}")] if hold else []) + [
+        ("alloc", f"alloc_touch {ns.alloc_mib}")]
+    return Guest(name=f"storm-{cfg}-{i}", mem_mib=ns.guest_mib, accel=accel,
+                 cgroup_parent=parent.child(f"g{i}").create(), steps=steps,
+                 stats=ns.guest_ticker, **kw)
+
+
+def preboot(guests, t_global, cfg):
+    """Resume mode: boot the guests two at a time, each paused (QMP stop) as soon as
+    its hold step starts. Returns the seconds from that marker to the stop (max)."""
+    worst = 0.0
+    for k in range(0, len(guests), 2):
+        pair = guests[k:k + 2]
+        for g in pair:
+            g.start()
+        left = set(range(len(pair)))
+        deadline = time.monotonic() + 600
+        while left:
+            for j in sorted(left):
+                g = pair[j]
+                if g.find_marker("step-start", name="hold"):
+                    t = time.monotonic()
+                    g.qmp("stop")
+                    worst = max(worst, time.monotonic() - t)
+                    left.discard(j)
+                elif not g.alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"guest {g.name} did not boot:\n{g.diagnostics()}")
+            time.sleep(0.05)
+        print(f"[{time.monotonic() - t_global:6.0f}s] {cfg}: guests {k}-{k + len(pair) - 1} "
+              "booted and paused", flush=True)
+    return worst
+
+
 def run_one(cfg, interval, ns, accel, t_global):
     tag = f"vub-bench-storm-{cfg}-{interval:g}-{int(time.time())}"
     parent = MemCgroup(tag, limit_bytes=int(ns.limit_gib * GIB)).create()
+    resume = ns.launch == "resume"
     guests, shared, failure = [], None, None
     pids = []
     dmesg0 = dmesg_len()
-    sp = Sampler(lambda: {"usage": parent.usage()}, interval=0.5).start()
-    t0 = time.monotonic()
-    done_at = {}
+    sp = Sampler(lambda: {"usage": parent.usage()}, interval=0.5)
+    done_at, launched_at = {}, {}
+    t0 = None
+    pre = {}
 
     def check():
         out = [f"qemu of guest {i} exited rc={g.proc.returncode}"
@@ -70,7 +132,7 @@ def run_one(cfg, interval, ns, accel, t_global):
         if shared is not None and not shared.alive():
             out.append(f"shared daemon exited rc={shared.proc.returncode}")
         for i, g in enumerate(guests):
-            if i not in done_at:
+            if i in launched_at and i not in done_at:
                 if g.find_marker("alloc-done"):
                     done_at[i] = round(time.monotonic() - t0, 1)
                 elif g.find_marker("step-done", name="alloc"):
@@ -81,36 +143,48 @@ def run_one(cfg, interval, ns, accel, t_global):
 
     try:
         if cfg != "noreport" and cfg != "builtin":
-            args = () if cfg == "ours" else policy_args(ns, parent, cfg == "policy")
+            args = () if cfg == "ours" else policy_args(ns, parent, cfg)
             shared = SharedDaemon([f"g{i}" for i in range(ns.cap)],
                                   parent.child("daemon").create(), args=args)
             pids.append(shared.pid)
+        if resume:
+            guests = [make_guest(cfg, i, ns, accel, parent, shared, True) for i in range(ns.cap)]
+            pre["stop_latency_s"] = round(preboot(guests, t_global, cfg), 3)
+            pids += [g.pid for g in guests]
+            early = [i for i, g in enumerate(guests) if g.find_marker("step-start", name="alloc")]
+            if early:
+                raise RuntimeError(f"guests {early} started allocating before their launch")
+            pre["usage_paused"] = parent.usage()
+            stale = 32.0    # past the policy's stats_max_age (30 s): paused = not launched
+            print(f"[{time.monotonic() - t_global:6.0f}s] {cfg}: {len(guests)} guests paused, "
+                  f"parent {mib(pre['usage_paused'])} MiB; storm in {stale:g}s", flush=True)
+            time.sleep(stale)
+            failure = check() or None
+        sp.start()
+        t0 = time.monotonic()
         next_launch = t0
         last_launch = None
         while not failure:
             now = time.monotonic()
-            if len(guests) < ns.cap and now >= next_launch:
-                i = len(guests)
-                kw = (dict(balloon="vhost-user", vhost_socket=shared.socket(f"g{i}"))
-                      if shared is not None else
-                      dict(balloon="builtin" if cfg == "builtin" else "builtin-noreport"))
-                g = Guest(name=f"storm-{cfg}-{i}", mem_mib=ns.guest_mib, accel=accel,
-                          cgroup_parent=parent.child(f"g{i}").create(),
-                          steps=[("alloc", f"alloc_touch {ns.alloc_mib}")],
-                          stats=ns.guest_ticker, **kw)
-                guests.append(g)
-                g.start()
-                pids.append(g.pid)
-                sp.mark("launch", guest=i)
+            n = len(launched_at)
+            if n < ns.cap and now >= next_launch:
+                if resume:
+                    guests[n].qmp("cont")
+                else:
+                    guests.append(make_guest(cfg, n, ns, accel, parent, shared, False))
+                    guests[n].start()
+                    pids.append(guests[n].pid)
+                launched_at[n] = round(now - t0, 1)
+                sp.mark("launch", guest=n)
                 last_launch = now
-                next_launch = t0 + (i + 1) * interval
-                print(f"[{now - t_global:6.0f}s] {cfg} @{interval:g}s: guest {i} launched; "
+                next_launch = t0 + (n + 1) * interval
+                print(f"[{now - t_global:6.0f}s] {cfg} @{interval:g}s: guest {n} launched; "
                       f"parent {mib(parent.usage())} MiB", flush=True)
             failure = check()
             if failure:
                 break
-            if len(guests) >= ns.cap:
-                if len(done_at) == len(guests) and now - last_launch >= ns.watch:
+            if len(launched_at) >= ns.cap:
+                if len(done_at) == ns.cap and now - last_launch >= ns.watch:
                     break
                 if now - last_launch > ns.watch + 600:
                     failure = ["timeout: allocations did not finish"]
@@ -119,7 +193,7 @@ def run_one(cfg, interval, ns, accel, t_global):
         if failure:
             sp.mark("oom", what=failure)
     finally:
-        t_end = time.monotonic() - t0
+        t_end = time.monotonic() - (t0 or time.monotonic())
         policy_log = []
         if shared is not None and cfg.startswith("policy"):
             try:
@@ -127,7 +201,12 @@ def run_one(cfg, interval, ns, accel, t_global):
                               if "policy" in ln or "pressure" in ln][-300:]
             except OSError:
                 pass
-        samples = sp.stop()
+        samples = sp.stop() if t0 is not None else []
+        alloc_start = {}
+        for i, g in enumerate(guests):
+            mk = g.find_marker("step-start", name="alloc") if i in launched_at else None
+            if mk is not None and mk.values.get("t"):
+                alloc_start[i] = mk.values["t"]
         for g in guests:
             g.close()
         if shared is not None:
@@ -137,8 +216,9 @@ def run_one(cfg, interval, ns, accel, t_global):
     dmesg = [ln for ln in dmesg_tail(dmesg0) if OOM_RE.search(ln) and (
         tag in ln or any(f"process {p} " in ln or f"pid={p}," in ln for p in ps))]
     fitted = len(done_at)
-    r = {"config": cfg, "interval": interval, "launched": len(guests), "fitted": fitted,
-         "capped": not failure, "failure": failure or [], "alloc_done_at": done_at,
+    r = {"config": cfg, "interval": interval, "launch": ns.launch, "launched": len(launched_at),
+         "fitted": fitted, "capped": not failure, "failure": failure or [],
+         "launched_at": launched_at, "alloc_done_at": done_at, "preboot": pre,
          "duration_s": round(t_end, 1), "dmesg_oom": dmesg[-12:], "policy_log": policy_log,
          "samples": samples, "marks": sp.marks,
          "peak_usage": max((s["usage"] for s in samples if s.get("usage")), default=None)}
@@ -164,6 +244,10 @@ def render(res, ns):
           f"(parent cgroup {ns.limit_gib:g} GiB, {ns.guest_mib} MiB guests touching "
           f"{ns.alloc_mib} MiB, one launched every INTERVAL s, cap {ns.cap})", ""]
     md += env_lines(res.data["environment"])
+    if ns.launch == "resume":
+        md += [f"- launch = QMP cont of a guest booted beforehand and paused {HOLD_S} s before its "
+               "allocation (TCG: two cores cannot boot a guest every few seconds); the paused "
+               "guests' memory counts from the start"]
     md += ["", md_table(["configuration", "interval s", "guests fitted", "launched",
                          "first failure", "peak parent usage MiB", "run s"], rows), ""]
     for iv in intervals:
@@ -198,6 +282,9 @@ def main():
                     help="seconds watched after the last launch once all allocations ended")
     ap.add_argument("--guest-ticker", type=int, default=5, metavar="S")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--launch", choices=("auto", "boot", "resume"), default="auto",
+                    help="boot: QEMU starts at the launch; resume: booted beforehand and "
+                         "paused, the launch resumes it (auto: resume under TCG)")
     pol = ap.add_argument_group("the policy configurations (the daemon's --policy-*)")
     pol.add_argument("--policy-floor", default="1GiB")
     pol.add_argument("--policy-guest-min", default="128MiB")
@@ -213,6 +300,9 @@ def main():
         ap.error(f"unknown configurations {bad}; choose from {', '.join(LABELS)}")
     intervals = [float(x) for x in ns.intervals.split(",") if x]
     res, accel = start_run("storm", ns)
+    if ns.launch == "auto":
+        ns.launch = "resume" if accel == "tcg" else "boot"
+        res.data["params"]["launch"] = ns.launch
     t0 = time.monotonic()
     res.data["results"] = []
     for iv in intervals:

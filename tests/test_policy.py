@@ -954,3 +954,25 @@ def test_growth_before_a_free_does_not_keep_the_guest_busy(monkeypatch):
     last = tick(1)
     assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
     assert tick(1)["busy"] == []
+
+
+def test_a_guest_that_just_freed_is_not_squeezed_by_the_need_before_it_settles(monkeypatch):
+    """The overhead benchmark: a pass ends with a free while the host is still short;
+    decide()'s share of the need went into the balloon at once, met the guest's next
+    allocation and came back a surplus at a time. Now it waits for the settle, and the
+    fast reclaim (which ends with the balloon empty) takes the free."""
+    from dataclasses import replace
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, replace(FAST_CFG, fast_settle=0.5))
+    tick(0)
+    g.avail, g.backed = 100, 4096                    # a pass: 800 MiB faulted in
+    host[0] = H(2048 - 512)
+    assert tick(1)["busy"] == ["a"]
+    g.avail = 900                                    # the pass ended: freed, still backed
+    last = tick(1)
+    assert last["busy"] == [] and g.target == 0 and last["fast"] == {}
+    assert pol.loop.timers[-1][1] == pol._settle_check
+    tick(0.5)
+    pol.stats_arrived("a")
+    last = tick(0)
+    assert last["fast"] == {"a": (900 - 128) * PG}

@@ -33,7 +33,7 @@ Fast reclaim (fastreclaim.py, on by default):
   PSI) and go on at most while it is below floor + hysteresis (or PSI): once it is
   above, every balloon is back at decide()'s target;
 - a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
-  still backed on the host; its target does not move while it runs; it ends at the
+  still backed on the host, after that free held fast_settle; its target does not move while it runs; it ends at the
   first tick where the balloon is at its target, and before fast_timeout in any case;
   after one that got there or timed out, the next one on the same guest starts
   fast_cooldown later at the earliest.
@@ -242,6 +242,7 @@ class PolicyMachine(RuleBasedStateMachine):
     def tick(self, dt):
         Clock.now += dt
         host = self.host
+        self.seen_before = dict(self.pol.fast.seen)
         targets = self.pol.tick()
         last, now = self.pol.last, Clock.now
         live = {n for n, g in self.guests.items() if g.connected}
@@ -288,7 +289,7 @@ class PolicyMachine(RuleBasedStateMachine):
                 quiet = max(self.fresh[swept], self.pol._last_fall.get(swept, 0))
                 assert now - quiet >= CFG.sweep_quiet, "swept before sweep_quiet"
                 assert targets[swept] == self.decided[swept] + SWEEP
-                assert targets[swept] <= policy._cap(replace(self.views[swept], busy=False), CFG)
+                assert targets[swept] <= policy._cap(replace(self.views[swept], busy=False, settling=False), CFG)
                 self.sweep = (swept, now, targets[swept])
                 event("sweep started")
                 if swept in last["busy"]:
@@ -299,7 +300,7 @@ class PolicyMachine(RuleBasedStateMachine):
                 event("sweep continues")
                 if targets[swept] > self.decided[swept] + SWEEP:
                     event("Q: sweep holds more than decide() + sweep_bytes")
-                if targets[swept] > policy._cap(replace(self.views[swept], busy=False), CFG):
+                if targets[swept] > policy._cap(replace(self.views[swept], busy=False, settling=False), CFG):
                     event("Q: sweep target above the guest's cap")
         for n, count in last["sweeps"].items():         # counted only when the balloon got there
             if count != self.counts.get(n, 0):
@@ -358,7 +359,10 @@ class PolicyMachine(RuleBasedStateMachine):
             v = self.views[n]
             assert n in live
             assert targets[n] == max(self.decided[n], goal), (n, targets[n], goal)
-            assert goal <= policy._cap(v, CFG), ("fast reclaim above the guest's cap", n)
+            # (a settling guest's cap is its target for decide(); fast reclaim waits for
+            # the settle itself and then goes to the cap without it)
+            assert goal <= policy._cap(replace(v, settling=False), CFG), (
+                "fast reclaim above the guest's cap", n)
             if n not in self.fast:
                 assert under, "fast reclaim started without pressure"
                 assert v.available_bytes is not None and not v.busy
@@ -368,6 +372,8 @@ class PolicyMachine(RuleBasedStateMachine):
                     assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
                         >= CFG.fast_min_bytes
                 assert now - self.fast_end.get(n, -1e9) >= CFG.fast_cooldown, "restarted at once"
+                seen = self.seen_before.get(n)
+                assert seen is not None and now - seen[0] >= CFG.fast_settle, "not settled"
                 self.fast[n] = (now, goal, self.decided[n])
                 event("fast reclaim started")
         return reset

@@ -93,14 +93,15 @@ class FastReclaim:
         return set(self.seen)
 
     def _settled(self, name, free, now):
-        """A free is taken only once it held --policy-fast-settle seconds: a guest that
-        reuses what it freed at once (a loop of allocations) shows it falling again by
-        then, and the balloon stays out of its way."""
+        """A free is taken only once it held --policy-fast-settle seconds (within
+        --policy-fast-min / 4): a guest that reuses what it freed at once (a loop of
+        allocations) shows it moving again by then, and the balloon stays out of its way;
+        decide() leaves a guest waiting here alone too (GuestView.settling)."""
         settle = self.cfg.fast_settle
         if settle <= 0:
             return True
         seen = self.seen.get(name)
-        if seen is None or free < seen[1] - self.cfg.fast_min_bytes // 4:
+        if seen is None or abs(free - seen[1]) > self.cfg.fast_min_bytes // 4:
             self.seen[name] = (now, free)
             return False
         return now - seen[0] >= settle

@@ -14,7 +14,9 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   A guest without (fresh) stats is never inflated further: its cap is its target.
   A target above the cap is lowered to it (the guest needs that memory).
 * A busy guest (one that is allocating) has cap 0: its whole balloon is given back
-  and it is not inflated. Busy = its available_memory fell since the previous tick
+  and it is not inflated. Busy = its RAM allocated on the host (ram_backed_bytes)
+  grew by more than the margin within 1.5 intervals (seen at once, while the stats
+  lag), or its available_memory fell since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
   ticks (inflating takes available memory too, and the stats lag the balloon by
   up to a tick); it stays busy for busy_hold seconds after the last such fall, or
@@ -23,6 +25,10 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
+* With fast reclaim, a guest that just freed what it took is "settling" for
+  --policy-fast-settle (and while fast reclaim waits for its free to hold): its cap
+  is its target, decide() does not inflate it (a guest that reuses at once would meet
+  the balloon; the overhead benchmark's immediate reuse).
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
   guest's headroom (cap - target).
@@ -137,6 +143,8 @@ class GuestView:
     ram_backed_bytes: int = None   # guest RAM allocated on the host (None: unknown)
     stalling: bool = False         # its QEMU stalls in reclaim / refaults (taskstats)
     stats_actual_pages: int = None # balloon size when those stats arrived (None: unknown)
+    settling: bool = False         # it just freed a lot: not inflated until the free held
+                                   # --policy-fast-settle (it may reuse it at once)
 
 
 def _cap(g, cfg):
@@ -145,7 +153,7 @@ def _cap(g, cfg):
     limits = []
     if g.memory_bytes:
         limits.append((g.memory_bytes - cfg.guest_min_bytes) // PAGE)
-    if g.available_bytes is None:
+    if g.available_bytes is None or g.settling:
         limits.append(g.target_pages)
     else:
         limits.append(g.actual_pages + (g.available_bytes - cfg.margin_bytes) // PAGE)
@@ -325,6 +333,7 @@ class PolicyLoop:
         self._last_fall = {}      # name -> monotonic time its available memory last fell
         self._fall_ref = {}       # name -> (available, actual) when it last fell
         self._backed_from = {}    # name -> time from which host-side growth counts
+        self._freed_at = {}       # name -> time it was last seen freeing what it took
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
         self._stalling_until = {}  # name -> monotonic time its stalling state ends
@@ -570,6 +579,7 @@ class PolicyLoop:
             self._busy_until[name] = now
             del self._fall_ref[name]
             self._backed_from[name] = now
+            self._freed_at[name] = now
         elif taken > self.cfg.margin_bytes or faulted > self.cfg.margin_bytes:
             taken = max(taken, faulted)
             self._last_fall[name] = now
@@ -585,6 +595,15 @@ class PolicyLoop:
         if now < self._busy_until.get(name, 0):
             return replace(view, busy=True)
         return view
+
+    def _settling(self, name, now):
+        """With fast reclaim: a guest that just freed what it took (or whose free waits
+        for --policy-fast-settle) is not inflated by decide() either: a guest that
+        reuses at once (a loop of allocations) would meet the balloon."""
+        if not (self.cfg.fast_reclaim and self.cfg.fast_settle > 0):
+            return False
+        return (now - self._freed_at.get(name, -1e18) < self.cfg.fast_settle
+                or name in self.fast.seen)
 
     def _faulted_in(self, name, hist, now):
         """Guest RAM newly allocated on the host (ram_backed_bytes) since the lowest
@@ -613,7 +632,7 @@ class PolicyLoop:
                 v = self._mark_stalling(name, v, pres.get(name), now)
                 current[name] = v.target_pages
                 base = self.fast.base_target(name, self.sweeper.base_target(name, v.target_pages))
-                v = replace(v, target_pages=base)
+                v = replace(v, target_pages=base, settling=self._settling(name, now))
                 self.sweeper.observe(name, v, self._last_fall.get(name), now)
                 views[name] = v
             else:
@@ -622,6 +641,7 @@ class PolicyLoop:
                 self._last_fall.pop(name, None)
                 self._fall_ref.pop(name, None)
                 self._backed_from.pop(name, None)
+                self._freed_at.pop(name, None)
                 self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
                 fbase = self.fast.forget(name, now)
@@ -630,13 +650,16 @@ class PolicyLoop:
                     self._each(name, guest.set_target, base)
         targets = decide(host, views, self.cfg)
         short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
-        caps = {n: _cap(replace(v, busy=False), self.cfg) for n, v in views.items()}
+        caps = {n: _cap(replace(v, busy=False, settling=False), self.cfg)
+                for n, v in views.items()}
         under = self.cfg.floor_bytes > host.available_bytes or pressure(host, self.cfg)
         fast = set(self.fast.active)
         targets = self.sweeper.apply({n: v for n, v in views.items() if n not in fast},
                                      targets, caps, short, now)
         swept = self.sweeper.active["name"] if self.sweeper.active else None
-        targets = self.fast.apply(views, targets, {n: _cap(v, self.cfg) for n, v in views.items()},
+        targets = self.fast.apply(views, targets,
+                                  {n: _cap(replace(v, settling=False), self.cfg)
+                                   for n, v in views.items()},
                                   under, short or under, now, skip={swept})
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
