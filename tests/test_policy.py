@@ -976,3 +976,26 @@ def test_a_guest_that_just_freed_is_not_squeezed_by_the_need_before_it_settles(m
     pol.stats_arrived("a")
     last = tick(0)
     assert last["fast"] == {"a": (900 - 128) * PG}
+
+
+def test_a_guest_allocating_and_freeing_in_a_loop_is_left_alone(monkeypatch):
+    """The overhead benchmark's immediate reuse: rounds of allocate, touch, free back
+    to back. Its stats swing between a free and an allocation, none of them a fall
+    over the busy window; decide() inflated it in a swing's free moment, the balloon
+    met the next round. Now it is settling while its memory use moves, and squeezed
+    only once it held still --policy-fast-settle."""
+    from dataclasses import replace
+    g = freed_guest(free=300, unreported=0)
+    g.backed = 4096
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 512, replace(FAST_CFG, fast_settle=0.5))
+    tick(0)
+    for k in range(8):                               # the swings, seen every quarter second
+        g.avail = 900 if k % 2 else 300
+        pol.stats_arrived("a")
+        while pol.loop.timers and pol.loop.timers[-1][0] == 0:
+            pol.loop.timers.pop()
+        last = tick(0.25)
+        assert g.target == 0 and last["fast"] == {}, k
+    assert tick(0.25)["targets"]["a"] == 0           # held still 0.25 s: not yet
+    tick(0.5)                                        # held still: fair game (or pending)
+    assert pol.fast.pending == {"a"} or g.target > 0

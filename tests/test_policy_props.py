@@ -33,7 +33,7 @@ Fast reclaim (fastreclaim.py, on by default):
   PSI) and go on at most while it is below floor + hysteresis (or PSI): once it is
   above, every balloon is back at decide()'s target;
 - a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
-  still backed on the host, after that free held fast_settle; its target does not move while it runs; it ends at the
+  still backed on the host, once its memory use held still fast_settle; its target does not move while it runs; it ends at the
   first tick where the balloon is at its target, and before fast_timeout in any case;
   after one that got there or timed out, the next one on the same guest starts
   fast_cooldown later at the earliest.
@@ -242,7 +242,6 @@ class PolicyMachine(RuleBasedStateMachine):
     def tick(self, dt):
         Clock.now += dt
         host = self.host
-        self.seen_before = dict(self.pol.fast.seen)
         targets = self.pol.tick()
         last, now = self.pol.last, Clock.now
         live = {n for n, g in self.guests.items() if g.connected}
@@ -372,8 +371,8 @@ class PolicyMachine(RuleBasedStateMachine):
                     assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
                         >= CFG.fast_min_bytes
                 assert now - self.fast_end.get(n, -1e9) >= CFG.fast_cooldown, "restarted at once"
-                seen = self.seen_before.get(n)
-                assert seen is not None and now - seen[0] >= CFG.fast_settle, "not settled"
+                steady = self.pol._steady.get(n)    # its memory use held still since
+                assert steady is not None and now - steady[0] >= CFG.fast_settle, "not settled"
                 self.fast[n] = (now, goal, self.decided[n])
                 event("fast reclaim started")
         return reset

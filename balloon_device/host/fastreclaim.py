@@ -81,7 +81,8 @@ class FastReclaim:
         self.ended = {}           # name -> monotonic time its last fast reclaim ended (kept
                                   # across reconnects: the cooldown still holds)
         self.count = {}           # name -> fast reclaims done (the balloon got there)
-        self.seen = {}            # name -> (time, free bytes) it was first seen worth one
+        self.seen = {}            # name -> time it was first seen worth one, while its
+                                  # memory use has not held still --policy-fast-settle
 
     @property
     def enabled(self):
@@ -89,22 +90,11 @@ class FastReclaim:
 
     @property
     def pending(self):
-        """Guests worth a fast reclaim that wait for --policy-fast-settle to pass."""
+        """Guests worth a fast reclaim that wait for their memory use to hold still
+        --policy-fast-settle (GuestView.settling): a guest that reuses what it freed at
+        once (a loop of allocations) shows it moving again by then, and the balloon
+        stays out of its way; decide() leaves a guest waiting here alone too."""
         return set(self.seen)
-
-    def _settled(self, name, free, now):
-        """A free is taken only once it held --policy-fast-settle seconds (within
-        --policy-fast-min / 4): a guest that reuses what it freed at once (a loop of
-        allocations) shows it moving again by then, and the balloon stays out of its way;
-        decide() leaves a guest waiting here alone too (GuestView.settling)."""
-        settle = self.cfg.fast_settle
-        if settle <= 0:
-            return True
-        seen = self.seen.get(name)
-        if seen is None or abs(free - seen[1]) > self.cfg.fast_min_bytes // 4:
-            self.seen[name] = (now, free)
-            return False
-        return now - seen[0] >= settle
 
     def targets(self):
         return {n: a["target"] for n, a in self.active.items()}
@@ -194,7 +184,8 @@ class FastReclaim:
             if goal - max(targets[name], v.actual_pages) < self.min_pages:
                 continue
             worth.add(name)
-            if not self._settled(name, free, now):
+            if v.settling:
+                self.seen.setdefault(name, now)
                 continue
             self.seen.pop(name, None)
             worth.discard(name)

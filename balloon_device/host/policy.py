@@ -25,10 +25,11 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
-* With fast reclaim, a guest that just freed what it took is "settling" for
-  --policy-fast-settle (and while fast reclaim waits for its free to hold): its cap
-  is its target, decide() does not inflate it (a guest that reuses at once would meet
-  the balloon; the overhead benchmark's immediate reuse).
+* With fast reclaim, a guest whose own memory use (available + balloon) moved by more
+  than --policy-fast-min / 4 within the last --policy-fast-settle seconds (it just
+  freed, or allocates and frees in a loop), or whose free waits for the settle in
+  fast reclaim, is "settling": its cap is its target, decide() does not inflate it
+  (its next allocation would meet the balloon: the overhead benchmark's passes).
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
   guest's headroom (cap - target).
@@ -333,7 +334,7 @@ class PolicyLoop:
         self._last_fall = {}      # name -> monotonic time its available memory last fell
         self._fall_ref = {}       # name -> (available, actual) when it last fell
         self._backed_from = {}    # name -> time from which host-side growth counts
-        self._freed_at = {}       # name -> time it was last seen freeing what it took
+        self._steady = {}         # name -> (since, level): its memory use held still since
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
         self._stalling_until = {}  # name -> monotonic time its stalling state ends
@@ -440,17 +441,22 @@ class PolicyLoop:
         a lot) is decided on at once rather than at the next tick."""
         if self._handle is None:
             return
+        view = None
+        if self.fast.enabled and name in self.guests:
+            # every stats buffer counts for "settling", not only those a tick reads
+            view = view_of(self.guests[name].status(), self.cfg)
+            self._observe(name, view, time.monotonic())
         if self._waiting is not None:
             self._waiting.discard(name)
             if not self._waiting:
                 self._tick_now()
             return
-        if not (self.fast.enabled and (self.last or {}).get("pressure")):
+        if view is None or not (self.last or {}).get("pressure"):
             return
         hist = self._hist.get(name)
-        if not hist or name in self.fast.active or name not in self.guests:
+        if not hist or name in self.fast.active:
             return
-        avail = view_of(self.guests[name].status(), self.cfg).available_bytes
+        avail = view.available_bytes
         if avail is not None and avail - hist[-1][1] >= self.cfg.fast_min_bytes:
             log.info("policy: guest %s freed %d MiB while the host is short: deciding now",
                      name, (avail - hist[-1][1]) >> 20)
@@ -579,7 +585,6 @@ class PolicyLoop:
             self._busy_until[name] = now
             del self._fall_ref[name]
             self._backed_from[name] = now
-            self._freed_at[name] = now
         elif taken > self.cfg.margin_bytes or faulted > self.cfg.margin_bytes:
             taken = max(taken, faulted)
             self._last_fall[name] = now
@@ -596,14 +601,30 @@ class PolicyLoop:
             return replace(view, busy=True)
         return view
 
+    def _observe(self, name, view, now):
+        """Track how long the guest's own memory use held still: its available memory
+        plus its balloon when those stats arrived (the balloon's moves do not count)
+        within --policy-fast-min / 4."""
+        if view.available_bytes is None:
+            self._steady.pop(name, None)
+            return
+        balloon = view.stats_actual_pages
+        if balloon is None:
+            balloon = view.actual_pages
+        level = view.available_bytes + balloon * PAGE
+        steady = self._steady.get(name)
+        if steady is None or abs(level - steady[1]) > self.cfg.fast_min_bytes // 4:
+            self._steady[name] = (now, level)
+
     def _settling(self, name, now):
-        """With fast reclaim: a guest that just freed what it took (or whose free waits
-        for --policy-fast-settle) is not inflated by decide() either: a guest that
-        reuses at once (a loop of allocations) would meet the balloon."""
+        """With fast reclaim: the guest's memory use moved within the last
+        --policy-fast-settle seconds (it just freed, or allocates and frees in a loop):
+        neither decide() nor fast reclaim inflates it yet, its next allocation would
+        meet the balloon."""
         if not (self.cfg.fast_reclaim and self.cfg.fast_settle > 0):
             return False
-        return (now - self._freed_at.get(name, -1e18) < self.cfg.fast_settle
-                or name in self.fast.seen)
+        steady = self._steady.get(name)
+        return steady is not None and now - steady[0] < self.cfg.fast_settle
 
     def _faulted_in(self, name, hist, now):
         """Guest RAM newly allocated on the host (ram_backed_bytes) since the lowest
@@ -629,6 +650,7 @@ class PolicyLoop:
             st = statuses[name]
             if st.serving:
                 v = self._mark_busy(name, view_of(st, self.cfg), now)
+                self._observe(name, v, now)
                 v = self._mark_stalling(name, v, pres.get(name), now)
                 current[name] = v.target_pages
                 base = self.fast.base_target(name, self.sweeper.base_target(name, v.target_pages))
@@ -641,14 +663,16 @@ class PolicyLoop:
                 self._last_fall.pop(name, None)
                 self._fall_ref.pop(name, None)
                 self._backed_from.pop(name, None)
-                self._freed_at.pop(name, None)
+                self._steady.pop(name, None)
                 self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
                 fbase = self.fast.forget(name, now)
                 base = fbase if fbase is not None else base
                 if base is not None:
                     self._each(name, guest.set_target, base)
-        targets = decide(host, views, self.cfg)
+        # decide() also leaves alone a guest whose fast reclaim waits for the settle
+        targets = decide(host, {n: replace(v, settling=True) if n in self.fast.seen else v
+                                for n, v in views.items()}, self.cfg)
         short = host.available_bytes < self.cfg.floor_bytes + self.cfg.hysteresis_bytes
         caps = {n: _cap(replace(v, busy=False, settling=False), self.cfg)
                 for n, v in views.items()}
