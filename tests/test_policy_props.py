@@ -30,8 +30,8 @@ Fast reclaim (fastreclaim.py, on by default):
   never exceeds the guest's cap with "busy" counted (so never on a busy guest, never
   below the guest's available memory minus the margin); the swept guest is never one;
 - fast reclaims start only while the host is under pressure (below the floor or
-  PSI) and go on at most while it is below floor + hysteresis (or PSI): once it is
-  above, every balloon is back at decide()'s target;
+  PSI) and may go on after it (until the balloon got there, reporting caught up,
+  the guest needs its memory, or the timeout);
 - a fast reclaim starts only with fresh stats and at least fast_min_bytes free and
   still backed on the host, once its memory use held still fast_settle; its target does not move while it runs; it ends at the
   first tick where the balloon is at its target, and before fast_timeout in any case;
@@ -331,9 +331,8 @@ class PolicyMachine(RuleBasedStateMachine):
     def check_fast(self, host, fast, swept, live, now):
         targets = {n: self.guests[n].target for n in live}
         under = host.available_bytes < CFG.floor_bytes or policy.pressure(host, CFG)
-        short = under or host.available_bytes < LIMIT
-        if not short:
-            assert fast == {}, ("fast reclaim kept after the pressure", fast)
+        if fast and not under:
+            event("fast reclaim goes on after the pressure")
         assert swept not in fast
         reset = set()
         for n, (started, goal, start) in list(self.fast.items()):

@@ -9,12 +9,16 @@ they arrive.
 While the host is under pressure (below --policy-floor, or PSI), a guest whose fresh
 stats show a lot of free memory still backed on the host gets its balloon raised by
 its free memory minus --policy-margin (within its cap, policy._cap), on top of
-decide()'s share, once the free held --policy-fast-settle seconds (a guest that reuses
-at once what it freed shows its free memory falling again by then). As soon as the balloon got there, or reporting caught up by
-itself, or the pressure is over (the host is back above floor + --policy-hysteresis
-and PSI is quiet), its target goes back to decide()'s (once the host is back above its floor, to at
-most what it was when the fast reclaim started: the need decide() added meanwhile was
-met by the fast reclaim itself): the deflated
+decide()'s share, once its own memory use held still --policy-fast-settle seconds
+(policy.py: "settling"). As soon as the balloon got there, or reporting caught up by
+itself, its target goes back to decide()'s (once the host is back above its floor, to
+at most what it was when the fast reclaim started: the need decide() added meanwhile
+was met by the fast reclaim itself). The pressure ending does not cut a fast reclaim
+short: the balloon takes only free memory that reporting would return seconds later
+anyway and gives it back a tick after it got there, so finishing costs the guest
+nothing and leaves the host the headroom the next burst needs (cut short at floor +
+hysteresis, the reclaim benchmark got half of the 800 MiB at once and the rest at
+reporting's pace). The deflated
 pages return to the guest as free pages that cost the host nothing until the guest
 touches them, so the guest keeps its memory when it needs it.
 
@@ -113,9 +117,7 @@ class FastReclaim:
         act = self.active.get(name)
         return act["base"] if act else target_pages
 
-    def _why_end(self, name, act, v, cap, short, now):
-        if not short:
-            return "the host is no longer short"
+    def _why_end(self, name, act, v, cap, now):
         if v.busy:
             return "the guest is allocating"
         if v.stalling:
@@ -131,11 +133,10 @@ class FastReclaim:
             return f"the balloon did not get there in {self.cfg.fast_timeout:g}s"
         return ""
 
-    def apply(self, views, targets, caps, under, short, now, skip=()):
+    def apply(self, views, targets, caps, under, now, skip=()):
         """Adjust decide()'s targets. caps: policy._cap of each view (busy counts);
-        under: the host is under pressure (a fast reclaim may start); short: it is
-        under pressure or below floor + hysteresis (one may go on); skip: guests not to
-        touch (being swept). Candidates in order: most memory to win first."""
+        under: the host is under pressure (a fast reclaim may start); skip: guests not
+        to touch (being swept). Candidates in order: most memory to win first."""
         if not self.enabled:
             return targets
         just_ended = set()
@@ -143,7 +144,7 @@ class FastReclaim:
             act = self.active[name]
             act["base"] = targets.get(name, 0)
             v = views.get(name)
-            why = self._why_end(name, act, v, caps.get(name, 0), short, now)
+            why = self._why_end(name, act, v, caps.get(name, 0), now)
             if why == "":
                 targets[name] = max(targets[name], act["target"])
                 continue

@@ -684,7 +684,7 @@ class PolicyLoop:
         targets = self.fast.apply(views, targets,
                                   {n: _cap(replace(v, settling=False), self.cfg)
                                    for n, v in views.items()},
-                                  under, short or under, now, skip={swept})
+                                  under, now, skip={swept})
         if under != self._was_pressure:
             log.info("host memory %s: %d MiB available (floor %d MiB), PSI some avg10 %s",
                      "pressure: inflating balloons" if under else "pressure passed",
