@@ -404,12 +404,12 @@ def test_fast_reclaim_takes_the_free_memory_at_once_and_gives_it_back(monkeypatc
     host[0] = H(2048 - 64)                                       # 64 MiB short
     g.actual = 0                                                 # the balloon takes a moment
     last = tick(5)
-    assert last["fast"] == {"a": (900 - 128) * PG}               # all its free memory - margin
-    assert g.target == (900 - 128) * PG and last["targets"]["a"] == g.target
+    assert last["fast"] == {"a": (900 - 64) * PG}               # all its free memory - margin
+    assert g.target == (900 - 64) * PG and last["targets"]["a"] == g.target
     assert loop.timers[-1][0] == 1.0                             # fast pace under pressure
     assert g.stats_requests == 2
     g.actual = 400 * PG                                          # half way: hold
-    assert tick(1)["fast"] == {"a": (900 - 128) * PG} and g.target == (900 - 128) * PG
+    assert tick(1)["fast"] == {"a": (900 - 64) * PG} and g.target == (900 - 64) * PG
     g.actual = None                                              # the balloon got there
     last = tick(1)
     assert last["fast"] == {} and last["fast_done"] == {"a": 1}
@@ -436,11 +436,11 @@ def test_fast_reclaim_goes_on_after_the_pressure_until_the_balloon_got_there(mon
     g = freed_guest()
     pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
     g.actual = 0
-    assert tick(0)["fast"] == {"a": (900 - 128) * PG}
+    assert tick(0)["fast"] == {"a": (900 - 64) * PG}
     host[0] = H(8192)                            # above floor + hysteresis
     g.actual = 400 * PG                          # half way
     last = tick(1)
-    assert last["fast"] == {"a": (900 - 128) * PG} and g.target == (900 - 128) * PG
+    assert last["fast"] == {"a": (900 - 64) * PG} and g.target == (900 - 64) * PG
     assert pol.loop.timers[-1][0] == 1.0         # still the fast pace
     g.actual = None                              # got there
     last = tick(1)
@@ -499,7 +499,7 @@ def test_no_fast_reclaim_when_reporting_caught_up(monkeypatch):
     assert tick(0)["fast"] == {} and g.target == 64 * PG
     g.avail -= 64                                # decide()'s 64 MiB went into the balloon
     g.backed = None                              # unknown: the free memory counts
-    assert tick(1)["fast"] == {"a": (900 - 128) * PG}
+    assert tick(1)["fast"] == {"a": (900 - 64) * PG}
 
 
 def test_fast_reclaim_ends_early_when_reporting_catches_up(monkeypatch):
@@ -695,7 +695,7 @@ def test_a_busy_guest_that_freed_what_it_took_is_fast_reclaimed(monkeypatch):
     assert tick(1)["busy"] == ["a"]
     g.avail = 900                                 # the allocator exited: freed it all
     last = tick(1)
-    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 64) * PG}
 
 
 def test_a_fast_reclaim_cut_short_by_an_allocation_does_not_cool_down(monkeypatch):
@@ -707,7 +707,7 @@ def test_a_fast_reclaim_cut_short_by_an_allocation_does_not_cool_down(monkeypatc
     last = tick(1)
     assert last["busy"] == ["a"] and last["fast"] == {}
     g.avail = 900                                 # freed it again: at once, no cooldown
-    assert tick(1)["fast"] == {"a": (900 - 128) * PG}
+    assert tick(1)["fast"] == {"a": (900 - 64) * PG}
 
 
 def test_without_fast_reclaim_busy_lasts_busy_hold(monkeypatch):
@@ -820,7 +820,7 @@ def test_a_big_free_under_pressure_is_decided_on_at_once(monkeypatch):
     pol.stats_arrived("a")
     assert pol.loop.timers[-1][0] == 0
     last = tick(0.1)
-    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 64) * PG}
     n = len(pol.loop.timers)
     pol.stats_arrived("a")                        # nothing new since that decision
     assert len(pol.loop.timers) == n
@@ -856,7 +856,7 @@ def test_fast_reclaim_watches_the_host_between_idle_ticks(monkeypatch):
     watch[1]()
     assert pol.loop.timers[-1][0] == 0            # short: decide now
     g.actual = 0
-    assert tick(0.2)["fast"] == {"a": (900 - 128) * PG}
+    assert tick(0.2)["fast"] == {"a": (900 - 64) * PG}
 
 
 def test_no_host_watch_without_fast_reclaim(monkeypatch):
@@ -875,7 +875,7 @@ def test_a_fast_reclaim_over_with_the_host_above_its_floor_leaves_no_need_behind
     pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 64, FAST_CFG)
     g.actual = 0
     last = tick(0)
-    assert last["fast"] == {"a": (900 - 128) * PG}
+    assert last["fast"] == {"a": (900 - 64) * PG}
     start = 64 * PG                                   # decide()'s share of the need
     host[0] = H(2048 - 300)                           # the balloon is not there yet
     tick(1)
@@ -907,7 +907,7 @@ def test_a_free_must_settle_before_a_fast_reclaim_takes_it(monkeypatch):
     pol.stats_arrived("a")                       # in: decide now
     assert pol.loop.timers[-1][0] == 0
     last = tick(0.5)
-    assert last["fast"] == {"a": (900 - 128) * PG} and pol.fast.pending == set()
+    assert last["fast"] == {"a": (900 - 64) * PG} and pol.fast.pending == set()
 
 
 def test_a_free_reused_at_once_is_left_to_the_guest(monkeypatch):
@@ -927,7 +927,7 @@ def test_a_free_reused_at_once_is_left_to_the_guest(monkeypatch):
     g.avail -= 100                                   # reusing it
     last = settle_then_decide()
     assert last["fast"] == {} and pol.fast.pending == {"a"}        # seen again, from here
-    assert settle_then_decide()["fast"] == {"a": (800 - 128) * PG}  # held still this time
+    assert settle_then_decide()["fast"] == {"a": (800 - 64) * PG}  # held still this time
 
 
 def test_host_side_growth_marks_a_guest_busy_before_its_stats_show_it(monkeypatch):
@@ -959,7 +959,7 @@ def test_growth_before_a_free_does_not_keep_the_guest_busy(monkeypatch):
     assert tick(1)["busy"] == ["a"]
     g.avail = 900                                    # freed; still backed (not yet reported)
     last = tick(1)
-    assert last["busy"] == [] and last["fast"] == {"a": (900 - 128) * PG}
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 64) * PG}
     assert tick(1)["busy"] == []
 
 
@@ -982,7 +982,7 @@ def test_a_guest_that_just_freed_is_not_squeezed_by_the_need_before_it_settles(m
     tick(0.5)
     pol.stats_arrived("a")
     last = tick(0)
-    assert last["fast"] == {"a": (900 - 128) * PG}
+    assert last["fast"] == {"a": (900 - 64) * PG}
 
 
 def test_a_guest_allocating_and_freeing_in_a_loop_is_left_alone(monkeypatch):

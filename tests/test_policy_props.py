@@ -28,7 +28,7 @@ Taskstats (a fake reader: each guest's QEMU stalls or not, switched by a rule):
 Fast reclaim (fastreclaim.py, on by default):
 - a guest in fast reclaim holds max(decide(), its fast target), and the fast target
   never exceeds the guest's cap with "busy" counted (so never on a busy guest, never
-  below the guest's available memory minus the margin); the swept guest is never one;
+  below the guest's available memory minus half the margin); the swept guest is never one;
 - fast reclaims start only while the host is under pressure (below the floor or
   PSI) and may go on after it (until the balloon got there, reporting caught up,
   the guest needs its memory, or the timeout);
@@ -359,13 +359,15 @@ class PolicyMachine(RuleBasedStateMachine):
             assert targets[n] == max(self.decided[n], goal), (n, targets[n], goal)
             # (a settling guest's cap is its target for decide(); fast reclaim waits for
             # the settle itself and then goes to the cap without it)
-            assert goal <= policy._cap(replace(v, settling=False), CFG), (
+            # (its caps count half the margin: the balloon is gone a tick after)
+            assert goal <= policy._cap(replace(v, settling=False),
+                                       replace(CFG, margin_bytes=CFG.margin_bytes // 2)), (
                 "fast reclaim above the guest's cap", n)
             if n not in self.fast:
                 assert under, "fast reclaim started without pressure"
                 assert v.available_bytes is not None and not v.busy
                 free = v.free_bytes                    # what the guest reported before the tick
-                assert free - CFG.margin_bytes >= CFG.fast_min_bytes
+                assert free - CFG.margin_bytes // 2 >= CFG.fast_min_bytes
                 if v.ram_backed_bytes is not None:
                     assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
                         >= CFG.fast_min_bytes

@@ -337,6 +337,7 @@ class PolicyLoop:
         self._steady = {}         # name -> (since, level): its memory use held still since
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
+        self._fast_cfg = replace(cfg, margin_bytes=self.fast.margin)   # its caps
         self._stalling_until = {}  # name -> monotonic time its stalling state ends
         self.pressure = pressure_reader
         if self.pressure is None and cfg.taskstats:
@@ -682,7 +683,7 @@ class PolicyLoop:
                                      targets, caps, short, now)
         swept = self.sweeper.active["name"] if self.sweeper.active else None
         targets = self.fast.apply(views, targets,
-                                  {n: _cap(replace(v, settling=False), self.cfg)
+                                  {n: _cap(replace(v, settling=False), self._fast_cfg)
                                    for n, v in views.items()},
                                   under, now, skip={swept})
         if under != self._was_pressure:

@@ -100,7 +100,7 @@ class Sweeper:
             v = views.get(name)
             if v is None:
                 self._finish(name, "the guest went away", now)
-            elif self.quiet_since.get(name, now) > act["started"]:
+            elif v.busy or self.quiet_since.get(name, now) > act["started"]:
                 self._finish(name, "the guest is allocating", now, due=True)
             elif caps.get(name, 0) < act["target"]:
                 self._finish(name, "the guest needs its memory", now, due=True)
