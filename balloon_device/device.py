@@ -137,6 +137,20 @@ class BalloonDevice(Device):
     def queue_started(self, queue):
         log.debug("queue %d (%s) started, size %d", queue.index, self.role(queue), queue.size)
 
+    def queue_stopping(self, queue):
+        """The held stats buffer goes back to the avail ring: after a pause and
+        resume (QEMU stops and restarts the queues) the device pops it again; held
+        over the stop, it was lost and the guest never sent stats again."""
+        if queue is self._stats_queue and self._stats_head is not None:
+            head, self._stats_head = self._stats_head, None
+            given = queue.unpop(head)
+            log.debug("stats buffer %d given back to the ring: %s", head, given)
+            if not given:
+                try:                          # not the last popped: complete it instead
+                    queue.push(head, 0)
+                except VringError as e:
+                    log.warning("stats queue: cannot give the stats buffer back: %s", e)
+
     def queue_stopped(self, queue):
         if queue is self._stats_queue:
             self._cancel_stats_timer()

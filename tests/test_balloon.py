@@ -538,3 +538,25 @@ def test_returning_the_stats_buffer_never_raises_out_of_a_timer(rig, monkeypatch
         raise VringError("queue 2: a ring page has no memory behind it")
     monkeypatch.setattr(q, "push", broken)
     assert rig.dev.request_stats() is False
+
+
+def test_a_pause_and_resume_keeps_the_stats_coming(rig):
+    """QEMU stops every queue when the VM is paused (SET_VRING_ENABLE 0, then
+    GET_VRING_BASE) and starts them again on resume. The stats buffer the device holds
+    goes back to the avail ring (GET_VRING_BASE's base is before it), so that after the
+    restart the device pops it again; held over the stop, it was lost and the guest
+    never sent statistics again (found with QMP stop/cont on a real guest)."""
+    rig.post("stats", [struct.pack("<HQ", 4, 5 * MiB)], [])
+    assert rig.used("stats") == [] and rig.dev.latest_stats == {"free_memory": 5 * MiB}
+    assert rig.fe.ack(R.SET_VRING_ENABLE, m.VRING_STATE.pack(2, 0)) == 0
+    hdr, payload, _ = rig.fe.call(R.GET_VRING_BASE, m.VRING_STATE.pack(2, 0), need_reply=True)
+    index, base = m.VRING_STATE.unpack(payload)
+    assert (index, base) == (2, 0)                 # the buffer is offered again
+    assert rig.dev.request_stats() is False        # not held any more
+    dq = rig.q["stats"]
+    rig.dev.latest_stats = None
+    rig.fe.start_queue(2, QSIZE, dq.desc_uva, dq.avail_uva, dq.used_uva, base=base)
+    rig.fe.pump()
+    assert rig.dev.latest_stats == {"free_memory": 5 * MiB}   # popped again at the start
+    assert rig.dev.request_stats() is True         # and held: the next request works
+    assert len(rig.used("stats")) == 1

@@ -74,6 +74,12 @@ class Device(abc.ABC):
     def queue_started(self, queue):
         """queue is enabled and ready to pop."""
 
+    def queue_stopping(self, queue):
+        """SET_VRING_ENABLE(0) or GET_VRING_BASE is about to stop queue: give back
+        chains held on purpose (queue.unpop), so that the frontend's next start
+        offers them again (QEMU stops and restarts every queue when the VM is paused
+        and resumed)."""
+
     def queue_stopped(self, queue):
         """queue was stopped (GET_VRING_BASE, disable, reset)."""
 

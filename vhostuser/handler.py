@@ -327,6 +327,8 @@ class Backend:
 
     def _stop_queue(self, q):
         was = self.started[q.index]
+        if was:
+            self.device.queue_stopping(q)
         self.started[q.index] = False
         base = q.stop()
         if q.kick_fd is not None:
@@ -392,6 +394,8 @@ class Backend:
         if num not in (0, 1):
             raise RequestError(f"SET_VRING_ENABLE({num}) for queue {index}: only 0 or 1")
         was = q.enabled
+        if self._running(q) and was and not num:
+            self.device.queue_stopping(q)   # QEMU disables the rings before GET_VRING_BASE
         q.enabled = bool(num)
         if self._running(q) and was != q.enabled:
             if q.enabled:

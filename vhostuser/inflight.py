@@ -75,6 +75,11 @@ class InflightQueue:
             self.counter += 1
             DESC.pack_into(self.buf, self._desc(head), 1, 0, self.counter)
 
+    def unmark(self, head):
+        """The chain was given back to the avail ring (VringQueue.unpop)."""
+        if head < self.queue_size:
+            DESC.pack_into(self.buf, self._desc(head), 0, 0, 0)
+
     def pre_put(self, head):
         """Before the used ring is written: remember which head is being completed."""
         struct.pack_into("<H", self.buf, self.offset + 12, head & 0xFFFF)

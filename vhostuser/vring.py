@@ -327,6 +327,22 @@ class VirtQueue:
                 self.inflight.mark(chain.head)
         return chain
 
+    def unpop(self, head):
+        """Give back the chain popped last, not completed: the next pop (also after
+        GET_VRING_BASE and a restart from the base it returned) finds it again, as
+        QEMU's virtqueue_rewind. False, nothing changed, if head is not the chain at
+        last_avail_idx - 1 of the avail ring."""
+        if not self._mapped or self._in_flight <= 0 or self.resubmit:
+            return False
+        prev = (self.last_avail_idx - 1) & 0xFFFF
+        if _py._ld16(self._avail_hva + 4 + 2 * (prev % self.size)) != head:
+            return False
+        self.last_avail_idx = prev
+        self._in_flight -= 1
+        if self.inflight is not None:
+            self.inflight.unmark(head)
+        return True
+
     def _pop_resubmitted(self, memory):
         """A chain a killed process popped but never completed (already marked inflight)."""
         head = self.resubmit.pop(0)

@@ -300,3 +300,36 @@ def test_without_deflate_on_oom_the_guest_kills_its_workload(provisioned, daemon
     assert (outcome is not None and outcome.name == "alloc-failed") or \
         any("oom-kill:" in ln for ln in oom), (done.line, oom)
     assert st["actual_bytes"] == OOM_BALLOON and st["counters"]["deflate_pages"] == 0, st
+
+
+@pytest.mark.daemon_args("--stats-interval", "1")
+def test_stats_keep_coming_after_a_pause_and_resume(provisioned, daemon):
+    """QMP stop/cont (virsh suspend/resume, a snapshot): QEMU stops and restarts every
+    queue. The guest's statistics must keep coming, and the balloon keep working: the
+    host policy decides on them. (Before the fix the device lost the stats buffer it
+    held over the stop: stats_age grew for ever.)"""
+    g = vhost_guest(daemon, "vub-pause", steps=[("hold", "sleep 600")])
+    g.start()
+    failed = True
+    try:
+        g.wait_marker("step-start", name="hold", timeout=180)
+        deadline = time.monotonic() + 30
+        while (daemon.status().get("stats_age") or 99) > 2:
+            assert time.monotonic() < deadline, f"no stats before the pause: {daemon.status()}"
+            time.sleep(0.5)
+        g.qmp("stop")
+        time.sleep(3)
+        g.qmp("cont")
+        time.sleep(4)                    # four stats intervals
+        ages = []
+        for _ in range(4):
+            ages.append(daemon.status()["stats_age"])
+            time.sleep(1)
+        print(f"\n[pause] stats age after resume: {ages}")
+        assert max(ages) < 3, f"no fresh statistics after the resume: ages {ages}"
+        daemon.set_target(64 * MIB)      # and the balloon still follows
+        st = daemon.wait_actual(64 * MIB, timeout=60)
+        assert st["actual_bytes"] == 64 * MIB, st
+        failed = False
+    finally:
+        g.close(failed=failed)
