@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Boot storm: guests launched at a fixed interval, without waiting for memory to settle.
 
-    python benchmarks/storm.py [--limit-gib 3] [--intervals 3] [--cap 10]
-                               [--configs noreport,builtin,ours,policy,policy-nofast]
+    python benchmarks/storm.py [--limit-gib 4.75] [--intervals 3,8] [--cap 10]
+                               [--launch auto|boot|resume]
+                               [--configs noreport,builtin,ours,policy,policy-notaskstats]
 
 The density set-up (benchmarks/density.py): a parent memory cgroup v1 with a limit
 of --limit-gib GiB stands for the host; 1 GiB guests (TCG) each run
@@ -17,8 +18,8 @@ or a process killed inside a guest because a balloon was in the way), for:
   policy         the shared daemon with the host memory policy on the parent
                  cgroup and fast reclaim (the default)
   policy-nofast  the same with --no-policy-fast-reclaim (optional)
-  policy-notaskstats  the policy without the taskstats signal (optional; the
-                 others switch delay accounting on, --taskstats-delayacct)
+  policy-notaskstats  the policy without the taskstats signal (the policy
+                 configurations switch delay accounting on: --taskstats-delayacct)
 
 Launch (--launch): "boot" starts QEMU at the launch time; "resume" (the default
 under TCG) boots every guest beforehand, two at a time, and pauses it (QMP stop)
@@ -49,7 +50,7 @@ from density import OOM_RE, SharedDaemon, guest_oom_lines  # noqa: E402
 
 from balloon_device.host.harness import Guest, MemCgroup  # noqa: E402
 
-CONFIGS = ("noreport", "builtin", "ours", "policy")
+CONFIGS = ("noreport", "builtin", "ours", "policy", "policy-notaskstats")
 LABELS = {"noreport": "no reporting", "builtin": "QEMU built-in reporting",
           "ours": "ours, reporting only (shared daemon)",
           "policy": "ours + policy with fast reclaim",
@@ -255,6 +256,10 @@ def render(res, ns):
         if b and p is not None:
             md.append(f"At {iv:g} s: policy with fast reclaim / built-in = **{p / b:.2f}** "
                       "(target >= 1.5 at 3 s).")
+        t = by.get(("policy-notaskstats", iv))
+        if p is not None and t is not None:
+            md.append(f"At {iv:g} s: policy with the taskstats signal {p}, without it {t} "
+                      "(does the per-QEMU stall signal decide better?).")
     md += ["", "![storm](storm.png)"]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -273,11 +278,13 @@ def render(res, ns):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--limit-gib", type=float, default=3.0)
+    ap.add_argument("--limit-gib", type=float, default=4.75,
+                    help="the parent cgroup's limit (default 4.75: ten paused guests hold "
+                         "about 2.1-2.2 GiB, leaving about 2.5 GiB for the storm)")
     ap.add_argument("--guest-mib", type=int, default=1024)
     ap.add_argument("--alloc-mib", type=int, default=800)
     ap.add_argument("--cap", type=int, default=10)
-    ap.add_argument("--intervals", default="3", help="comma-separated seconds (default 3)")
+    ap.add_argument("--intervals", default="3,8", help="comma-separated seconds (default 3,8)")
     ap.add_argument("--watch", type=float, default=30.0,
                     help="seconds watched after the last launch once all allocations ended")
     ap.add_argument("--guest-ticker", type=int, default=5, metavar="S")
