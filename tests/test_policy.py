@@ -540,11 +540,12 @@ def test_fast_reclaim_options():
     from balloon_device.host.cli import _daemon_parser, _policy_from_args
     ns = _daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", "--policy"])
     cfg = _policy_from_args(ns)
-    assert not cfg.fast_reclaim, "fast reclaim is opt-in"
+    assert cfg.fast_reclaim, "fast reclaim is on with the policy (the boot storm: 10 vs 4)"
     assert cfg.fast_interval == 1.0 and cfg.fast_min_bytes == 256 * MiB
+    assert cfg.fast_settle == 0.5
     ns = _daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", "--policy",
-                                      "--policy-fast-reclaim"])
-    assert _policy_from_args(ns).fast_reclaim
+                                      "--no-policy-fast-reclaim"])
+    assert not _policy_from_args(ns).fast_reclaim
     ns = _daemon_parser().parse_args(["--socket-path", "/tmp/x.sock", "--policy",
                                       "--no-policy-fast-reclaim", "--policy-fast-interval", "0.5",
                                       "--policy-fast-min", "1GiB"])
@@ -638,7 +639,7 @@ def test_policy_on_a_real_daemon(tmp_path):
     from vhostuser import messages as m
     host = [H(1024)]
     d = make_daemon(tmp_path, names=("a",), policy=PolicyConfig(
-        interval=60, guest_min_bytes=16 * MiB, margin_bytes=8 * MiB))
+        interval=60, guest_min_bytes=16 * MiB, margin_bytes=8 * MiB, fast_reclaim=False))
     d.policy.read_host = lambda: host[0]
     rig = GuestRig(d, "a")
     try:
