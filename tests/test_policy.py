@@ -1,6 +1,7 @@
 """Host memory policy: the pure decision table, the host readers on fake /proc and
 cgroup folders, and the loop with fake readers (plus one run on a real daemon)."""
 
+import os
 import struct
 
 import pytest
@@ -642,6 +643,7 @@ def test_policy_on_a_real_daemon(tmp_path):
         interval=60, guest_min_bytes=16 * MiB, margin_bytes=8 * MiB, fast_reclaim=False))
     d.policy.read_host = lambda: host[0]
     rig = GuestRig(d, "a")
+    os.posix_fallocate(rig.mem.fd, 0, 64 * MiB)   # the host holds all its RAM: winnable
     try:
         stats = struct.pack("<HQ", 6, 40 * MiB) + struct.pack("<HQ", 4, 30 * MiB)
         gpa = rig.mem.alloc(len(stats))
@@ -1007,3 +1009,27 @@ def test_a_guest_allocating_and_freeing_in_a_loop_is_left_alone(monkeypatch):
     assert tick(0.25)["targets"]["a"] == 0           # held still 0.25 s: not yet
     tick(0.5)                                        # held still: fair game (or pending)
     assert pol.fast.pending == {"a"} or g.target > 0
+
+
+def test_the_need_takes_only_memory_the_host_still_holds():
+    """decide() shares the need by each guest's room: the available memory the host
+    still holds for it. A guest that just booted (its RAM never touched) or whose free
+    memory was reported gives nothing; a guest with backed free memory or page cache
+    gives it; balloon pages asked for and not arrived count against it."""
+    cfg = PolicyConfig(floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_bytes=128 * MiB,
+                       hysteresis_bytes=512 * MiB, psi_threshold=0, fast_reclaim=False)
+    host = HostMemory(2 * GiB - 1 * GiB)              # 1 GiB short
+
+    def view(backed, target=0, actual=0):
+        return GuestView(target_pages=target * PG, actual_pages=actual * PG,
+                         memory_bytes=4 * GiB, available_bytes=3 * GiB,
+                         ram_backed_bytes=None if backed is None else backed * MiB)
+    # 1024 MiB of each guest's RAM is used beyond its available memory
+    out = decide(host, {"fresh": view(1024 + 100), "held": view(1024 + 500)}, cfg)
+    assert out == {"fresh": 100 * PG, "held": 500 * PG}   # what the host still holds
+    out = decide(host, {"reported": view(1024), "unknown": view(None)}, cfg)
+    assert out == {"reported": 0, "unknown": 1024 * PG}
+    # 600 MiB asked for, 200 arrived (available was measured with those 200 out):
+    # 700 MiB of available memory still backed, 400 of it already on its way
+    out = decide(host, {"a": view(1024 + 500, target=600, actual=200)}, cfg)
+    assert out["a"] == (600 + 300) * PG

@@ -23,7 +23,7 @@ Invariants, after every tick (decide() is wrapped to see what it returned):
 - a busy guest's target is 0, unless it is being swept (then the sweep's pages).
 Taskstats (a fake reader: each guest's QEMU stalls or not, switched by a rule):
 - under a need, a stalling guest's target grows only if every quiet guest is at its
-  cap; with a surplus, a quiet guest's target falls only once every stalling guest's
+  cap or has no room left (policy.room: no available memory the host still holds); with a surplus, a quiet guest's target falls only once every stalling guest's
   is 0; a stalling guest is never fast-reclaimed.
 Fast reclaim (fastreclaim.py, on by default):
 - a guest in fast reclaim holds max(decide(), its fast target), and the fast target
@@ -320,8 +320,11 @@ class PolicyMachine(RuleBasedStateMachine):
         start = {n: min(views[n].target_pages, caps[n]) for n in live}
         if stalling and quiet:
             event("stalling and quiet guests")
+        full = {n: start[n] + policy.room(views[n], caps[n], start[n]) for n in live}
+        for n in live:      # the need never takes more than the host still holds
+            assert out[n] <= max(start[n], full[n]), (n, out[n], full[n])
         if any(out[n] > start[n] for n in stalling):
-            assert all(out[n] == caps[n] for n in quiet), "a stalling guest squeezed first"
+            assert all(out[n] == full[n] for n in quiet), "a stalling guest squeezed first"
             event("stalling guest squeezed (others full)")
         if any(out[n] < start[n] for n in quiet):
             assert all(out[n] == 0 for n in stalling), "a quiet guest got memory back first"

@@ -32,7 +32,13 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   (its next allocation would meet the balloon: the overhead benchmark's passes).
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
-  guest's headroom (cap - target).
+  guest's room: its headroom (cap - target), but no more than the available memory
+  the host still holds for it (ram_backed_bytes - what the guest uses beyond its
+  available memory and balloon), minus balloon pages asked for and not arrived yet.
+  Inflating memory the host no longer holds wins nothing: a guest that just booted
+  (never touched its RAM) or whose free memory was reported keeps it (the boot storm:
+  freshly launched guests were squeezed by the need and met the balloon 3 s later,
+  and reported guests were squeezed for no gain).
 * host available >= floor + hysteresis and no PSI pressure: surplus = available -
   floor - hysteresis; lower targets by up to surplus in total, in proportion to
   their size, down to 0 (all memory returned once the surplus covers the balloons).
@@ -182,10 +188,28 @@ def pressure(host, cfg):
                 and host.psi_some_avg10 >= cfg.psi_threshold)
 
 
+def room(g, cap, base):
+    """How far decide() may raise a guest's target for the host's need: up to its cap,
+    and (when the host side is known) no further than the available memory the host
+    still holds for it, minus what the balloon was already asked for and has not got
+    yet. Inflating memory the host no longer holds (never touched, or already
+    reported) wins the host nothing: a guest that just booted or whose free memory
+    was returned keeps it."""
+    out = max(0, cap - base)
+    if g.ram_backed_bytes is None or g.available_bytes is None or not g.memory_bytes:
+        return out
+    balloon = g.actual_pages if g.stats_actual_pages is None else g.stats_actual_pages
+    hard = g.memory_bytes - g.available_bytes - balloon * PAGE     # not available, not balloon
+    winnable = max(0, g.ram_backed_bytes - max(0, hard)) // PAGE
+    in_flight = max(0, base - g.actual_pages)
+    return min(out, max(0, winnable - in_flight))
+
+
 def decide(host, guests, cfg):
     """{name: GuestView} -> {name: target_pages} for every guest given."""
     caps = {n: _cap(g, cfg) for n, g in guests.items()}
     base = {n: min(g.target_pages, caps[n]) for n, g in guests.items()}
+    rooms = {n: room(g, caps[n], base[n]) for n, g in guests.items()}
     quiet = [n for n, g in guests.items() if not g.stalling]
     stalling = [n for n, g in guests.items() if g.stalling]
     need = cfg.floor_bytes - host.available_bytes
@@ -195,7 +219,7 @@ def decide(host, guests, cfg):
         out = dict(base)
         left = -(-need // PAGE)
         for group in (quiet, stalling):          # quiet guests are squeezed first
-            give = _share(left, {n: caps[n] - base[n] for n in group})
+            give = _share(left, {n: rooms[n] for n in group})
             for n in group:
                 out[n] += give[n]
             left -= sum(give.values())
