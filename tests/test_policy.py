@@ -1033,3 +1033,24 @@ def test_the_need_takes_only_memory_the_host_still_holds():
     # 700 MiB of available memory still backed, 400 of it already on its way
     out = decide(host, {"a": view(1024 + 500, target=600, actual=200)}, cfg)
     assert out["a"] == (600 + 300) * PG
+
+
+def test_the_balloons_own_growth_is_not_an_allocation(monkeypatch):
+    """A guest kernel with init_on_alloc zeroes the pages it hands to the balloon, so
+    inflating over free memory the host no longer holds faults it in for a moment:
+    not the guest allocating (it cut a storm run's fast reclaims short)."""
+    g = freed_guest(free=900, unreported=800)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 512, FAST_CFG)
+    g.actual = 0
+    assert tick(0)["fast"]
+    g.actual = 300 * PG                   # 300 MiB of backed free memory inflated: discarded
+    g.backed -= 300
+    g.avail -= 300
+    g.stats_actual = 300
+    assert tick(1)["busy"] == []
+    g.actual = 500 * PG                   # 200 MiB more, the host did not hold them:
+    g.backed += 150                       # zeroed in on the way, not yet discarded
+    g.avail -= 200
+    g.stats_actual = 500
+    last = tick(1)
+    assert last["busy"] == [] and last["fast"]

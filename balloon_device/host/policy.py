@@ -657,10 +657,15 @@ class PolicyLoop:
         it allocates. Seen on the host at once, while its stats lag (a stats round trip,
         a tick): the balloon stays out of an allocation's way from its start."""
         since = max(now - 1.5 * self.cfg.interval, self._backed_from.get(name, -1e18))
-        backed = [h[4] for h in hist if h[0] >= since and h[4] is not None]
-        if len(backed) < 2:
+        pts = [(h[4], h[2]) for h in hist if h[0] >= since and h[4] is not None]
+        if len(pts) < 2:
             return 0
-        return max(0, backed[-1] - min(backed))
+        low = min(pts)
+        # the balloon's own growth since then may fault pages in too: a guest kernel
+        # with init_on_alloc zeroes each page it hands to the balloon (seen in the
+        # storm: "127 MiB taken" during a fast reclaim of a guest that was idle)
+        grown = max(0, pts[-1][1] - low[1]) * PAGE
+        return max(0, pts[-1][0] - low[0] - grown)
 
     def tick(self):
         host = self.read_host()
