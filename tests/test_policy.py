@@ -1054,3 +1054,20 @@ def test_the_balloons_own_growth_is_not_an_allocation(monkeypatch):
     g.stats_actual = 500
     last = tick(1)
     assert last["busy"] == [] and last["fast"]
+
+
+def test_a_reporting_batch_is_not_an_allocation(monkeypatch):
+    """Free page reporting takes up to 128 MiB off the guest's free lists while a batch
+    is reported: an idle guest's available memory dips by that much. Not busy (a 30 s
+    busy hold kept the storm's freed guests from their fast reclaim); a bigger fall is."""
+    from dataclasses import replace
+    cfg = replace(FAST_CFG, margin_bytes=32 * MiB)
+    g = freed_guest(free=900, unreported=0)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 + 100, cfg)
+    tick(0)
+    g.avail -= 128                                   # a batch in flight
+    assert tick(1)["busy"] == []
+    g.avail += 128
+    tick(1)
+    g.avail -= 200                                   # more than a batch: allocating
+    assert tick(1)["busy"] == ["a"]

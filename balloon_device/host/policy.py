@@ -16,7 +16,9 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
 * A busy guest (one that is allocating) has cap 0: its whole balloon is given back
   and it is not inflated. Busy = its RAM allocated on the host (ram_backed_bytes)
   grew by more than the margin within 1.5 intervals (seen at once, while the stats
-  lag), or its available_memory fell since the previous tick
+  lag), or its available_memory fell (by more than margin + 128 MiB at once, or by
+  more than the margin in two samples running: free page reporting takes up to
+  128 MiB off the free lists per batch) since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
   ticks (inflating takes available memory too, and the stats lag the balloon by
   up to a tick); it stays busy for busy_hold seconds after the last such fall, or
@@ -77,6 +79,12 @@ log = logging.getLogger("vhost-user-balloon.policy")
 
 PAGE = 4096
 STATS_WAIT = 0.5    # seconds a deferred decision waits for fresh stats at most
+# Linux's free page reporting takes up to 32 x 4 MiB off the free lists while a batch
+# is reported: a guest's available memory dips by that much without it allocating
+# (the storm: "128 MiB taken" by an idle guest a second after its free, 30 s busy).
+# A fall within margin + REPORT_BATCH makes a guest busy only when two samples in a
+# row show it (an allocation goes on, a batch comes back).
+REPORT_BATCH = 128 * 1024 * 1024
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -359,6 +367,7 @@ class PolicyLoop:
         self._fall_ref = {}       # name -> (available, actual) when it last fell
         self._backed_from = {}    # name -> time from which host-side growth counts
         self._steady = {}         # name -> (since, level): its memory use held still since
+        self._dipped = {}         # name -> its last sample fell by more than the margin
         self.sweeper = Sweeper(cfg)
         self.fast = FastReclaim(cfg)
         self._fast_cfg = replace(cfg, margin_bytes=self.fast.margin)   # its caps
@@ -610,7 +619,9 @@ class PolicyLoop:
             self._busy_until[name] = now
             del self._fall_ref[name]
             self._backed_from[name] = now
-        elif taken > self.cfg.margin_bytes or faulted > self.cfg.margin_bytes:
+        elif (faulted > self.cfg.margin_bytes
+              or taken > self.cfg.margin_bytes + (REPORT_BATCH if view.reporting else 0)
+              or (taken > self.cfg.margin_bytes and self._dipped.get(name))):
             taken = max(taken, faulted)
             self._last_fall[name] = now
             self._fall_ref[name] = (view.available_bytes, view.actual_pages)
@@ -622,6 +633,8 @@ class PolicyLoop:
         elif freed is not None and view.available_bytes < ref_avail:
             # still busy and lower than at its last fall: "freed" counts from the bottom
             self._fall_ref[name] = (view.available_bytes, view.actual_pages)
+        # a fall within a reporting batch counts once it shows in two samples running
+        self._dipped[name] = taken > self.cfg.margin_bytes
         if now < self._busy_until.get(name, 0):
             return replace(view, busy=True)
         return view
@@ -694,6 +707,7 @@ class PolicyLoop:
                 self._fall_ref.pop(name, None)
                 self._backed_from.pop(name, None)
                 self._steady.pop(name, None)
+                self._dipped.pop(name, None)
                 self._stalling_until.pop(name, None)
                 base = self.sweeper.forget(name)
                 fbase = self.fast.forget(name, now)
