@@ -1071,3 +1071,25 @@ def test_a_reporting_batch_is_not_an_allocation(monkeypatch):
     tick(1)
     g.avail -= 200                                   # more than a batch: allocating
     assert tick(1)["busy"] == ["a"]
+
+
+def test_a_guest_that_allocates_again_after_a_fast_reclaim_has_no_cooldown(monkeypatch):
+    """The overhead benchmark's passes: a fast reclaim got there, the guest allocates and
+    frees again 10 s later; that free is new memory: fast-reclaimed at once, not left to
+    decide()'s need (which kept a balloon into the next pass)."""
+    g = freed_guest(free=900, unreported=800)
+    pol, host, tick = loop_rig(monkeypatch, {"a": g}, 2048 - 512, FAST_CFG)
+    g.actual = 0
+    assert tick(0)["fast"]
+    g.actual = None                                   # got there: done, cooldown
+    g.backed -= 800
+    assert tick(1)["fast_done"] == {"a": 1}
+    host[0] = H(8192)
+    tick(5)
+    g.avail, g.backed = 100, g.backed + 800           # a pass: allocates 800 MiB
+    host[0] = H(2048 - 512)
+    assert tick(5)["busy"] == ["a"]
+    g.avail = 900                                     # and frees it, 10 s after the first
+    g.actual = 0
+    last = tick(1)
+    assert last["busy"] == [] and last["fast"] == {"a": (900 - 64) * PG}

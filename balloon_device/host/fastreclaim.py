@@ -30,8 +30,9 @@ RAM allocated on the host (GuestStatus.ram_backed_bytes) minus what the guest us
 (RAM - free - balloon): this is what inflating can win. After a fast reclaim that got
 there or ran --policy-fast-timeout, the guest is fast-reclaimed again --policy-fast-cooldown seconds
 later at the earliest (no churn on a guest that keeps the memory free, or that the
-balloon cannot get to); one cut short because the guest allocated does not count
-(the guest must first be no longer busy: it freed what it took).
+balloon cannot get to), unless it allocates in between (busy: its next free is new
+memory); one cut short because the guest allocated does not count (the guest must
+first be no longer busy: it freed what it took).
 
 Who is never fast-reclaimed: a busy guest (its available memory is falling, see
 policy.py), a guest without fresh stats, the guest being swept, a guest whose QEMU

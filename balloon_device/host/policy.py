@@ -630,6 +630,9 @@ class PolicyLoop:
                          "its balloon is given back and it is left alone for %gs", name,
                          taken >> 20, self.cfg.busy_hold)
             self._busy_until[name] = now + self.cfg.busy_hold
+            # it allocates: its next free is new memory, no cooldown for that one (with
+            # a 30 s cooldown the overhead benchmark's next pass met decide()'s balloon)
+            self.fast.ended.pop(name, None)
         elif freed is not None and view.available_bytes < ref_avail:
             # still busy and lower than at its last fall: "freed" counts from the bottom
             self._fall_ref[name] = (view.available_bytes, view.actual_pages)
