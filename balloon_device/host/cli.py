@@ -219,7 +219,7 @@ def _daemon_parser():
                      default=d.fast_reclaim,
                      help="under pressure, inflate a guest with a lot of free memory by all of it "
                           "(minus the margin) at once and deflate once the balloon got there, "
-                          "instead of waiting for free page reporting (default on)")
+                          "instead of waiting for free page reporting (default off)")
     pol.add_argument("--policy-fast-interval", type=float, default=d.fast_interval, metavar="S",
                      help="seconds between policy decisions (and stats requests) while the host "
                           f"is short or a fast reclaim runs (default {d.fast_interval:g})")
