@@ -1017,7 +1017,7 @@ def test_the_need_takes_only_memory_the_host_still_holds():
     memory was reported gives nothing; a guest with backed free memory or page cache
     gives it; balloon pages asked for and not arrived count against it."""
     cfg = PolicyConfig(floor_bytes=2 * GiB, guest_min_bytes=256 * MiB, margin_bytes=128 * MiB,
-                       hysteresis_bytes=512 * MiB, psi_threshold=0, fast_reclaim=False)
+                       hysteresis_bytes=512 * MiB, psi_threshold=0, fast_reclaim=True)
     host = HostMemory(2 * GiB - 1 * GiB)              # 1 GiB short
 
     def view(backed, target=0, actual=0):

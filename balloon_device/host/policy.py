@@ -15,8 +15,8 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   A target above the cap is lowered to it (the guest needs that memory).
 * A busy guest (one that is allocating) has cap 0: its whole balloon is given back
   and it is not inflated. Busy = its RAM allocated on the host (ram_backed_bytes)
-  grew by more than the margin within 1.5 intervals (seen at once, while the stats
-  lag), or its available_memory fell (by more than margin + 128 MiB at once, or by
+  grew by more than the margin within 1.5 intervals (with fast reclaim: seen at once,
+  while the stats lag), or its available_memory fell (by more than margin + 128 MiB at once, or by
   more than the margin in two samples running: free page reporting takes up to
   128 MiB off the free lists per batch) since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
@@ -34,7 +34,8 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   (its next allocation would meet the balloon: the overhead benchmark's passes).
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
-  guest's room: its headroom (cap - target), but no more than the available memory
+  guest's room: its headroom (cap - target), but (with fast reclaim) no more than the
+  available memory
   the host still holds for it (ram_backed_bytes - what the guest uses beyond its
   available memory and balloon), minus balloon pages asked for and not arrived yet.
   Inflating memory the host no longer holds wins nothing: a guest that just booted
@@ -217,7 +218,9 @@ def decide(host, guests, cfg):
     """{name: GuestView} -> {name: target_pages} for every guest given."""
     caps = {n: _cap(g, cfg) for n, g in guests.items()}
     base = {n: min(g.target_pages, caps[n]) for n, g in guests.items()}
-    rooms = {n: room(g, caps[n], base[n]) for n, g in guests.items()}
+    # with fast reclaim (opt-in, like every rule of issue 15); without it, the headroom
+    rooms = {n: room(g, caps[n], base[n]) if cfg.fast_reclaim else max(0, caps[n] - base[n])
+             for n, g in guests.items()}
     quiet = [n for n, g in guests.items() if not g.stalling]
     stalling = [n for n, g in guests.items() if g.stalling]
     need = cfg.floor_bytes - host.available_bytes
@@ -609,7 +612,10 @@ class PolicyLoop:
             ref_avail, ref_actual = self._fall_ref[name]
             freed = (view.available_bytes - ref_avail
                      - max(0, ref_actual - view.actual_pages) * PAGE)
-        faulted = self._faulted_in(name, hist, now)
+        # the host-side signal goes with fast reclaim, whose "freed" rule ends the busy
+        # spell it starts; without it a guest that allocated and exited stayed busy for
+        # busy_hold and the need could not take what it freed (tests/e2e/test_host_policy)
+        faulted = self._faulted_in(name, hist, now) if self.cfg.fast_reclaim else 0
         if freed is not None and freed >= self.cfg.fast_min_bytes:
             # with fast reclaim: a busy guest that freed a lot since it last allocated is
             # done (its balloon given back does not count): its free memory is fair game;
@@ -620,7 +626,8 @@ class PolicyLoop:
             del self._fall_ref[name]
             self._backed_from[name] = now
         elif (faulted > self.cfg.margin_bytes
-              or taken > self.cfg.margin_bytes + (REPORT_BATCH if view.reporting else 0)
+              or taken > self.cfg.margin_bytes + (
+                  REPORT_BATCH if view.reporting and self.cfg.fast_reclaim else 0)
               or (taken > self.cfg.margin_bytes and self._dipped.get(name))):
             taken = max(taken, faulted)
             self._last_fall[name] = now
