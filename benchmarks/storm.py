@@ -16,7 +16,7 @@ or a process killed inside a guest because a balloon was in the way), for:
   builtin        QEMU virtio-balloon-pci, free-page-reporting=on
   ours           one shared daemon, reporting only (its memory counts too)
   policy         the shared daemon with the host memory policy on the parent
-                 cgroup and fast reclaim (the default)
+                 cgroup and fast reclaim (--policy-fast-reclaim), --deflate-on-oom
   policy-nofast  the same with --no-policy-fast-reclaim (optional)
   policy-notaskstats  the policy without the taskstats signal (the policy
                  configurations switch delay accounting on: --taskstats-delayacct)
