@@ -175,7 +175,7 @@ class FastReclaim:
         if not under:
             self.seen.clear()
             return targets
-        worth = set()
+        waiting = {}              # the next self.seen: worth one, settling
         for name in sorted(views, key=lambda n: (-(backed_free(views[n]) or 0), n)):
             v = views[name]
             if (name in self.active or name in just_ended or name in skip or v.busy
@@ -190,18 +190,14 @@ class FastReclaim:
             goal = min(caps.get(name, 0), v.actual_pages + (free - self.margin) // PAGE)
             if goal - max(targets[name], v.actual_pages) < self.min_pages:
                 continue
-            worth.add(name)
             if v.settling:
-                self.seen.setdefault(name, now)
+                waiting[name] = self.seen.get(name, now)
                 continue
-            self.seen.pop(name, None)
-            worth.discard(name)
             self.active[name] = {"target": goal, "started": now, "base": targets[name],
                                  "start": targets[name]}
             log.info("policy: fast reclaim of guest %s: the host is short and the guest has "
                      "%d MiB free (%d MiB of it still backed on the host): balloon target "
                      "%d MiB until it got there", name, free >> 20, bf >> 20, goal >> 8)
             targets[name] = goal
-        for name in set(self.seen) - worth:
-            del self.seen[name]
+        self.seen = waiting
         return targets

@@ -14,16 +14,16 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   A guest without (fresh) stats is never inflated further: its cap is its target.
   A target above the cap is lowered to it (the guest needs that memory).
 * A busy guest (one that is allocating) has cap 0: its whole balloon is given back
-  and it is not inflated. Busy = its RAM allocated on the host (ram_backed_bytes)
-  grew by more than the margin within 1.5 intervals (with fast reclaim: seen at once,
-  while the stats lag), or its available_memory fell (by more than margin + 128 MiB at once, or by
-  more than the margin in two samples running: free page reporting takes up to
-  128 MiB off the free lists per batch) since the previous tick
+  and it is not inflated. Busy = its available_memory fell since the previous tick
   by more than the margin plus what its balloon (actual) grew over the last two
   ticks (inflating takes available memory too, and the stats lag the balloon by
-  up to a tick); it stays busy for busy_hold seconds after the last such fall, or
-  (with fast reclaim) until its available memory rose by --policy-fast-min over its
-  level at that fall, not counting its balloon given back: it freed what it took.
+  up to a tick). With fast reclaim also: its RAM allocated on the host
+  (ram_backed_bytes) grew by more than the margin within 1.5 intervals, the balloon's
+  own growth not counted (seen at once, while the stats lag); and with reporting a
+  fall of up to margin + 128 MiB counts only when two samples in a row show it (free
+  page reporting takes up to 128 MiB off the free lists per batch). It stays busy
+  for busy_hold seconds after the last such fall, or (with fast reclaim) until its
+  available memory rose by --policy-fast-min over its level at that fall, not counting its balloon given back: it freed what it took.
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
