@@ -112,6 +112,7 @@ def test_bad_policy_config(kw):
     (["--policy-sweep-quiet", "0"], "--policy-sweep-quiet must be > 0 seconds"),
     (["--policy-sweep-every", "-5"], "--policy-sweep-every must be > 0 seconds"),
     (["--policy-sweep-timeout", "0"], "--policy-sweep-timeout must be > 0 seconds"),
+    (["--policy-fast-settle", "-0.5"], "--policy-fast-settle must be >= 0 seconds"),
 ])
 def test_bad_sweep_options_name_the_option(args, words):
     from balloon_device.host.cli import _daemon_parser, _policy_from_args
