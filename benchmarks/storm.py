@@ -44,8 +44,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (GIB, Sampler, dmesg_len, dmesg_tail, env_lines, md_table, median,  # noqa: E402
-                    mib, pyplot, rotated, start_run)
+from common import (GIB, Sampler, cpu_seconds, dmesg_len, dmesg_tail, env_lines,  # noqa: E402
+                    md_table, median, mib, pyplot, rotated, start_run)
 from density import OOM_RE, SharedDaemon, guest_oom_lines  # noqa: E402
 
 from balloon_device.host.harness import Guest, MemCgroup  # noqa: E402
@@ -86,7 +86,7 @@ def make_guest(cfg, i, ns, accel, parent, shared, hold):
         ("alloc", f"alloc_touch {ns.alloc_mib}")]
     return Guest(name=f"storm-{cfg}-{i}", mem_mib=ns.guest_mib, accel=accel,
                  cgroup_parent=parent.child(f"g{i}").create(), steps=steps,
-                 stats=ns.guest_ticker, **kw)
+                 stats=ns.guest_ticker, append=ns.guest_append, **kw)
 
 
 def preboot(guests, t_global, cfg):
@@ -115,6 +115,31 @@ def preboot(guests, t_global, cfg):
     return worst
 
 
+def group_cpu(cg):
+    """CPU seconds (user + system) of the processes now in memory cgroup ``cg`` and
+    the cgroups below it (a guest's QEMU sits in a child of its own)."""
+    pids = set()
+    for f in cg.path.rglob("cgroup.procs"):
+        try:
+            pids.update(int(x) for x in f.read_text().split())
+        except (OSError, ValueError):
+            pass
+    return sum(cpu_seconds(p) or 0.0 for p in pids)
+
+
+def cpu_spent(samples):
+    """CPU seconds the guests' QEMUs and the daemon spent from the storm's start
+    to the last sample before the first OOM kill (a killed process leaves the sum)."""
+    ok = [s for s in samples if "cpu_guests" in s]
+    if len(ok) < 2:
+        return {}
+    a = ok[0]
+    top = {k: max(s[k] for s in ok) for k in ("cpu_guests", "cpu_daemon", "t")}
+    return {"cpu_guests_s": round(top["cpu_guests"] - a["cpu_guests"], 1),
+            "cpu_daemon_s": round(top["cpu_daemon"] - a["cpu_daemon"], 1),
+            "cpu_window_s": round(top["t"] - a["t"], 1)}
+
+
 def run_one(cfg, interval, ns, accel, t_global):
     tag = f"vub-bench-storm-{cfg}-{interval:g}-{int(time.time())}"
     parent = MemCgroup(tag, limit_bytes=int(ns.limit_gib * GIB)).create()
@@ -122,7 +147,14 @@ def run_one(cfg, interval, ns, accel, t_global):
     guests, shared, failure = [], None, None
     pids = []
     dmesg0 = dmesg_len()
-    sp = Sampler(lambda: {"usage": parent.usage()}, interval=0.5)
+    groups = {"daemon": parent.child("daemon"),
+              **{f"g{i}": parent.child(f"g{i}") for i in range(ns.cap)}}
+
+    def sample():
+        cpu = {k: round(group_cpu(cg), 2) for k, cg in groups.items()}
+        return {"usage": parent.usage(), "cpu_daemon": cpu.pop("daemon"),
+                "cpu_guests": round(sum(cpu.values()), 2)}
+    sp = Sampler(sample, interval=0.5)
     done_at, launched_at = {}, {}
     t0 = None
     pre = {}
@@ -203,6 +235,14 @@ def run_one(cfg, interval, ns, accel, t_global):
             except OSError:
                 pass
         samples = sp.stop() if t0 is not None else []
+        daemon_cpu = {}
+        for f in groups["daemon"].path.rglob("cgroup.procs"):
+            for pid in f.read_text().split():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                daemon_cpu[pid] = [cpu_seconds(int(pid)), cmd.decode(errors="replace")[-60:]]
         alloc_start = {}
         for i, g in enumerate(guests):
             mk = g.find_marker("step-start", name="alloc") if i in launched_at else None
@@ -222,7 +262,8 @@ def run_one(cfg, interval, ns, accel, t_global):
          "launched_at": launched_at, "alloc_done_at": done_at, "preboot": pre,
          "duration_s": round(t_end, 1), "dmesg_oom": dmesg[-12:], "policy_log": policy_log,
          "samples": samples, "marks": sp.marks,
-         "peak_usage": max((s["usage"] for s in samples if s.get("usage")), default=None)}
+         "peak_usage": max((s["usage"] for s in samples if s.get("usage")), default=None),
+         "daemon_cpu": daemon_cpu, **cpu_spent(samples)}
     print(f"[{time.monotonic() - t_global:6.0f}s] {cfg} @{interval:g}s: {fitted} guests "
           f"completed their allocation before " + ("the first OOM kill: " + "; ".join(failure)
                                                    if failure else f"the cap ({ns.cap})"),
@@ -240,7 +281,8 @@ def render(res, ns):
         rows.append([LABELS[r["config"]], f"{r['interval']:g}", r.get("round", 0), f"**{fit}**",
                      r["launched"],
                      "; ".join(r["failure"])[:120] or "-", mib(r["peak_usage"]),
-                     f"{r['duration_s']:.0f}"])
+                     f"{r['duration_s']:.0f}",
+                     f"{r.get('cpu_guests_s', '?')} / {r.get('cpu_daemon_s', '?')}"])
     runs = {}
     for r in results:
         runs.setdefault((r["config"], r["interval"]), []).append(r["fitted"])
@@ -253,8 +295,11 @@ def render(res, ns):
         md += [f"- launch = QMP cont of a guest booted beforehand and paused {HOLD_S} s before its "
                "allocation (TCG: two cores cannot boot a guest every few seconds); the paused "
                "guests' memory counts from the start"]
+    if ns.guest_append:
+        md += [f"- guest kernel command line also has: `{ns.guest_append}` (every configuration)"]
     md += ["", md_table(["configuration", "interval s", "round", "guests fitted", "launched",
-                         "first failure", "peak parent usage MiB", "run s"], rows), ""]
+                         "first failure", "peak parent usage MiB", "run s",
+                         "CPU s: QEMUs / daemon"], rows), ""]
     for iv in intervals:
         b, p = by.get(("builtin", iv)), by.get(("policy", iv))
         if b and p is not None:
@@ -298,6 +343,9 @@ def main():
     ap.add_argument("--watch", type=float, default=30.0,
                     help="seconds watched after the last launch once all allocations ended")
     ap.add_argument("--guest-ticker", type=int, default=5, metavar="S")
+    ap.add_argument("--guest-append", default="", metavar="WORDS",
+                    help="extra guest kernel command line words for every configuration, "
+                         "e.g. init_on_alloc=0 (see docs/benchmarks.md, boot storm)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--launch", choices=("auto", "boot", "resume"), default="auto",
                     help="boot: QEMU starts at the launch; resume: booted beforehand and "

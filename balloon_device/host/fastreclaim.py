@@ -8,7 +8,7 @@ they arrive.
 
 While the host is under pressure (below --policy-floor, or PSI), a guest whose fresh
 stats show a lot of free memory still backed on the host gets its balloon raised by
-its free memory minus half of --policy-margin (within its cap, policy._cap, with that
+that backed free memory minus half of --policy-margin (within its cap, policy._cap, with that
 half margin: the balloon is gone a tick after it got there), on top of
 decide()'s share, once its own memory use held still --policy-fast-settle seconds
 (policy.py: "settling"). As soon as the balloon got there, or reporting caught up by
@@ -187,7 +187,11 @@ class FastReclaim:
             if now - self.ended.get(name, -1e18) < self.cfg.fast_cooldown:
                 continue
             free = free_bytes(v)
-            goal = min(caps.get(name, 0), v.actual_pages + (free - self.margin) // PAGE)
+            # what the host still holds, not all the free memory: the balloon's pages
+            # beyond it are ones reporting already returned, which the guest zeroes
+            # (init_on_alloc) and so faults in on the host again, only for the device
+            # to discard them a moment later: CPU and a transient rise, no gain
+            goal = min(caps.get(name, 0), v.actual_pages + (bf - self.margin) // PAGE)
             if goal - max(targets[name], v.actual_pages) < self.min_pages:
                 continue
             if v.settling:
