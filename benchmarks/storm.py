@@ -33,10 +33,10 @@ before the clock. The paused guests' memory counts (the parent cgroup holds them
 from the start), and the storm begins once their stats are stale (the policy never
 inflates a guest without fresh stats: a paused guest stands for one not launched yet).
 
-Guest kernel (--guest-append, default init_on_alloc=0 for every configuration): two
-TCG cores clear a page ~30x slower than KVM would, and the guest kernel's default
-init_on_alloc=1 clears it again on allocation (alloc_touch 800: 3.4 s instead of 2.5 s)
-and clears every page handed to a balloon (an 800 MiB inflate: 3.7 s of guest CPU
+Guest kernel (--guest-append, default init_on_alloc=0 for every configuration): TCG
+clears pages slowly (an 800 MiB allocation is seconds of guest CPU), and the guest
+kernel's default init_on_alloc=1 clears a THP allocation's pages a second time
+(alloc_touch 800: 3.4 s instead of 2.5 s) and clears every page handed to a balloon (an 800 MiB inflate: 3.7 s of guest CPU
 instead of 0.8 s; deflating 0.5 s either way). With it the storm is CPU-bound (the
 QEMUs use the two cores, allocations stretch to 7-24 s) and measures the CPU price of
 zeroing, not memory; pass --guest-append '' to run it so.
@@ -354,11 +354,11 @@ def main():
     ap.add_argument("--guest-ticker", type=int, default=5, metavar="S")
     ap.add_argument("--guest-append", default="init_on_alloc=0", metavar="WORDS",
                     help="extra guest kernel command line words for every configuration "
-                         "(default init_on_alloc=0; '' for the kernel's default): under TCG a "
-                         "page clear costs ~30x what it costs under KVM, and Debian's "
-                         "init_on_alloc=1 clears every page twice on a THP allocation and "
-                         "once more for every page handed to a balloon, so the storm turns "
-                         "CPU-bound instead of memory-bound (docs/benchmarks.md, boot storm)")
+                         "(default init_on_alloc=0; '' for the kernel's default): under TCG "
+                         "clearing pages is slow, and Debian's init_on_alloc=1 clears a THP "
+                         "allocation's pages a second time and every page handed to a "
+                         "balloon, so the storm turns CPU-bound instead of memory-bound "
+                         "(docs/benchmarks.md, boot storm)")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--launch", choices=("auto", "boot", "resume"), default="auto",
                     help="boot: QEMU starts at the launch; resume: booted beforehand and "
