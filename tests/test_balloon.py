@@ -560,3 +560,17 @@ def test_a_pause_and_resume_keeps_the_stats_coming(rig):
     assert rig.dev.latest_stats == {"free_memory": 5 * MiB}   # popped again at the start
     assert rig.dev.request_stats() is True         # and held: the next request works
     assert len(rig.used("stats")) == 1
+
+
+def test_a_stats_buffer_that_cannot_go_back_to_the_ring_is_completed_instead(rig):
+    """A driver that rewrote the avail slot of the held stats buffer after the device
+    popped it: the buffer cannot be offered again (unpop checks the slot), so the
+    device completes it with length 0 when QEMU stops the queue; the guest gets its
+    buffer back either way and sends stats again."""
+    head = rig.post("stats", [struct.pack("<HQ", 4, 5 * MiB)], [])
+    assert rig.used("stats") == [] and rig.dev.latest_stats == {"free_memory": 5 * MiB}
+    dq = rig.q["stats"]
+    rig.mem.write_u16(dq.avail_gpa + 4, head + 1)    # slot 0 names another chain now
+    assert rig.fe.ack(R.SET_VRING_ENABLE, m.VRING_STATE.pack(2, 0)) == 0
+    assert [(u.id, u.len) for u in rig.used("stats")] == [(head, 0)]
+    assert rig.dev.request_stats() is False          # nothing held any more
