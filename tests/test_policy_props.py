@@ -25,10 +25,12 @@ Taskstats (a fake reader: each guest's QEMU stalls or not, switched by a rule):
 - under a need, a stalling guest's target grows only if every quiet guest is at its
   cap or has no room left (policy.room: no available memory the host still holds); with a surplus, a quiet guest's target falls only once every stalling guest's
   is 0; a stalling guest is never fast-reclaimed.
-Fast reclaim (fastreclaim.py, on by default):
+Fast reclaim (fastreclaim.py, opt-in; CFG turns it on):
 - a guest in fast reclaim holds max(decide(), its fast target), and the fast target
   never exceeds the guest's cap with "busy" counted (so never on a busy guest, never
-  below the guest's available memory minus half the margin); the swept guest is never one;
+  below the guest's available memory minus half the margin), nor, when it starts, its
+  balloon plus the free memory the host still holds minus half the margin; the swept
+  guest is never one;
 - fast reclaims start only while the host is under pressure (below the floor or
   PSI) and may go on after it (until the balloon got there, reporting caught up,
   the guest needs its memory, or the timeout);
@@ -53,6 +55,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 import balloon_device.host.policy as policy
 from balloon_device.host.policy import HostMemory, PolicyConfig, PolicyLoop
 from balloon_device.host.status import GuestStatus
+from balloon_device.host.fastreclaim import backed_free
 
 MiB = 1 << 20
 PAGE = 4096
@@ -374,6 +377,8 @@ class PolicyMachine(RuleBasedStateMachine):
                 if v.ram_backed_bytes is not None:
                     assert v.ram_backed_bytes - (v.memory_bytes - free - v.actual_pages * PAGE) \
                         >= CFG.fast_min_bytes
+                assert goal <= v.actual_pages + (backed_free(v) - CFG.margin_bytes // 2) // PAGE, (
+                    "fast reclaim beyond the free memory the host still holds", n)
                 assert now - self.fast_end.get(n, -1e9) >= CFG.fast_cooldown, "restarted at once"
                 steady = self.pol._steady.get(n)    # its memory use held still since
                 assert steady is not None and now - steady[0] >= CFG.fast_settle, "not settled"
