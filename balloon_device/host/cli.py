@@ -217,9 +217,10 @@ def _daemon_parser():
                           f"not got there after S seconds (default {d.sweep_timeout:g})")
     pol.add_argument("--policy-fast-reclaim", action=argparse.BooleanOptionalAction,
                      default=d.fast_reclaim,
-                     help="under pressure, inflate a guest with a lot of free memory by all of it "
-                          "(minus the margin) at once and deflate once the balloon got there, "
-                          "instead of waiting for free page reporting (default off)")
+                     help="under pressure, inflate a guest with a lot of free memory by what of "
+                          "it the host still holds (minus half the margin) at once and deflate "
+                          "once the balloon got there, instead of waiting for free page "
+                          "reporting (default off)")
     pol.add_argument("--policy-fast-interval", type=float, default=d.fast_interval, metavar="S",
                      help="seconds between policy decisions (and stats requests) while the host "
                           f"is short or a fast reclaim runs (default {d.fast_interval:g})")
