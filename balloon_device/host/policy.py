@@ -23,7 +23,8 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
   fall of up to margin + 128 MiB counts only when two samples in a row show it (free
   page reporting takes up to 128 MiB off the free lists per batch). It stays busy
   for busy_hold seconds after the last such fall, or (with fast reclaim) until its
-  available memory rose by --policy-fast-min over its level at that fall, not counting its balloon given back: it freed what it took.
+  available memory rose by --policy-fast-min over its level at that fall, not
+  counting its balloon given back: it freed what it took.
   Without this rule the guest with the most available memory - typically one that
   just booted and is about to load - takes the largest share of an inflation, and
   its own allocation then meets the balloon and is OOM-killed inside the guest.
@@ -35,9 +36,9 @@ Rules of ``decide`` (all sizes in bytes, targets in 4 KiB pages):
 * need = floor - host available; with PSI some avg10 >= psi_threshold, at least
   psi_step. need > 0: raise targets by need in total, shared in proportion to each
   guest's room: its headroom (cap - target), but (with fast reclaim) no more than the
-  available memory
-  the host still holds for it (ram_backed_bytes - what the guest uses beyond its
-  available memory and balloon), minus balloon pages asked for and not arrived yet.
+  available memory the host still holds for it (ram_backed_bytes - what the guest
+  uses beyond its available memory and balloon), minus balloon pages asked for and
+  not arrived yet.
   Inflating memory the host no longer holds wins nothing: a guest that just booted
   (never touched its RAM) or whose free memory was reported keeps it (the boot storm:
   freshly launched guests were squeezed by the need and met the balloon 3 s later,
@@ -197,15 +198,16 @@ def pressure(host, cfg):
                 and host.psi_some_avg10 >= cfg.psi_threshold)
 
 
-def room(g, cap, base):
+def room(g, cap, base, host_side=True):
     """How far decide() may raise a guest's target for the host's need: up to its cap,
-    and (when the host side is known) no further than the available memory the host
-    still holds for it, minus what the balloon was already asked for and has not got
-    yet. Inflating memory the host no longer holds (never touched, or already
+    and (with host_side, which comes with fast reclaim, and when the host side is known)
+    no further than the available memory the host still holds for it, minus what the
+    balloon was already asked for and has not got yet. Inflating memory the host no longer holds (never touched, or already
     reported) wins the host nothing: a guest that just booted or whose free memory
     was returned keeps it."""
     out = max(0, cap - base)
-    if g.ram_backed_bytes is None or g.available_bytes is None or not g.memory_bytes:
+    if (not host_side or g.ram_backed_bytes is None or g.available_bytes is None
+            or not g.memory_bytes):
         return out
     balloon = g.actual_pages if g.stats_actual_pages is None else g.stats_actual_pages
     hard = g.memory_bytes - g.available_bytes - balloon * PAGE     # not available, not balloon
@@ -218,9 +220,8 @@ def decide(host, guests, cfg):
     """{name: GuestView} -> {name: target_pages} for every guest given."""
     caps = {n: _cap(g, cfg) for n, g in guests.items()}
     base = {n: min(g.target_pages, caps[n]) for n, g in guests.items()}
-    # with fast reclaim (opt-in, like every rule of issue 15); without it, the headroom
-    rooms = {n: room(g, caps[n], base[n]) if cfg.fast_reclaim else max(0, caps[n] - base[n])
-             for n, g in guests.items()}
+    # the host-side limit goes with fast reclaim (opt-in, like every rule of issue 15)
+    rooms = {n: room(g, caps[n], base[n], cfg.fast_reclaim) for n, g in guests.items()}
     quiet = [n for n, g in guests.items() if not g.stalling]
     stalling = [n for n, g in guests.items() if g.stalling]
     need = cfg.floor_bytes - host.available_bytes
