@@ -88,8 +88,9 @@ def main():
         med = {k: median([r[k]["cpu_s"] for r in mine]) for k in ("inflate", "deflate", "alloc")}
         rows.append([name, *(f"{med[k]:.2f}" for k in ("inflate", "deflate", "alloc")),
                      f"**{med['inflate'] / med['alloc']:.2f}**"])
-        lines.append(f"- {name}: inflating {ns.mib} MiB costs **{med['inflate'] / med['alloc']:.2f}x** "
-                     f"the CPU of allocating {ns.mib} MiB in the same guest")
+        lines.append(f"- {name}: inflating {ns.mib} MiB costs "
+                     f"**{med['inflate'] / med['alloc']:.2f}x** the CPU of allocating "
+                     f"{ns.mib} MiB in the same guest")
     md = [f"### Inflate cost: {ns.mib} MiB in a {GUEST_MIB} MiB guest, QEMU process CPU "
           f"(medians of {ns.rounds} rounds)", ""]
     md += env_lines(res.data["environment"])

@@ -124,16 +124,21 @@ def preboot(guests, t_global, cfg):
     return worst
 
 
-def group_cpu(cg):
-    """CPU seconds (user + system) of the processes now in memory cgroup ``cg`` and
-    the cgroups below it (a guest's QEMU sits in a child of its own)."""
+def group_pids(cg):
+    """The processes now in memory cgroup ``cg`` and the cgroups below it (a guest's
+    QEMU sits in a child of its own)."""
     pids = set()
     for f in cg.path.rglob("cgroup.procs"):
         try:
             pids.update(int(x) for x in f.read_text().split())
         except (OSError, ValueError):
             pass
-    return sum(cpu_seconds(p) or 0.0 for p in pids)
+    return pids
+
+
+def group_cpu(cg):
+    """CPU seconds (user + system) of the processes in ``cg`` and below it."""
+    return sum(cpu_seconds(p) or 0.0 for p in group_pids(cg))
 
 
 def cpu_spent(samples):
@@ -245,13 +250,12 @@ def run_one(cfg, interval, ns, accel, t_global):
                 pass
         samples = sp.stop() if t0 is not None else []
         daemon_cpu = {}
-        for f in groups["daemon"].path.rglob("cgroup.procs"):
-            for pid in f.read_text().split():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-                except OSError:
-                    continue
-                daemon_cpu[pid] = [cpu_seconds(int(pid)), cmd.decode(errors="replace")[-60:]]
+        for pid in group_pids(groups["daemon"]):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            daemon_cpu[str(pid)] = [cpu_seconds(pid), cmd.decode(errors="replace")[-60:]]
         alloc_start = {}
         for i, g in enumerate(guests):
             mk = g.find_marker("step-start", name="alloc") if i in launched_at else None
